@@ -1,0 +1,16 @@
+"""Architecture adapters, one file each, behind a registry keyed by ``config.model_type``."""
+
+from .base import ADAPTERS, ArchitectureAdapter, BlockGranularity, get_adapter, register_adapter, unwrap_model
+from .resnet import ResNetAdapter
+from .vit import ViTAdapter
+
+__all__ = [
+    "ADAPTERS",
+    "ArchitectureAdapter",
+    "BlockGranularity",
+    "ResNetAdapter",
+    "ViTAdapter",
+    "get_adapter",
+    "register_adapter",
+    "unwrap_model",
+]

@@ -1,0 +1,54 @@
+"""ResNet (``ResNetForImageClassification``): block 0 = embedder + first residual layer, then one block per
+residual layer (``encoder.stages[s].layers[j]``), or per stage with ``granularity="stage"``.
+
+The head is the pooler and the classifier; an auxiliary head's input width follows its stage's channels
+(paper Appendix A).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..chain import Sequence_
+from .base import ArchitectureAdapter, BlockGranularity, register_adapter
+
+
+def _stages(model: nn.Module) -> nn.ModuleList:
+    stages = model.resnet.encoder.stages
+    if not all(hasattr(stage, "layers") for stage in stages):
+        raise ValueError(f"{type(model).__name__}: expected `resnet.encoder.stages[s].layers`.")
+    return stages
+
+
+def _block_stages(model: nn.Module, granularity: BlockGranularity) -> list[int]:
+    """The stage that each block's output belongs to."""
+    stages = _stages(model)
+    if granularity == "stage":
+        return list(range(len(stages)))
+    return [s for s, stage in enumerate(stages) for _ in stage.layers]
+
+
+@register_adapter("resnet")
+class ResNetAdapter(ArchitectureAdapter):
+    """Blocks and heads of ``ResNetForImageClassification`` (METHOD.md §1)."""
+
+    def blocks(self, model: nn.Module, granularity: BlockGranularity = "layer") -> list[nn.Module]:
+        embedder = model.resnet.embedder
+        stages = _stages(model)
+        if granularity == "stage":
+            parts: list[nn.Module] = list(stages)
+        elif granularity == "layer":
+            parts = [layer for stage in stages for layer in stage.layers]
+        else:
+            raise ValueError(f"`block_granularity` must be 'layer' or 'stage', got {granularity!r}.")
+        return [Sequence_(embedder, parts[0])] + [Sequence_(part) for part in parts[1:]]
+
+    def head(self, model: nn.Module) -> nn.Module:
+        return Sequence_(model.resnet.pooler, model.classifier)
+
+    def aux_head(self, model: nn.Module, block_index: int, granularity: BlockGranularity = "layer") -> nn.Module:
+        config = model.config
+        channels = config.hidden_sizes[_block_stages(model, granularity)[block_index]]
+        head = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(channels, config.num_labels))
+        dtype = next(model.parameters()).dtype
+        return head.to(dtype=dtype)

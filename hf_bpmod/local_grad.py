@@ -1,0 +1,182 @@
+"""Local gradients with horizon ``h`` (paper eq. 2-4), streamed in ``O(h)`` blocks of activation memory.
+
+Block ``t`` receives ``g_{h,t} = grad_{u_t} L(x_{min(t+h, T)})`` (eq. 4): ``h = 1`` is Forward-Forward-like,
+``h = 2`` LoCo-like, ``h >= T`` exact backprop. The forward runs block by block; every block input is a detached
+leaf, so each block's autograd graph stands alone. As soon as ``L(x_s)`` exists its gradient is carried back
+through the blocks it reaches by chained vector-Jacobian products: input-gradients only through blocks
+``s-1 .. s-h+1``, the weight-gradient only at its one target block ``s - h`` (all of blocks ``T-h .. T-1`` for the
+final loss). Block ``j`` is last needed by ``L(x_{min(j+h, T)})`` and is freed right after, so at most ``h`` block
+graphs are alive at once. Every auxiliary head is trained by its own loss only (its gradient does not depend on
+whether its input is detached).
+
+With ``also_true=True`` every graph is kept and the final loss is carried back to block 0 as well, giving the true
+backprop gradient ``g_{T,t}`` of every block from the same forward (used by the offset, METHOD.md §3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .chain import BlockChain
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ChainGradients:
+    """What :func:`local_gradients` computed for one batch.
+
+    Attributes:
+        loss: the final loss ``L(x_T)`` (detached), as given by ``loss_fn``.
+        head_losses: ``L(x_s)`` for every head that was evaluated (``s -> loss``, detached), final head included.
+        local: ``g_{h,t}`` per block, aligned with ``chain.block_params`` (``None`` when accumulated into ``.grad``).
+        true: ``g_{T,t}`` per block when ``also_true`` was asked for.
+        heads: per head gradients aligned with ``chain.head_params`` (``None`` when accumulated into ``.grad``).
+    """
+
+    loss: torch.Tensor
+    head_losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    local: list[list[torch.Tensor]] | None = None
+    true: list[list[torch.Tensor]] | None = None
+    heads: list[list[torch.Tensor]] | None = None
+
+
+def loss_targets(s: int, horizon: int, num_blocks: int) -> list[int]:
+    """The blocks whose gradient comes from ``L(x_s)`` under horizon ``h`` (eq. 4).
+
+    ``L(x_s)`` for ``s < T`` trains only block ``s - h`` (none when ``s < h``); ``L(x_T)`` trains every block
+    ``t >= T - h``, whose horizon is cut at the model output.
+    """
+    if s < num_blocks:
+        return [s - horizon] if s - horizon >= 0 else []
+    return list(range(max(0, num_blocks - horizon), num_blocks))
+
+
+def _sink(
+    params: list[torch.nn.Parameter], grads: tuple[torch.Tensor | None, ...], store: list[torch.Tensor] | None
+) -> None:
+    """Accumulate ``grads`` into ``params[i].grad`` (``store is None``) or into ``store``."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            g = torch.zeros_like(p)
+        if store is not None:
+            store[i] = store[i] + g if store[i] is not None else g
+        elif p.grad is None:
+            p.grad = g.detach().to(p.dtype)
+        else:
+            p.grad.add_(g.to(p.grad.dtype))
+
+
+def local_gradients(
+    chain: BlockChain,
+    x0: torch.Tensor,
+    loss_fn: LossFn,
+    horizon: int,
+    *,
+    accumulate: bool = False,
+    also_true: bool = False,
+    loss_scale: float = 1.0,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> ChainGradients:
+    """Per-block local gradients ``g_{h,t} = grad_{u_t} L(x_{min(t+h,T)})`` (eq. 4) for one batch.
+
+    Args:
+        chain: the blocks and heads.
+        x0: the block-0 input (pixels).
+        loss_fn: maps a head's logits to the scalar loss ``L`` (labels closed over).
+        horizon: ``h >= 1``; ``h >= T`` gives exact backprop.
+        accumulate: add the gradients into ``.grad`` of the parameters (as ``backward`` does) instead of returning
+            them; keeps the extra memory at zero.
+        also_true: also compute the true gradient ``g_{T,t}`` of every block from the same forward (keeps every
+            block graph alive: ``O(T)`` memory). Not with ``accumulate``.
+        loss_scale: every loss is multiplied by this before differentiation (fp16 loss scaling); reported losses
+            are not.
+        forward_context: a context entered around each forward computation (e.g. autocast).
+    """
+    if horizon < 1:
+        raise ValueError(f"`horizon` must be >= 1, got {horizon}.")
+    if accumulate and also_true:
+        raise ValueError("`also_true` returns gradients; it cannot be combined with `accumulate`.")
+    T = chain.num_blocks
+    h = min(horizon, T)
+    local = None if accumulate else [[None] * len(ps) for ps in chain.block_params]
+    heads = None if accumulate else [[None] * len(ps) for ps in chain.head_params]
+    true = [[None] * len(ps) for ps in chain.block_params] if also_true else None
+    graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    head_losses: dict[int, torch.Tensor] = {}
+    x = x0
+    final_loss = None
+    for t in range(T):
+        inp = x.detach().requires_grad_(True) if t > 0 else x
+        with forward_context():
+            out = chain.blocks[t](inp)
+        graphs[t] = (inp, out)
+        x = out
+        s = t + 1
+        targets = loss_targets(s, h, T)
+        walk_to = 0 if (also_true and s == T) else (min(targets) if targets else None)
+        head = chain.heads[s - 1]
+        if head is not None and (targets or chain.head_params[s - 1] or s == T):
+            with forward_context():
+                loss = loss_fn(head(out))
+            head_losses[s] = loss.detach()
+            if s == T:
+                final_loss = loss.detach()
+            hparams = chain.head_params[s - 1]
+            wrt = list(hparams) + ([out] if walk_to is not None else [])
+            if wrt:
+                grads = torch.autograd.grad(loss * loss_scale, wrt, retain_graph=False, allow_unused=True)
+                _sink(hparams, grads[: len(hparams)], None if heads is None else heads[s - 1])
+                if walk_to is not None:
+                    final_true = true if s == T else None
+                    _walk_back(chain, graphs, grads[-1], s - 1, walk_to, set(targets), local, final_true, T - h)
+        # Block j is last read by L(x_{min(j+h, T)}): free it.
+        if not also_true and s < T and s - h >= 0:
+            graphs.pop(s - h, None)
+    graphs.clear()
+    if final_loss is None:  # pragma: no cover - the last head is never None
+        raise RuntimeError("The final head produced no loss.")
+    return ChainGradients(loss=final_loss, head_losses=head_losses, local=local, true=true, heads=heads)
+
+
+def _walk_back(
+    chain: BlockChain,
+    graphs: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    cotangent: torch.Tensor,
+    start: int,
+    stop: int,
+    targets: set[int],
+    local: list[list[torch.Tensor]] | None,
+    true: list[list[torch.Tensor]] | None,
+    exact_from: int,
+) -> None:
+    """Carry ``cotangent`` (``dL/dx_{start+1}``) back from block ``start`` to block ``stop`` (eq. 4 by the chain rule).
+
+    Weight gradients are taken at the target blocks (into ``local``, or ``.grad`` when ``local is None``) and, when
+    ``true`` is given, at every block on the way (the final loss's backprop gradient); blocks ``>= exact_from``
+    get their exact gradient in both.
+    """
+    for j in range(start, stop - 1, -1):
+        inp, out = graphs[j]
+        params = chain.block_params[j]
+        want_params = bool(params) and (j in targets or true is not None)
+        want_input = j > stop
+        wrt = (list(params) if want_params else []) + ([inp] if want_input else [])
+        if not wrt:
+            continue
+        grads = torch.autograd.grad(out, wrt, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
+        if want_params:
+            pgrads = grads[: len(params)]
+            if true is not None:
+                _sink(params, pgrads, true[j])
+            if j in targets:
+                if local is not None and true is not None and j >= exact_from:
+                    local[j] = list(true[j])
+                else:
+                    _sink(params, pgrads, None if local is None else local[j])
+        if want_input:
+            cotangent = grads[-1]
