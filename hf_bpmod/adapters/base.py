@@ -97,6 +97,8 @@ class ArchitectureAdapter(ABC):
         base = unwrap_model(model)
         blocks = self.blocks(base, granularity)
         aux_heads = aux_heads if aux_heads is not None else nn.ModuleDict()
-        heads: list[nn.Module | None] = [aux_heads[str(s)] if str(s) in aux_heads else None for s in range(1, len(blocks))]
+        heads: list[nn.Module | None] = [
+            aux_heads[str(s)] if str(s) in aux_heads else None for s in range(1, len(blocks))
+        ]
         heads.append(self.head(base))
         return BlockChain(blocks=blocks, heads=heads)

@@ -1,0 +1,161 @@
+"""``BPModifiedTrainingArguments``: ``TrainingArguments`` plus the settings of local learning and of the offset."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+SCALING_MODES = ("aligned", "optimal", "bias_only", "fixed")
+_PERIOD = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>epochs?|steps?)?\s*$")
+
+
+def parse_offset_period(period: str | float | int) -> tuple[float, str]:
+    """Parse ``offset_period``: ``"epoch"``/``"1epoch"``/``"0.25epoch"`` (epochs) or ``"200"``/``"200steps"`` (steps).
+
+    Returns ``(value, unit)`` with unit ``"epoch"`` or ``"step"``; raises ``ValueError`` with the accepted syntax.
+    """
+    text = str(period).strip().lower()
+    if text in ("epoch", "epochs"):
+        return 1.0, "epoch"
+    match = _PERIOD.match(text)
+    if match is None:
+        raise ValueError(
+            f"`offset_period` ({period!r}) is not understood: use a number of optimizer steps (`'200'` or "
+            "`'200steps'`) or of epochs (`'epoch'`, `'1epoch'`, `'0.25epoch'`)."
+        )
+    value = float(match["value"])
+    unit = "epoch" if (match["unit"] or "step").startswith("epoch") else "step"
+    if value <= 0:
+        raise ValueError(f"`offset_period` ({period!r}) must be positive.")
+    if unit == "step" and value != int(value):
+        raise ValueError(f"`offset_period` ({period!r}) counts optimizer steps and must be a whole number.")
+    return value, unit
+
+
+@dataclass
+class BPModifiedTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` for :class:`~hf_bpmod.BPModifiedTrainer` (BP-modified local loss, Ren & Li).
+
+    Args:
+        local_horizon (`int`, *optional*, defaults to `1`):
+            The horizon ``h`` of eq. 4: block ``t`` learns from the loss of the head on ``x_{min(t+h, T)}``. ``1`` is
+            Forward-Forward-like, ``2`` LoCo-like, ``5`` the paper's MPC; ``h`` >= the number of blocks is exact
+            backprop. Activation memory grows with ``h``, not with depth.
+        block_granularity (`str`, *optional*, defaults to `"layer"`):
+            How a ResNet is cut into blocks: one block per residual layer (`"layer"`) or per stage (`"stage"`).
+            ViT blocks are always encoder layers.
+        bp_modified (`bool`, *optional*, defaults to `True`):
+            Add the periodic BP offset of eq. 5 to the local gradient. `False` trains with the plain local loss.
+        offset_batch_size (`int`, *optional*, defaults to `320`):
+            ``B'``: training examples drawn for each offset refresh.
+        offset_micro_batch_size (`int`, *optional*, defaults to `8`):
+            ``b'``: the offset pass runs ``B'/b'`` micro-batches of this size; its memory depends on ``b'`` only.
+        offset_period (`str`, *optional*, defaults to `"epoch"`):
+            ``K``: how often the offset is refreshed: `"200"` or `"200steps"` (optimizer steps), `"epoch"`,
+            `"1epoch"`, `"0.25epoch"` (fractions of an epoch, rounded to at least one step).
+        offset_scaling (`str`, *optional*, defaults to `"aligned"`):
+            How the per-block scales ``a`` and ``lambda`` are chosen: `"optimal"` (the paper's MSE rule, eq. 16-19
+            with the K factor and the corrected ``a*``), `"aligned"` (the mixture best aligned with the true gradient,
+            at the local gradient's step size; see docs/offset_study.md), `"bias_only"` (``lambda = 0``,
+            ``a = a*_bias``: Table 3) or `"fixed"` (`offset_fixed_a`, `offset_fixed_lambda`).
+        offset_fixed_a (`float`, *optional*, defaults to `1.0`):
+            ``a`` for `offset_scaling="fixed"`.
+        offset_fixed_lambda (`float`, *optional*, defaults to `0.5`):
+            ``lambda`` in [0, 1] for `offset_scaling="fixed"`.
+        offset_bias_correction (`bool`, *optional*, defaults to `False`):
+            Subtract the sampling noise ``Var/K`` from the bias estimate ``||a m_h - m_T||^2`` (METHOD.md §5).
+        offset_seed (`int`, *optional*):
+            Seed of the offset sampler (defaults to `seed`). The sampler never touches the training data order.
+        offset_log_file (`str`, *optional*, defaults to `"bpmod_offsets.jsonl"`):
+            JSON-lines file in `output_dir` with one record per offset refresh (per-block a, lambda, bias, ...).
+    """
+
+    # Local learning
+    local_horizon: int = field(
+        default=1,
+        metadata={"help": "Horizon h (eq. 4): block t learns from the head on x_{t+h}. 1=FF, 2=LoCo, >=#blocks=BP."},
+    )
+    block_granularity: str = field(
+        default="layer",
+        metadata={"help": "ResNet blocks: 'layer' (one per residual layer) or 'stage' (one per stage)."},
+    )
+
+    # The BP-modified offset (eq. 5, Algorithm 1)
+    bp_modified: bool = field(
+        default=True, metadata={"help": "Add the periodic BP offset of eq. 5 to the local gradient."}
+    )
+    offset_batch_size: int = field(default=320, metadata={"help": "B': examples drawn per offset refresh."})
+    offset_micro_batch_size: int = field(
+        default=8, metadata={"help": "b': micro-batch size of the offset pass (must divide offset_batch_size)."}
+    )
+    offset_period: str = field(
+        default="epoch",
+        metadata={"help": "K: refresh period, e.g. '200' / '200steps' (optimizer steps) or 'epoch' / '0.25epoch'."},
+    )
+    offset_scaling: str = field(
+        default="aligned",
+        metadata={"help": f"How a and lambda are chosen, one of {SCALING_MODES}."},
+    )
+    offset_fixed_a: float = field(default=1.0, metadata={"help": "a for offset_scaling='fixed'."})
+    offset_fixed_lambda: float = field(default=0.5, metadata={"help": "lambda in [0, 1] for offset_scaling='fixed'."})
+    offset_bias_correction: bool = field(
+        default=False, metadata={"help": "Subtract the sampling noise Var/K from the bias estimate."}
+    )
+    offset_seed: int | None = field(default=None, metadata={"help": "Seed of the offset sampler (default: seed)."})
+    offset_log_file: str = field(
+        default="bpmod_offsets.jsonl", metadata={"help": "JSON-lines log of every offset refresh, in output_dir."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_int("local_horizon", 1, "use 1 (Forward-Forward), 2 (LoCo), 5 (MPC) or more")
+        if self.block_granularity not in ("layer", "stage"):
+            raise ValueError(
+                f"`block_granularity` ({self.block_granularity!r}) must be 'layer' (one block per residual layer) "
+                "or 'stage' (one block per ResNet stage)."
+            )
+        self._check_int("offset_batch_size", 2, "B' is the number of examples per offset refresh, e.g. 320")
+        self._check_int("offset_micro_batch_size", 1, "b' is the micro-batch size of the offset pass, e.g. 8")
+        if self.offset_batch_size % self.offset_micro_batch_size:
+            raise ValueError(
+                f"`offset_micro_batch_size` ({self.offset_micro_batch_size}) must divide `offset_batch_size` "
+                f"({self.offset_batch_size}); e.g. use {self._divisor_hint()}."
+            )
+        if self.offset_batch_size // self.offset_micro_batch_size < 2:
+            raise ValueError(
+                f"`offset_batch_size` ({self.offset_batch_size}) must hold at least two micro-batches of "
+                f"`offset_micro_batch_size` ({self.offset_micro_batch_size}) to estimate the gradient variance."
+            )
+        parse_offset_period(self.offset_period)
+        if self.offset_scaling not in SCALING_MODES:
+            raise ValueError(f"`offset_scaling` ({self.offset_scaling!r}) must be one of {SCALING_MODES}.")
+        if not 0.0 <= self.offset_fixed_lambda <= 1.0:
+            raise ValueError(f"`offset_fixed_lambda` ({self.offset_fixed_lambda}) must lie in [0, 1].")
+        if self.torch_compile:
+            raise ValueError(
+                "`torch_compile=True` is not supported by BPModifiedTrainer: local gradients call the model's blocks "
+                "one by one, outside the compiled forward. Leave `torch_compile` off."
+            )
+        if self.deepspeed:
+            raise ValueError(
+                "`deepspeed` is not supported by BPModifiedTrainer: its engine owns the backward pass, which local "
+                "losses replace. Use plain data parallelism (torchrun / accelerate launch without a DeepSpeed config)."
+            )
+        if self.fsdp:
+            raise ValueError(
+                f"`fsdp` ({self.fsdp!r}) is not supported by BPModifiedTrainer: sharded parameters cannot be "
+                "differentiated block by block. Use plain data parallelism (DDP via torchrun / accelerate launch); "
+                "local losses already keep activation memory at O(h) blocks."
+            )
+
+    def _check_int(self, name: str, minimum: int, hint: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` ({value!r}) must be an integer >= {minimum}; {hint}.")
+
+    def _divisor_hint(self) -> str:
+        divisors = [d for d in range(1, self.offset_batch_size + 1) if self.offset_batch_size % d == 0]
+        near = min(divisors, key=lambda d: abs(d - self.offset_micro_batch_size))
+        return f"`offset_micro_batch_size={near}`"

@@ -1,0 +1,334 @@
+"""Image-classification data for the BP-modified trainer.
+
+Two things live here:
+
+* :func:`load_animal_shape_mnist` builds a :class:`datasets.DatasetDict` from the Animal-Shape-MNIST data that the
+  ``animal-shape-mnist`` PyPI wheel ships (10,000 grayscale 28x28 silhouettes, 10 animal classes, 1,000 each). The
+  package's own loader imports TensorFlow, so it is *not* imported here: the two gzipped pickles are read straight
+  from the installed package folder. Nothing is downloaded and nothing is written to disk.
+* :func:`make_transform`, :func:`with_pixel_values` and :func:`collate_fn` turn any image-classification dataset
+  (``image`` + ``label`` columns) into ``pixel_values``/``labels`` batches for a ``transformers`` image classifier,
+  with PIL + numpy + torch only (no torchvision): resize, scale to [0, 1], normalise, no augmentation.
+
+Example::
+
+    from hf_bpmod.data import collate_fn, load_animal_shape_mnist, with_pixel_values
+
+    dataset = load_animal_shape_mnist()
+    train = with_pixel_values(dataset["train"], image_size=28, image_mean=0.5, image_std=0.5)
+    batch = collate_fn([train[0], train[1]])  # pixel_values: (2, 3, 28, 28), labels: (2,)
+
+When such a dataset goes to a ``transformers.Trainer``, set ``remove_unused_columns=False`` in the training
+arguments: the Trainer would otherwise drop the raw ``image``/``label`` columns the on-the-fly transform reads.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "ANIMAL_SHAPE_CLASS_NAMES",
+    "EMBEDDED_DATASET_NAME",
+    "collate_fn",
+    "find_animal_shape_files",
+    "load_animal_shape_mnist",
+    "make_transform",
+    "with_pixel_values",
+]
+
+#: Name under which the embedded data set is selected (e.g. ``--dataset_name animal-shape-mnist``).
+EMBEDDED_DATASET_NAME = "animal-shape-mnist"
+
+#: Class names of Animal-Shape-MNIST, in label order (label 0 = "bear", ..., label 9 = "zebra"). The package
+#: METADATA lists the ten classes alphabetically ("Bear, Bird, Cat, Cow, Dog, Elephant, Giraffe, Horse, Sheep,
+#: Zebra"); the pickled labels are the integers 0-9 in that same order, which was checked by eye on samples of
+#: each label.
+ANIMAL_SHAPE_CLASS_NAMES: tuple[str, ...] = (
+    "bear",
+    "bird",
+    "cat",
+    "cow",
+    "dog",
+    "elephant",
+    "giraffe",
+    "horse",
+    "sheep",
+    "zebra",
+)
+
+_PACKAGE = "animal_shape_mnist"
+_DATA_SUBDIR = ("data", "Animal Shape")
+_IMAGES_FILE = "animal_data_version_3.gz"
+_LABELS_FILE = "animal_label_version_3.gz"
+_NUM_EXAMPLES = 10_000
+_IMAGE_HW = (28, 28)
+
+
+def find_animal_shape_files() -> tuple[Path, Path]:
+    """Locate the images and labels pickles inside the installed ``animal-shape-mnist`` package.
+
+    The package has no ``__init__.py`` (it is a namespace package), so the folder comes from
+    ``importlib.util.find_spec(...).submodule_search_locations``; importing the package's loader is avoided on
+    purpose because it imports TensorFlow.
+
+    Returns:
+        ``(images_path, labels_path)``.
+
+    Raises:
+        FileNotFoundError: if the package is not installed or does not hold the data files.
+    """
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The '{_PACKAGE}' package is not installed, so the embedded {EMBEDDED_DATASET_NAME} data cannot be "
+            "loaded. Install it with `pip install animal-shape-mnist` (it is a dependency of hf_bpmod)."
+        )
+    searched = []
+    for location in spec.submodule_search_locations:
+        folder = Path(location).joinpath(*_DATA_SUBDIR)
+        searched.append(str(folder))
+        images, labels = folder / _IMAGES_FILE, folder / _LABELS_FILE
+        if images.is_file() and labels.is_file():
+            return images, labels
+    raise FileNotFoundError(
+        f"Could not find {_IMAGES_FILE} and {_LABELS_FILE} of the '{_PACKAGE}' package; looked in: "
+        f"{', '.join(searched)}. Reinstall it with `pip install --force-reinstall animal-shape-mnist`."
+    )
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds plain numpy arrays (the data files hold nothing else).
+
+    It also maps the ``numpy.core`` module path used by the pickles to ``numpy._core`` on numpy 2, which avoids
+    numpy's deprecation warning for ``numpy.core``.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            try:
+                from numpy._core import multiarray  # numpy >= 2
+            except ImportError:  # pragma: no cover - numpy 1.x
+                from numpy.core import multiarray
+            return multiarray._reconstruct
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        raise pickle.UnpicklingError(
+            f"Refusing to load {module}.{name} from the Animal-Shape-MNIST data: only numpy arrays are expected. "
+            "The installed data files look corrupted; reinstall `animal-shape-mnist`."
+        )
+
+
+def _load_array(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        array = _NumpyOnlyUnpickler(handle).load()
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{path} should hold a numpy array, found {type(array).__name__}.")
+    return array
+
+
+def _load_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Read the raw ``(10000, 28, 28) uint8`` images and ``(10000,) int64`` labels and check their format."""
+    images_path, labels_path = find_animal_shape_files()
+    images, labels = _load_array(images_path), _load_array(labels_path)
+    if images.shape != (_NUM_EXAMPLES, *_IMAGE_HW) or images.dtype != np.uint8:
+        raise ValueError(
+            f"Unexpected image array in {images_path}: shape {images.shape}, dtype {images.dtype} "
+            f"(expected ({_NUM_EXAMPLES}, 28, 28) uint8). Reinstall `animal-shape-mnist`."
+        )
+    if labels.shape != (_NUM_EXAMPLES,) or labels.min() < 0 or labels.max() >= len(ANIMAL_SHAPE_CLASS_NAMES):
+        raise ValueError(
+            f"Unexpected label array in {labels_path}: shape {labels.shape}, range [{labels.min()}, {labels.max()}] "
+            f"(expected ({_NUM_EXAMPLES},) with values 0-9). Reinstall `animal-shape-mnist`."
+        )
+    return images, labels.astype(np.int64)
+
+
+def load_animal_shape_mnist(test_size: float = 0.2, seed: int = 0) -> datasets.DatasetDict:
+    """Load Animal-Shape-MNIST as a ``DatasetDict`` with a stratified, seeded ``train``/``test`` split.
+
+    The images are stored as grayscale PNGs and decoded as PIL images in mode ``"RGB"`` (the gray value copied to
+    three channels), so standard 3-channel ViT/ResNet image processors apply unchanged. Everything stays in memory:
+    no files are downloaded or written, and the call takes about two seconds.
+
+    Args:
+        test_size: Fraction of the 10,000 examples put in ``test``, strictly between 0 and 1. With the default
+            0.2 the split is 8,000 / 2,000, i.e. 800 / 200 per class.
+        seed: Seed of the split; the same ``(test_size, seed)`` always gives the same split.
+
+    Returns:
+        ``DatasetDict`` with splits ``"train"`` and ``"test"``, features ``image`` (``datasets.Image(mode="RGB")``)
+        and ``label`` (``datasets.ClassLabel`` with :data:`ANIMAL_SHAPE_CLASS_NAMES`).
+    """
+    if not isinstance(test_size, float | int) or not 0.0 < float(test_size) < 1.0:
+        raise ValueError(f"test_size must be a fraction strictly between 0 and 1 (e.g. 0.2), got {test_size!r}.")
+    images, labels = _load_arrays()
+    features = datasets.Features(
+        {
+            "image": datasets.Image(mode="RGB"),
+            "label": datasets.ClassLabel(names=list(ANIMAL_SHAPE_CLASS_NAMES)),
+        }
+    )
+    info = datasets.DatasetInfo(
+        features=features,
+        description=(
+            "Animal-Shape-MNIST: 10,000 grayscale 28x28 animal silhouettes in 10 classes (1,000 each), "
+            "from the animal-shape-mnist PyPI package."
+        ),
+        homepage="https://pypi.org/project/animal-shape-mnist/",
+        license="MIT",
+    )
+    full = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features, info=info)
+    split = full.train_test_split(
+        test_size=float(test_size), seed=seed, stratify_by_column="label", keep_in_memory=True
+    )
+    return datasets.DatasetDict({"train": split["train"], "test": split["test"]})
+
+
+def _as_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        size = (image_size, image_size)
+    else:
+        size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"image_size must be a positive int or a (height, width) pair, got {image_size!r}.")
+    return size  # type: ignore[return-value]
+
+
+def _as_channel_vector(values: float | Sequence[float], name: str) -> np.ndarray:
+    vector = np.atleast_1d(np.asarray(values, dtype=np.float32))
+    if vector.ndim != 1 or vector.size not in (1, 3):
+        raise ValueError(f"{name} must be one number or one per channel (1 or 3 numbers), got {values!r}.")
+    return vector
+
+
+def make_transform(
+    image_size: int | Sequence[int],
+    mean: float | Sequence[float] = 0.5,
+    std: float | Sequence[float] = 0.5,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    num_channels: int = 3,
+) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
+    """Build a batched ``set_transform``/``with_transform`` function giving ``pixel_values`` and ``labels``.
+
+    Each image is converted to RGB (``num_channels=3``) or grayscale (``num_channels=1``), resized to
+    ``image_size`` with bilinear filtering if its size differs, scaled to [0, 1] and normalised with
+    ``(x - mean) / std`` per channel; there is no augmentation (the paper's preprocessing). ``pixel_values`` are
+    float32 tensors of shape ``(num_channels, height, width)``.
+
+    Args:
+        image_size: Output size, an int (square) or ``(height, width)``.
+        mean: Per-channel mean (one number or ``num_channels`` numbers), e.g. an image processor's ``image_mean``.
+        std: Per-channel standard deviation, e.g. an image processor's ``image_std``.
+        image_column: Column holding PIL images.
+        label_column: Column holding integer labels, copied to ``labels``; ``None`` (or a batch without that
+            column) gives no ``labels``.
+        num_channels: 3 for RGB models, 1 for grayscale models.
+
+    Returns:
+        A function mapping a batch (dict of lists) to ``{"pixel_values": [...], "labels": [...]}``.
+    """
+    height, width = _as_hw(image_size)
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels!r}.")
+    mean_vec = _as_channel_vector(mean, "mean")
+    std_vec = _as_channel_vector(std, "std")
+    for name, vec in (("mean", mean_vec), ("std", std_vec)):
+        if vec.size not in (1, num_channels):
+            raise ValueError(f"{name} has {vec.size} values but the images have {num_channels} channels.")
+    if np.any(std_vec <= 0):
+        raise ValueError(f"std must be positive, got {std!r}.")
+    mean_chw = mean_vec.reshape(-1, 1, 1)
+    inv_std_chw = (1.0 / std_vec).reshape(-1, 1, 1)
+    mode = "RGB" if num_channels == 3 else "L"
+
+    def to_pixel_values(image: Any) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
+            else:
+                raise TypeError(
+                    f"Column '{image_column}' should hold PIL images (a datasets.Image feature), got "
+                    f"{type(image).__name__}. Cast it with dataset.cast_column('{image_column}', datasets.Image())."
+                )
+        if image.mode != mode:
+            image = image.convert(mode)
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray((array - mean_chw) * inv_std_chw, dtype=np.float32))
+
+    def transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if image_column not in batch:
+            raise KeyError(
+                f"The dataset has no '{image_column}' column (columns: {sorted(batch)}); pass the right image_column."
+            )
+        output: dict[str, list[Any]] = {"pixel_values": [to_pixel_values(image) for image in batch[image_column]]}
+        if label_column is not None and label_column in batch:
+            output["labels"] = [int(label) for label in batch[label_column]]
+        return output
+
+    return transform
+
+
+def with_pixel_values(
+    dataset: datasets.Dataset,
+    image_size: int | Sequence[int],
+    image_mean: float | Sequence[float] = 0.5,
+    image_std: float | Sequence[float] = 0.5,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    num_channels: int = 3,
+) -> datasets.Dataset:
+    """Return ``dataset`` with an on-the-fly transform yielding ``pixel_values`` and ``labels``.
+
+    The input dataset is left untouched (``with_transform`` returns a new view); see :func:`make_transform` for
+    the preprocessing. Use ``remove_unused_columns=False`` when the result goes to a ``transformers.Trainer``.
+    """
+    if image_column not in dataset.column_names:
+        raise KeyError(
+            f"The dataset has no '{image_column}' column (columns: {dataset.column_names}); pass image_column=..."
+        )
+    if label_column is not None and label_column not in dataset.column_names:
+        raise KeyError(
+            f"The dataset has no '{label_column}' column (columns: {dataset.column_names}); pass label_column=... "
+            "or label_column=None for unlabelled data."
+        )
+    transform = make_transform(
+        image_size,
+        image_mean,
+        image_std,
+        image_column=image_column,
+        label_column=label_column,
+        num_channels=num_channels,
+    )
+    return dataset.with_transform(transform)
+
+
+def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack transformed examples into ``{"pixel_values": (B, C, H, W) float, "labels": (B,) long}``.
+
+    ``labels`` is left out when the examples have none (unlabelled prediction data).
+    """
+    if not examples:
+        raise ValueError("collate_fn got an empty list of examples.")
+    if "pixel_values" not in examples[0]:
+        raise KeyError(
+            "Examples have no 'pixel_values'; apply hf_bpmod.data.with_pixel_values (or make_transform) to the "
+            f"dataset first. Keys found: {sorted(examples[0])}."
+        )
+    batch = {"pixel_values": torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long)
+    return batch

@@ -1,0 +1,312 @@
+"""The BP-modified offset: micro-batch statistics (METHOD.md §4) and the per-block scales (eq. 16-19, §5).
+
+For block ``t`` the applied gradient is (eq. 5)
+
+    g^_t = a_t g_{h,t}(batch) + lambda_t Delta_t,   Delta_t = mean(g~_{T,t}) - a_t mean(g~_{h,t}),
+
+with the means taken over an independent sample of ``B'`` examples. It is stored as ``g^_t = scale_t g_{h,t} +
+offset_t``, which also covers the step-size-preserving ``aligned`` rule (``scale_t = c a_t``,
+``offset_t = c lambda_t Delta_t``). Everything here is pure torch and knows nothing of the Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+Vector = list[torch.Tensor]  # one tensor per trainable parameter of a block
+
+
+def _dot(a: Vector, b: Vector) -> float:
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+
+
+class OffsetStatistics:
+    """Running sums over ``n`` micro-batch mean gradients ``m_i`` of every block (METHOD.md §4).
+
+    Per block it keeps ``S_h = sum m_i^h``, ``S_T = sum m_i^T`` (one tensor per parameter: ``O(#params)``
+    memory) and the scalars ``Q_h = sum ||m_i^h||^2``, ``Q_T = sum ||m_i^T||^2``, ``Q_hT = sum m_i^h . m_i^T``.
+    """
+
+    def __init__(self, shapes: Sequence[Sequence[torch.Size]], device: torch.device | str = "cpu") -> None:
+        self.sum_h = [[torch.zeros(s, dtype=torch.float64, device=device) for s in block] for block in shapes]
+        self.sum_T = [[torch.zeros(s, dtype=torch.float64, device=device) for s in block] for block in shapes]
+        self.squares = torch.zeros(len(shapes), 3, dtype=torch.float64, device=device)  # Q_h, Q_T, Q_hT
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.sum_h)
+
+    def update(self, local: Sequence[Vector], true: Sequence[Vector]) -> None:
+        """Add one micro-batch: ``local[t]`` = ``m^h`` and ``true[t]`` = ``m^T`` of block ``t``."""
+        for t, (m_h, m_T) in enumerate(zip(local, true)):
+            m_h = [g.double() for g in m_h]
+            m_T = [g.double() for g in m_T]
+            for acc, g in zip(self.sum_h[t], m_h):
+                acc.add_(g)
+            for acc, g in zip(self.sum_T[t], m_T):
+                acc.add_(g)
+            self.squares[t, 0] += _dot(m_h, m_h)
+            self.squares[t, 1] += _dot(m_T, m_T)
+            self.squares[t, 2] += _dot(m_h, m_T)
+        self.count += 1
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every running sum, for an all-reduce (sum) across processes."""
+        return (
+            [x for block in self.sum_h for x in block]
+            + [x for block in self.sum_T for x in block]
+            + [
+                self.squares,
+                self.count,
+            ]
+        )
+
+    def all_reduce(self, reduce_sum: Callable[[torch.Tensor], None]) -> None:
+        """Sum the statistics over processes in place (``reduce_sum`` e.g. ``torch.distributed.all_reduce``)."""
+        for tensor in self.tensors():
+            reduce_sum(tensor)
+
+    def moments(self, t: int, micro_batch_size: int) -> BlockMoments:
+        """Means and trace covariances of block ``t`` (METHOD.md §4).
+
+        ``tr C ~= b' (Q - n ||mean||^2) / (n - 1)`` since a micro-batch mean of ``b'`` samples has covariance
+        ``C / b'``; ``tr C_{h,T} = 2 b' (sum m^h.m^T - n mean_h.mean_T) / (n - 1)`` with the paper's
+        ``C_{h,T} = Cov(g_h, g_T) + Cov(g_T, g_h)``.
+        """
+        n = float(self.count)
+        if n < 2:
+            raise ValueError(f"Offset statistics need at least 2 micro-batches, got {n:g}.")
+        mean_h = [s / n for s in self.sum_h[t]]
+        mean_T = [s / n for s in self.sum_T[t]]
+        hh, TT, hT = _dot(mean_h, mean_h), _dot(mean_T, mean_T), _dot(mean_h, mean_T)
+        q_h, q_T, q_hT = (float(v) for v in self.squares[t])
+        b = micro_batch_size
+        return BlockMoments(
+            n=n,
+            sample_size=n * b,
+            mean_h=mean_h,
+            mean_T=mean_T,
+            hh=hh,
+            TT=TT,
+            hT=hT,
+            tr_C_h=max(b * (q_h - n * hh) / (n - 1), 0.0),
+            tr_C_T=max(b * (q_T - n * TT) / (n - 1), 0.0),
+            tr_C_hT=2 * b * (q_hT - n * hT) / (n - 1),
+        )
+
+
+@dataclass
+class BlockMoments:
+    """The statistics of one block that eq. 16-19 need: means ``m_h, m_T`` and their products, and traces."""
+
+    n: float
+    sample_size: float  # B' actually seen: n * b'
+    mean_h: Vector
+    mean_T: Vector
+    hh: float  # ||m_h||^2
+    TT: float  # ||m_T||^2
+    hT: float  # m_h . m_T
+    tr_C_h: float
+    tr_C_T: float
+    tr_C_hT: float
+
+    def is_exact(self, rtol: float = 1e-10) -> bool:
+        """True when every micro-batch had ``m^h == m^T`` (the local gradient already is the true one)."""
+        diff = self.hh + self.TT - 2 * self.hT + (self.tr_C_h + self.tr_C_T - self.tr_C_hT) / max(self.n, 1)
+        return abs(diff) <= rtol * max(self.hh + self.TT, 1e-300)
+
+
+@dataclass
+class ScalingProblem:
+    """The objective of eq. 16 with Appendix C's K factor (METHOD.md §5), for one block:
+
+    ``E(a, lam) = (1-lam)^2 ||a m_h - m_T||^2 + (a^2/B) tr C_h + lam^2 (K/B') (a^2 tr C_h + tr C_T - a tr C_hT)``
+    """
+
+    hh: float
+    TT: float
+    hT: float
+    tr_C_h: float
+    tr_C_T: float
+    tr_C_hT: float
+    batch_size: float  # B, effective training batch
+    offset_batch_size: float  # B'
+    period: float  # K, optimizer steps per refresh
+    bias_correction: bool = False
+
+    @classmethod
+    def from_moments(cls, m: BlockMoments, batch_size: float, period: float, bias_correction: bool = False):
+        return cls(m.hh, m.TT, m.hT, m.tr_C_h, m.tr_C_T, m.tr_C_hT, batch_size, m.sample_size, period, bias_correction)
+
+    @property
+    def kappa(self) -> float:
+        """``K / B'``: the variance factor of an offset reused for ``K`` steps."""
+        return self.period / self.offset_batch_size
+
+    def offset_variance(self, a: float) -> float:
+        """``tr Cov(g_T - a g_h) = a^2 tr C_h + tr C_T - a tr C_hT`` (per sample)."""
+        return max(a * a * self.tr_C_h + self.tr_C_T - a * self.tr_C_hT, 0.0)
+
+    def bias(self, a: float) -> float:
+        """``||a m_h - m_T||^2``; with ``bias_correction`` less the sampling noise of the ``B'`` means."""
+        raw = a * a * self.hh - 2 * a * self.hT + self.TT
+        if self.bias_correction:
+            raw -= self.offset_variance(a) / self.offset_batch_size
+        return max(raw, 0.0)
+
+    def var(self, a: float) -> float:
+        """``Var = (K/B') (a^2 tr C_h + tr C_T - a tr C_hT)`` of eq. 18 with the K factor."""
+        return self.kappa * self.offset_variance(a)
+
+    def objective(self, a: float, lam: float) -> float:
+        """``E(a, lambda)``."""
+        return (1 - lam) ** 2 * self.bias(a) + a * a * self.tr_C_h / self.batch_size + lam * lam * self.var(a)
+
+    def best_lambda(self, a: float) -> float:
+        """``lambda* = Bias / (Bias + Var)`` (eq. 18), clamped to [0, 1]."""
+        bias, var = self.bias(a), self.var(a)
+        if bias + var <= 0:
+            return 0.0
+        return min(max(bias / (bias + var), 0.0), 1.0)
+
+    def best_a(self, lam: float) -> float:
+        """``a*`` of eq. 17 derived from the objective (with the 1/2 that eq. 19's ``a*_var`` lacks):
+
+        ``a* = [(1-lam)^2 m_h.m_T + lam^2 (K/B') tr C_hT / 2] / [(1-lam)^2 ||m_h||^2 + (1/B + lam^2 K/B') tr C_h]``
+        """
+        w = (1 - lam) ** 2
+        den = w * self.hh + (1 / self.batch_size + lam * lam * self.kappa) * self.tr_C_h
+        if self.bias_correction:
+            den -= w * self.tr_C_h / self.offset_batch_size
+        num = w * self.hT + lam * lam * self.kappa * self.tr_C_hT / 2
+        if self.bias_correction:
+            num -= w * self.tr_C_hT / (2 * self.offset_batch_size)
+        if den <= 0:
+            return 1.0
+        return num / den
+
+    def bias_only_a(self) -> float:
+        """``a*_bias = m_h.m_T / ||m_h||^2`` (eq. 19), the paper's Table-3 choice with ``lambda = 0``."""
+        return self.hT / self.hh if self.hh > 0 else 1.0
+
+    def solve_optimal(self, max_iter: int = 100, tol: float = 1e-12) -> tuple[float, float]:
+        """Alternate the two closed forms until ``(a, lambda)`` settles (Remark 4.2); ``E`` is convex in each."""
+        a, lam = 1.0, self.best_lambda(1.0)
+        for _ in range(max_iter):
+            a_new = self.best_a(lam)
+            lam_new = self.best_lambda(a_new)
+            done = abs(a_new - a) <= tol * max(1.0, abs(a)) and abs(lam_new - lam) <= tol
+            a, lam = a_new, lam_new
+            if done:
+                break
+        return a, lam
+
+    def expected_cosine(self, a: float, lam: float) -> float:
+        """Cosine of the applied gradient's mean with ``m_T``, its norm inflated by the noise of eq. 16."""
+        mean_dot_T = a * (1 - lam) * self.hT + lam * self.TT
+        mean_sq = (a * (1 - lam)) ** 2 * self.hh + 2 * a * (1 - lam) * lam * self.hT + lam * lam * self.TT
+        noise = a * a * self.tr_C_h / self.batch_size + lam * lam * self.var(a)
+        denom = math.sqrt(max(mean_sq + noise, 1e-300) * max(self.TT, 1e-300))
+        return mean_dot_T / denom
+
+    def solve_aligned(self, grid: int = 201) -> tuple[float, float, float]:
+        """The ``aligned`` rule: ``a = 1``, ``lambda`` in [0, 1] maximising :meth:`expected_cosine`, then a factor
+        ``c`` that gives the applied gradient the local gradient's expected size ``||m_h||^2 + tr C_h / B``.
+
+        Returns ``(a, lambda, c)``.
+        """
+        lams = [i / (grid - 1) for i in range(grid)]
+        lam = max(lams, key=lambda v: (self.expected_cosine(1.0, v), -v))
+        mean_sq = (1 - lam) ** 2 * self.hh + 2 * (1 - lam) * lam * self.hT + lam * lam * self.TT
+        applied = mean_sq + self.tr_C_h / self.batch_size + lam * lam * self.var(1.0)
+        local = self.hh + self.tr_C_h / self.batch_size
+        c = math.sqrt(local / applied) if applied > 0 else 1.0
+        return 1.0, lam, c
+
+
+@dataclass
+class BlockOffset:
+    """The modification of block ``t`` for one period: ``g^_t = scale * g_{h,t} + offset``."""
+
+    scale: float
+    offset: Vector | None  # None: no offset (exact block, or lambda = 0)
+    a: float
+    lam: float
+    c: float
+    bias: float
+    var: float
+    cosine: float
+    offset_norm: float
+
+    def log_record(self) -> dict[str, float]:
+        record = asdict(self)
+        record.pop("offset")
+        return record
+
+
+def block_offset(
+    moments: BlockMoments,
+    scaling: str,
+    *,
+    batch_size: float,
+    period: float,
+    fixed_a: float = 1.0,
+    fixed_lambda: float = 0.5,
+    bias_correction: bool = False,
+) -> BlockOffset:
+    """``a``, ``lambda`` and ``Delta = m_T - a m_h`` (eq. 5) of one block under a scaling rule.
+
+    ``scaling``: ``"optimal"`` (eq. 16-19 with the K factor, alternated), ``"bias_only"`` (``lambda = 0``,
+    ``a = a*_bias``), ``"fixed"`` (given ``a``, ``lambda``) or ``"aligned"`` (:meth:`ScalingProblem.solve_aligned`).
+    """
+    problem = ScalingProblem.from_moments(moments, batch_size, period, bias_correction)
+    c = 1.0
+    if scaling == "optimal":
+        a, lam = problem.solve_optimal()
+    elif scaling == "bias_only":
+        a, lam = problem.bias_only_a(), 0.0
+    elif scaling == "fixed":
+        a, lam = fixed_a, fixed_lambda
+    elif scaling == "aligned":
+        a, lam, c = problem.solve_aligned()
+    else:
+        raise ValueError(f"Unknown offset scaling {scaling!r}.")
+    cosine = moments.hT / math.sqrt(moments.hh * moments.TT) if moments.hh > 0 and moments.TT > 0 else 0.0
+    offset = None
+    norm = 0.0
+    if lam != 0.0:
+        offset = [(c * lam) * (m_T - a * m_h) for m_h, m_T in zip(moments.mean_h, moments.mean_T)]
+        norm = math.sqrt(_dot(offset, offset))
+    return BlockOffset(
+        scale=c * a,
+        offset=offset,
+        a=a,
+        lam=lam,
+        c=c,
+        bias=problem.bias(a),
+        var=problem.var(a),
+        cosine=cosine,
+        offset_norm=norm,
+    )
+
+
+def exact_block_offset() -> BlockOffset:
+    """The identity modification of a block whose local gradient is already exact (``t + h >= T``)."""
+    return BlockOffset(scale=1.0, offset=None, a=1.0, lam=0.0, c=1.0, bias=0.0, var=0.0, cosine=1.0, offset_norm=0.0)
+
+
+def apply_offset(grads: Sequence[torch.Tensor | None], modification: BlockOffset, grad_scale: float = 1.0) -> None:
+    """``g <- scale * g + offset * grad_scale`` in place (eq. 5); ``grad_scale`` is the fp16 loss scale, since
+    ``grads`` are scaled gradients and the offset is not. A missing gradient counts as zero."""
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if modification.scale != 1.0:
+            g.mul_(modification.scale)
+        if modification.offset is not None:
+            g.add_(modification.offset[i].to(device=g.device, dtype=g.dtype), alpha=grad_scale)

@@ -1,0 +1,174 @@
+"""The offset pass of Algorithm 1 (lines 4-9): draw ``B'`` examples, run them in micro-batches of ``b'``, and turn
+the statistics into per-block offsets. Knows nothing of the Trainer: data comes through a callable.
+
+The pass is a measurement, not training: it restores every buffer it touched (BatchNorm running statistics),
+runs under a forked RNG (so dropout draws do not shift the training run) and uses its own seeded sampler, so the
+training data order is untouched and a resumed run redraws the same samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .chain import BlockChain
+from .local_grad import LossFn, local_gradients
+from .offset import BlockOffset, OffsetStatistics, apply_offset, block_offset, exact_block_offset
+
+FetchMicroBatch = Callable[[list[int]], tuple[torch.Tensor, LossFn]]
+
+
+@dataclass
+class OffsetSettings:
+    """``B'``, ``b'`` and the scaling rule of the offset (see ``BPModifiedTrainingArguments``)."""
+
+    offset_batch_size: int = 320
+    micro_batch_size: int = 8
+    scaling: str = "aligned"
+    fixed_a: float = 1.0
+    fixed_lambda: float = 0.5
+    bias_correction: bool = False
+    seed: int = 42
+
+
+def offset_sample(dataset_size: int, sample_size: int, seed: int, period_index: int) -> list[int]:
+    """The ``B'`` example indices of refresh number ``period_index``: a fresh draw without replacement from a
+    generator of its own, reproducible from ``(seed, period_index)`` alone."""
+    if sample_size > dataset_size:
+        raise ValueError(
+            f"`offset_batch_size` ({sample_size}) is larger than the training set ({dataset_size} examples); "
+            "lower `offset_batch_size`."
+        )
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(period_index))
+    return torch.randperm(dataset_size, generator=generator)[:sample_size].tolist()
+
+
+@contextlib.contextmanager
+def preserved_state(modules: Sequence[nn.Module]):
+    """Restore every buffer of ``modules`` (BatchNorm running stats, counters) and the RNG state on exit."""
+    saved = [{name: buf.detach().clone() for name, buf in m.named_buffers()} for m in modules]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for module, buffers in zip(modules, saved):
+                    for name, buf in module.named_buffers():
+                        if name in buffers:
+                            buf.copy_(buffers[name])
+
+
+@dataclass
+class OffsetState:
+    """What the offset holds between refreshes; saved in checkpoints."""
+
+    period_index: int = 0
+    next_refresh_step: int = 0
+    blocks: list[BlockOffset] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {
+            "period_index": self.period_index,
+            "next_refresh_step": self.next_refresh_step,
+            "blocks": [vars(b).copy() for b in self.blocks],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> OffsetState:
+        return cls(
+            period_index=state["period_index"],
+            next_refresh_step=state["next_refresh_step"],
+            blocks=[BlockOffset(**b) for b in state["blocks"]],
+        )
+
+
+def compute_offsets(
+    chain: BlockChain,
+    horizon: int,
+    indices: list[int],
+    fetch: FetchMicroBatch,
+    settings: OffsetSettings,
+    *,
+    batch_size: float,
+    period: float,
+    process_index: int = 0,
+    num_processes: int = 1,
+    reduce_sum: Callable[[torch.Tensor], None] | None = None,
+    preserve: Sequence[nn.Module] = (),
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[list[BlockOffset] | None, dict]:
+    """Algorithm 1, lines 5-9, for every block: statistics over ``indices`` in micro-batches of ``b'`` (shared
+    round-robin among processes, then summed with ``reduce_sum``), then ``a``, ``lambda`` and the offset.
+
+    Returns ``(offsets, record)``; ``offsets`` is ``None`` when a statistic is not finite (the caller keeps its
+    previous offsets). ``record`` holds the per-block diagnostics for logging.
+    """
+    start = time.perf_counter()
+    b = settings.micro_batch_size
+    micro = [indices[i : i + b] for i in range(0, len(indices), b)]
+    device = chain.block_params[0][0].device if chain.block_params and chain.block_params[0] else "cpu"
+    stats = OffsetStatistics([[p.shape for p in ps] for ps in chain.block_params], device=device)
+    with preserved_state(preserve):
+        for i, idx in enumerate(micro):
+            if i % num_processes != process_index:
+                continue
+            x0, loss_fn = fetch(idx)
+            grads = local_gradients(chain, x0, loss_fn, horizon, also_true=True, forward_context=forward_context)
+            stats.update(_dense(chain, grads.local), _dense(chain, grads.true))
+    if reduce_sum is not None and num_processes > 1:
+        stats.all_reduce(reduce_sum)
+    T = chain.num_blocks
+    offsets: list[BlockOffset] = []
+    finite = all(torch.isfinite(t).all() for t in stats.tensors())
+    for t in range(T):
+        if t + horizon >= T or not chain.block_params[t]:
+            offsets.append(exact_block_offset())
+            continue
+        moments = stats.moments(t, b)
+        if moments.is_exact():
+            offsets.append(exact_block_offset())
+            continue
+        offsets.append(
+            block_offset(
+                moments,
+                settings.scaling,
+                batch_size=batch_size,
+                period=period,
+                fixed_a=settings.fixed_a,
+                fixed_lambda=settings.fixed_lambda,
+                bias_correction=settings.bias_correction,
+            )
+        )
+    finite = finite and all(math.isfinite(v) for o in offsets for v in o.log_record().values())
+    record = {
+        "seconds": time.perf_counter() - start,
+        "offset_batch_size": len(indices),
+        "period_steps": period,
+        "blocks": [o.log_record() for o in offsets],
+        "skipped": not finite,
+    }
+    return (offsets if finite else None), record
+
+
+def _dense(chain: BlockChain, grads: list[list[torch.Tensor | None]]) -> list[list[torch.Tensor]]:
+    return [
+        [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, ps)]
+        for gs, ps in zip(grads, chain.block_params)
+    ]
+
+
+def apply_block_offsets(chain: BlockChain, offsets: Sequence[BlockOffset], grad_scale: float = 1.0) -> None:
+    """``p.grad <- a_t p.grad + lambda_t Delta_t`` for the trainable parameters of every block (eq. 5)."""
+    for params, modification in zip(chain.block_params, offsets):
+        if modification.offset is not None:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        apply_offset([p.grad for p in params], modification, grad_scale)

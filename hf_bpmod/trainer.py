@@ -1,0 +1,403 @@
+"""``BPModifiedTrainer``: the HuggingFace ``Trainer`` with block-wise local gradients and the BP-modified offset.
+
+The algorithm lives in :mod:`hf_bpmod.local_grad`, :mod:`hf_bpmod.offset` and :mod:`hf_bpmod.offset_pass`; this
+file is plumbing. It overrides ``training_step`` (local gradients into ``.grad``, then, once per optimizer step,
+the all-reduce across processes and the offset), the optimizer (auxiliary heads get their own parameter group),
+checkpointing (auxiliary heads and offset state travel with the optimizer state) and the model card. The model
+that is saved or pushed is the user's model alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer
+from transformers.utils import logging
+
+from .adapters import get_adapter, unwrap_model
+from .config import BPModifiedTrainingArguments, parse_offset_period
+from .local_grad import local_gradients
+from .offset_pass import OffsetSettings, OffsetState, apply_block_offsets, compute_offsets, offset_sample
+
+logger = logging.get_logger(__name__)
+
+BPMOD_STATE_NAME = "bpmod_state.pt"
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class BPModifiedTrainer(Trainer):
+    """A drop-in ``Trainer`` that trains each block from a local loss ``h`` blocks ahead (eq. 4), corrected by a
+    periodically refreshed offset from the true backprop gradient (eq. 5, Algorithm 1).
+
+    Takes the same arguments as ``transformers.Trainer``; ``args`` must be a
+    :class:`~hf_bpmod.BPModifiedTrainingArguments`. Supported models: those with a registered adapter
+    (``ViTForImageClassification``, ``ResNetForImageClassification``), plain or wrapped by peft.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: BPModifiedTrainingArguments | None = None, **kwargs):
+        if args is None:
+            args = BPModifiedTrainingArguments(output_dir="tmp_trainer")
+        if not isinstance(args, BPModifiedTrainingArguments):
+            raise TypeError(
+                f"`args` must be a BPModifiedTrainingArguments, got {type(args).__name__}: build it with "
+                "`hf_bpmod.BPModifiedTrainingArguments(...)` (it accepts every TrainingArguments field)."
+            )
+        if model is None:
+            raise ValueError("BPModifiedTrainer needs a `model` (model_init is not supported).")
+        if kwargs.get("model_init") is not None:
+            raise ValueError("`model_init` is not supported by BPModifiedTrainer: pass an instantiated `model`.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "`compute_loss_func` is not supported by BPModifiedTrainer: every block's loss is the model's own "
+                "loss applied to a head's logits. Use the model's `problem_type` or `label_smoothing_factor`."
+            )
+        self.adapter = get_adapter(model)  # fails here, before any work, for unsupported models
+        super().__init__(model=model, args=args, **kwargs)
+        self._reject_unsupported_backends()
+        base = unwrap_model(self.model)
+        self.aux_heads = self.adapter.aux_heads(base, args.local_horizon, args.block_granularity).to(args.device)
+        self.block_chain = self.adapter.chain(base, self.aux_heads, args.block_granularity)
+        self._warn_uncovered_parameters()
+        self._zero_aux_grads = True
+        self.offset_state = OffsetState()
+        self.offset_settings = OffsetSettings(
+            offset_batch_size=args.offset_batch_size,
+            micro_batch_size=args.offset_micro_batch_size,
+            scaling=args.offset_scaling,
+            fixed_a=args.offset_fixed_a,
+            fixed_lambda=args.offset_fixed_lambda,
+            bias_correction=args.offset_bias_correction,
+            seed=args.seed if args.offset_seed is None else args.offset_seed,
+        )
+        if self.uses_offset and self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
+            n = len(self.train_dataset)
+            if args.offset_batch_size > n:
+                raise ValueError(
+                    f"`offset_batch_size` ({args.offset_batch_size}) is larger than the training set ({n} examples); "
+                    f"lower it (e.g. `offset_batch_size={max(2 * args.offset_micro_batch_size, n // 10)}`) or set "
+                    "`bp_modified=False`."
+                )
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def uses_offset(self) -> bool:
+        """Whether the BP offset is on (``bp_modified`` and some block's local gradient is not already exact)."""
+        return self.args.bp_modified and self.args.local_horizon < self.block_chain.num_blocks
+
+    def _reject_unsupported_backends(self) -> None:
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "DeepSpeed is not supported by BPModifiedTrainer (its engine owns the backward pass). "
+                "Launch with plain data parallelism: `torchrun --nproc_per_node N` or `accelerate launch` without a "
+                "DeepSpeed config."
+            )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "FSDP is not supported by BPModifiedTrainer (sharded parameters cannot be differentiated block by "
+                "block). Launch with plain data parallelism (DDP): `torchrun --nproc_per_node N` or "
+                "`accelerate launch` with `distributed_type: MULTI_GPU`."
+            )
+
+    def _warn_uncovered_parameters(self) -> None:
+        covered = {id(p) for ps in self.block_chain.block_params for p in ps}
+        covered |= {id(p) for p in self.block_chain.head_params[-1]}
+        missed = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missed:
+            warnings.warn(
+                f"{len(missed)} trainable parameters lie outside every block and the head and will get no gradient "
+                f"from BPModifiedTrainer: {missed[:5]}{' ...' if len(missed) > 5 else ''}",
+                stacklevel=3,
+            )
+
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer, plus one parameter group with the auxiliary heads (they are not part of the
+        model, so the Trainer would not see them)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        aux = [p for p in self.aux_heads.parameters() if p.requires_grad]
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if aux and not any(id(p) in owned for p in aux):
+            optimizer.add_param_group({"params": aux, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    # ------------------------------------------------------------------ losses
+    def _head_loss_fn(self, labels: torch.Tensor, num_items_in_batch: Any):
+        """``L``: the loss the Trainer would compute from a head's logits, scaled as ``training_step`` scales it."""
+        base = unwrap_model(self.model)
+        use_items = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_ga is None:
+            scaled_for_ga = use_items
+        factor = 1.0
+        if self.args.average_tokens_across_devices and use_items:
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            factor *= self.accelerator.num_processes // tp_size
+        if not scaled_for_ga:
+            factor /= getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+        def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+            if self.label_smoother is not None:
+                loss = self.label_smoother({"logits": logits}, labels, num_items_in_batch=num_items_in_batch)
+            elif use_items:
+                loss = base.loss_function(labels, logits, base.config, num_items_in_batch=num_items_in_batch)
+            else:
+                loss = base.loss_function(labels, logits, base.config)
+            return loss * factor
+
+        return loss_fn
+
+    def _split_inputs(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "pixel_values" not in inputs or "labels" not in inputs:
+            raise ValueError(
+                f"BPModifiedTrainer expects batches with `pixel_values` and `labels`, got {sorted(inputs)}. "
+                "Check the data collator (it must return both)."
+            )
+        extra = set(inputs) - {"pixel_values", "labels"}
+        if extra:
+            raise ValueError(
+                f"BPModifiedTrainer runs the model block by block and cannot pass {sorted(extra)} to it; remove "
+                "these columns in the data collator."
+            )
+        return inputs["pixel_values"], inputs["labels"]
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """Local gradients of one micro-batch into ``.grad`` (eq. 4); on the last micro-batch of an optimizer step,
+        average across processes and apply the offset (eq. 5) before the Trainer clips and steps."""
+        model.train()
+        self.aux_heads.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        if self._zero_aux_grads:
+            self.aux_heads.zero_grad(set_to_none=True)
+            self._zero_aux_grads = False
+        inputs = self._prepare_inputs(inputs)
+        pixel_values, labels = self._split_inputs(inputs)
+        result = local_gradients(
+            self.block_chain,
+            pixel_values,
+            self._head_loss_fn(labels, num_items_in_batch),
+            self.args.local_horizon,
+            accumulate=True,
+            loss_scale=self._grad_scale(),
+            forward_context=self.compute_loss_context_manager,
+        )
+        if self.accelerator.sync_gradients:
+            self._finish_optimizer_step_gradients()
+        return result.loss
+
+    def _grad_scale(self) -> float:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def _finish_optimizer_step_gradients(self) -> None:
+        """Once per optimizer step: all-reduce (mean) the gradients, then ``g^ = a g_h + lambda Delta`` (eq. 5)."""
+        self._zero_aux_grads = True
+        if self.accelerator.num_processes > 1:
+            params = self.block_chain.trainable_parameters() + [p for p in self.aux_heads.parameters()]
+            self._all_reduce_mean(params)
+        if not self.uses_offset:
+            return
+        if self.state.global_step >= self.offset_state.next_refresh_step:
+            self._refresh_offset()
+        if self.offset_state.blocks:
+            apply_block_offsets(self.block_chain, self.offset_state.blocks, self._grad_scale())
+
+    def _all_reduce_mean(self, params: list[nn.Parameter]) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    # ------------------------------------------------------------------ the offset
+    def offset_period_steps(self) -> int:
+        """``K`` in optimizer steps, from ``offset_period`` (fractions of an epoch rounded, at least 1)."""
+        value, unit = parse_offset_period(self.args.offset_period)
+        if unit == "step":
+            return int(value)
+        return max(1, round(value * self._optimizer_steps_per_epoch()))
+
+    def _optimizer_steps_per_epoch(self) -> int:
+        n = len(self.train_dataset)
+        per_step = self.args.per_device_train_batch_size * self.args.world_size
+        batches = n // per_step if self.args.dataloader_drop_last else math.ceil(n / per_step)
+        return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
+
+    def effective_batch_size(self) -> int:
+        """``B``: per-device batch x accumulation steps x processes."""
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
+    def _offset_fetch(self):
+        dataset = self.train_dataset
+        collator = self.data_collator
+        try:
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="training")
+            else:
+                collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        except ImportError:  # pragma: no cover
+            collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        base = unwrap_model(self.model)
+        scale = self._grad_scale()
+
+        def fetch(indices: list[int]):
+            batch = self._prepare_inputs(collator([dataset[i] for i in indices]))
+            pixel_values, labels = self._split_inputs(batch)
+
+            def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+                return base.loss_function(labels, logits, base.config) * scale
+
+            return pixel_values, loss_fn
+
+        return fetch
+
+    def _refresh_offset(self) -> None:
+        """Algorithm 1, lines 4-9, at the start of a period (the first one before the first update)."""
+        period = self.offset_period_steps()
+        state = self.offset_state
+        indices = offset_sample(
+            len(self.train_dataset), self.args.offset_batch_size, self.offset_settings.seed, state.period_index
+        )
+        offsets, record = compute_offsets(
+            self.block_chain,
+            self.args.local_horizon,
+            indices,
+            self._offset_fetch(),
+            self.offset_settings,
+            batch_size=self.effective_batch_size(),
+            period=period,
+            process_index=self.args.process_index,
+            num_processes=self.accelerator.num_processes,
+            reduce_sum=dist.all_reduce if self.accelerator.num_processes > 1 else None,
+            preserve=[self.model, self.aux_heads],
+            forward_context=self.compute_loss_context_manager,
+        )
+        grad_scale = self._grad_scale()
+        if offsets is not None and grad_scale != 1.0:
+            for o in offsets:  # statistics were of scaled gradients: bring the offset back to true scale
+                if o.offset is not None:
+                    o.offset = [v / grad_scale for v in o.offset]
+        if offsets is None:
+            logger.warning(
+                f"Offset refresh {state.period_index} at step {self.state.global_step} gave non-finite statistics; "
+                "keeping the previous offset."
+            )
+        else:
+            state.blocks = offsets
+        record.update(step=self.state.global_step, period_index=state.period_index)
+        state.period_index += 1
+        state.next_refresh_step = self.state.global_step + period
+        self._log_offset_record(record)
+
+    def _log_offset_record(self, record: dict) -> None:
+        logs = {"offset/seconds": record["seconds"]}
+        for t, block in enumerate(record["blocks"]):
+            for key in ("a", "lam", "bias", "var", "cosine", "offset_norm"):
+                logs[f"offset/block_{t}/{key}"] = block[key]
+        self._pending_offset_logs = logs
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            path = os.path.join(self.args.output_dir, self.args.offset_log_file)
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        pending = getattr(self, "_pending_offset_logs", None)
+        if pending and "loss" in logs:
+            logs = {**logs, **pending}
+            self._pending_offset_logs = None
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def bpmod_state_dict(self) -> dict:
+        """Auxiliary heads and offset state: what a checkpoint needs besides the model and optimizer."""
+        return {
+            "aux_heads": self.aux_heads.state_dict(),
+            "offset": self.offset_state.state_dict(),
+            "local_horizon": self.args.local_horizon,
+            "block_granularity": self.args.block_granularity,
+        }
+
+    def load_bpmod_state_dict(self, state: dict) -> None:
+        if state.get("local_horizon") != self.args.local_horizon:
+            raise ValueError(
+                f"The checkpoint was trained with `local_horizon={state.get('local_horizon')}`, this run has "
+                f"`local_horizon={self.args.local_horizon}`: resume with the same horizon."
+            )
+        self.aux_heads.load_state_dict(state["aux_heads"])
+        self.offset_state = OffsetState.from_state_dict(state["offset"])
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            _atomic_torch_save(self.bpmod_state_dict(), os.path.join(output_dir, BPMOD_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, BPMOD_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {BPMOD_STATE_NAME} (auxiliary heads and offset state): it was not written by "
+                "BPModifiedTrainer. Start a new run instead of resuming from it."
+            )
+        state = torch.load(path, map_location=self.args.device, weights_only=False)
+        self.load_bpmod_state_dict(state)
+
+    # ------------------------------------------------------------------ model card
+    def method_description(self) -> dict[str, Any]:
+        """The method and its settings, as recorded in the model card."""
+        args = self.args
+        info: dict[str, Any] = {
+            "method": "BP-modified local loss" if self.uses_offset else "local loss",
+            "local_horizon": args.local_horizon,
+            "num_blocks": self.block_chain.num_blocks,
+            "block_granularity": args.block_granularity,
+            "bp_modified": self.uses_offset,
+        }
+        if self.uses_offset:
+            info.update(
+                offset_batch_size=args.offset_batch_size,
+                offset_micro_batch_size=args.offset_micro_batch_size,
+                offset_period=args.offset_period,
+                offset_scaling=args.offset_scaling,
+            )
+        return info
+
+    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in ("hf_bpmod", "local-learning") if t not in tags]
+        super().create_model_card(*args, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        lines = ["", "## Training method (hf_bpmod)", ""]
+        lines.append(
+            "Trained with [hf_bpmod](https://pypi.org/project/hf-bpmod/): each block learns from the loss of an "
+            "auxiliary head `local_horizon` blocks ahead (Ren & Li, *BP-modified local loss for efficient training "
+            "of deep neural networks*)."
+        )
+        lines.append("")
+        lines += [f"- {key}: {value}" for key, value in self.method_description().items()]
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
