@@ -40,7 +40,7 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
     # All arguments from one JSON or YAML file (keys are the argument names without dashes).
     python examples/run_image_classification.py config.yaml
 
-Without ``--do_train``/``--do_eval``/``--do_predict`` the script both trains and evaluates. Resume a run with
+Without ``--do_train``/``--do_eval`` the script both trains and evaluates. Resume a run with
 ``--resume_from_checkpoint path/to/checkpoint-500`` (or ``--resume_from_checkpoint last`` for the newest checkpoint
 in ``--output_dir``). The last line printed is ``final eval accuracy: 0.xxxx (top-5 0.xxxx)``.
 """
@@ -200,9 +200,7 @@ class DataTrainingArguments:
         default=None, metadata={"help": "Configuration name of the Hub dataset, if it has several."}
     )
     train_dir: str | None = field(default=None, metadata={"help": "A folder of training images (imagefolder)."})
-    validation_dir: str | None = field(
-        default=None, metadata={"help": "A folder of validation images (imagefolder)."}
-    )
+    validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images (imagefolder)."})
     image_column_name: str | None = field(
         default=None, metadata={"help": "Column holding the images (default: auto-detect 'image' or 'img')."}
     )
@@ -243,7 +241,7 @@ def parse_config_overrides(overrides: str) -> dict[str, Any]:
     """
     items, depth, current = [], 0, ""
     for char in overrides:
-        if char in "[(" and depth >= 0:
+        if char in "[(":
             depth += 1
         elif char in "])":
             depth -= 1
@@ -397,14 +395,15 @@ def build_model(
                 f"--image_size {model_args.image_size} contradicts image_size={overrides['image_size']} in "
                 "--config_overrides; give it once."
             )
-        config = AutoConfig.for_model(model_args.model_type, **settings, **label_kwargs)
-        for key, value in overrides.items():
-            if not hasattr(config, key):
-                raise ValueError(
-                    f"--config_overrides sets {key!r}, which a {model_args.model_type} config does not have; valid "
-                    f"keys include: {sorted(k for k in config.to_dict() if not k.startswith('_'))}."
-                )
-            setattr(config, key, value)
+        default_config = AutoConfig.for_model(model_args.model_type)
+        unknown = sorted(key for key in overrides if not hasattr(default_config, key))
+        if unknown:
+            raise ValueError(
+                f"--config_overrides sets {unknown}, which a {model_args.model_type} config does not have; valid "
+                f"keys include: {sorted(k for k in default_config.to_dict() if not k.startswith('_'))}."
+            )
+        # Overrides go to the constructor (not setattr) so derived fields, e.g. ResNet's stage_names, follow.
+        config = AutoConfig.for_model(model_args.model_type, **{**settings, **overrides}, **label_kwargs)
         image_size = getattr(config, "image_size", None) or model_args.image_size or native_size
         model = AutoModelForImageClassification.from_config(config)
         mean, std = [0.5] * config.num_channels, [0.5] * config.num_channels
@@ -476,7 +475,9 @@ def apply_peft(model: torch.nn.Module, model_args: ModelArguments) -> torch.nn.M
     import peft
 
     targets = peft_target_modules(model)
-    head = next((name for name in ("classifier", "head") if isinstance(getattr(model, name, None), torch.nn.Module)), None)
+    head = next(
+        (name for name in ("classifier", "head") if isinstance(getattr(model, name, None), torch.nn.Module)), None
+    )
     if head is None:
         raise ValueError(
             f"{type(model).__name__} has no 'classifier' (or 'head') module to train alongside the adapters; use "
@@ -521,7 +522,7 @@ def main() -> None:
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
 
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+    if not (training_args.do_train or training_args.do_eval):
         training_args.do_train = training_args.do_eval = True
     # The transform reads the raw image/label columns, which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False
@@ -567,7 +568,9 @@ def main() -> None:
     if model_args.peft != "none":
         model = apply_peft(model, model_args)
     num_channels = getattr(getattr(model, "config", None), "num_channels", 3)
-    logger.info(f"Preprocessing: resize to {image_size}x{image_size}, normalise with mean {image_mean}, std {image_std}")
+    logger.info(
+        f"Preprocessing: resize to {image_size}x{image_size}, normalise with mean {image_mean}, std {image_std}"
+    )
 
     def prepare(split: str, max_samples: int | None) -> datasets.Dataset:
         ds = dataset[split]
@@ -582,7 +585,7 @@ def main() -> None:
         if "train" not in dataset:
             raise ValueError("--do_train needs a train split, and the data has none.")
         train_dataset = prepare("train", data_args.max_train_samples)
-    if training_args.do_eval or training_args.do_predict:
+    if training_args.do_eval:
         if "eval" not in dataset:
             raise ValueError(
                 "--do_eval needs a validation/test split: the data has none and --train_val_split is 0; set "
@@ -617,7 +620,7 @@ def main() -> None:
         trainer.save_metrics("eval", eval_metrics)
 
     kwargs = {
-        "finetuned_from": model_args.model_name_or_path or f"{model_args.model_type} (from scratch)",
+        "finetuned_from": model_args.model_name_or_path,
         "tasks": "image-classification",
         "dataset": data_args.dataset_name,
         "tags": ["image-classification", "vision", "hf_bpmod"],

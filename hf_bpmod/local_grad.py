@@ -115,32 +115,59 @@ def local_gradients(
         with forward_context():
             out = chain.blocks[t](inp)
         graphs[t] = (inp, out)
-        x = out
+        x = out.detach()  # the next block starts from a leaf; only `graphs` keeps this block's graph alive
         s = t + 1
         targets = loss_targets(s, h, T)
         walk_to = 0 if (also_true and s == T) else (min(targets) if targets else None)
         head = chain.heads[s - 1]
         if head is not None and (targets or chain.head_params[s - 1] or s == T):
-            with forward_context():
-                loss = loss_fn(head(out))
-            head_losses[s] = loss.detach()
+            loss = _head_step(
+                chain, graphs, s, out, loss_fn, loss_scale, forward_context, targets, walk_to, local, true, heads, h
+            )
+            head_losses[s] = loss
             if s == T:
-                final_loss = loss.detach()
-            hparams = chain.head_params[s - 1]
-            wrt = list(hparams) + ([out] if walk_to is not None else [])
-            if wrt:
-                grads = torch.autograd.grad(loss * loss_scale, wrt, retain_graph=False, allow_unused=True)
-                _sink(hparams, grads[: len(hparams)], None if heads is None else heads[s - 1])
-                if walk_to is not None:
-                    final_true = true if s == T else None
-                    _walk_back(chain, graphs, grads[-1], s - 1, walk_to, set(targets), local, final_true, T - h)
+                final_loss = loss
         # Block j is last read by L(x_{min(j+h, T)}): free it.
         if not also_true and s < T and s - h >= 0:
             graphs.pop(s - h, None)
+        del inp, out
     graphs.clear()
     if final_loss is None:  # pragma: no cover - the last head is never None
         raise RuntimeError("The final head produced no loss.")
     return ChainGradients(loss=final_loss, head_losses=head_losses, local=local, true=true, heads=heads)
+
+
+def _head_step(
+    chain: BlockChain,
+    graphs: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    s: int,
+    out: torch.Tensor,
+    loss_fn: LossFn,
+    loss_scale: float,
+    forward_context: Callable[[], contextlib.AbstractContextManager],
+    targets: list[int],
+    walk_to: int | None,
+    local: list[list[torch.Tensor]] | None,
+    true: list[list[torch.Tensor]] | None,
+    heads: list[list[torch.Tensor]] | None,
+    horizon: int,
+) -> torch.Tensor:
+    """``L(x_s)``: the head's own gradient, then its cotangent carried back to the blocks it trains.
+
+    A function of its own so that the loss's graph dies with its frame, not at the next block.
+    """
+    with forward_context():
+        loss = loss_fn(chain.heads[s - 1](out))
+    hparams = chain.head_params[s - 1]
+    wrt = list(hparams) + ([out] if walk_to is not None else [])
+    if wrt:
+        grads = torch.autograd.grad(loss * loss_scale, wrt, retain_graph=False, allow_unused=True)
+        _sink(hparams, grads[: len(hparams)], None if heads is None else heads[s - 1])
+        if walk_to is not None:
+            final_true = true if s == chain.num_blocks else None
+            exact_from = chain.num_blocks - horizon
+            _walk_back(chain, graphs, grads[-1], s - 1, walk_to, set(targets), local, final_true, exact_from)
+    return loss.detach()
 
 
 def _walk_back(

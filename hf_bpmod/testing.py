@@ -1,0 +1,61 @@
+"""Tiny models and data for tests, benchmarks and examples: built from configs, never downloaded."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+
+
+def tiny_vit(num_layers: int = 6, image_size: int = 16, num_labels: int = 5, hidden_size: int = 32, seed: int = 0):
+    """A small ``ViTForImageClassification`` from a config (``num_layers`` blocks)."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        num_labels=num_labels,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_resnet(depths: tuple[int, ...] = (2, 2), num_labels: int = 5, seed: int = 0, layer_type: str = "basic"):
+    """A small ``ResNetForImageClassification`` from a config (one block per residual layer: ``sum(depths)``)."""
+    torch.manual_seed(seed)
+    hidden = [8 * 2**i for i in range(len(depths))]
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=hidden, depths=list(depths), layer_type=layer_type, num_labels=num_labels
+    )
+    return ResNetForImageClassification(config)
+
+
+def emulate_legacy_vit_layout(model: nn.Module) -> nn.Module:
+    """Move ``vit.layers`` to ``vit.encoder.layer`` as in transformers < 5.9 (the model's own forward no longer
+    runs; only the block chain, which finds layers by structure, does)."""
+    vit = model.vit
+    layers = vit.layers
+    del vit.layers
+    vit.encoder = nn.Module()
+    vit.encoder.layer = layers
+    return model
+
+
+class SyntheticImages(Dataset):
+    """``n`` random images with labels that depend on them (so a model can learn), as Trainer-ready dicts."""
+
+    def __init__(self, n: int = 128, image_size: int = 16, num_labels: int = 5, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.pixel_values = torch.randn(n, 3, image_size, image_size, generator=g)
+        direction = torch.randn(num_labels, 3 * image_size * image_size, generator=g)
+        self.labels = (self.pixel_values.flatten(1) @ direction.T).argmax(-1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}

@@ -1,0 +1,105 @@
+"""Every block's streamed gradient equals an independent plain-autograd grad_{u_t} L(x_{min(t+h, T)}) (eq. 4)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import make
+
+from hf_bpmod import get_adapter, local_gradients, loss_targets
+
+
+def _setup(kind, horizon):
+    model, granularity = make(kind)
+    model.double().train()
+    adapter = get_adapter(model)
+    heads = adapter.aux_heads(model, horizon, granularity).double()
+    chain = adapter.chain(model, heads, granularity)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,), generator=g)
+    return model, chain, x, lambda logits: F.cross_entropy(logits, y)
+
+
+def _reference(chain, x, loss_fn, horizon):
+    """Plain autograd on one attached graph: no detaching, no streaming."""
+    outs = chain.block_outputs(x)
+    T = len(outs)
+    local, true = [], []
+    final = loss_fn(chain.heads[-1](outs[-1]))
+    for t in range(T):
+        s = min(t + horizon, T)
+        loss = loss_fn(chain.heads[s - 1](outs[s - 1]))
+        local.append(torch.autograd.grad(loss, chain.block_params[t], retain_graph=True))
+        true.append(torch.autograd.grad(final, chain.block_params[t], retain_graph=True))
+    head_grads = {}
+    for s in range(1, T + 1):
+        if chain.heads[s - 1] is not None:
+            loss = loss_fn(chain.heads[s - 1](outs[s - 1].detach()))
+            head_grads[s] = torch.autograd.grad(loss, chain.head_params[s - 1])
+    return local, true, head_grads
+
+
+def _close(a, b):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet", "vit_lora", "resnet_lokr", "resnet_stage"])
+@pytest.mark.parametrize("horizon", [1, 2, "T"])
+def test_local_gradient_matches_independent_autograd(kind, horizon):
+    model, chain, x, loss_fn = _setup(kind, 1 if horizon == "T" else horizon)
+    h = chain.num_blocks if horizon == "T" else horizon
+    if horizon == "T":  # rebuild with the heads of h = T (none but the model's own)
+        adapter = get_adapter(model)
+        _, granularity = make(kind)
+        chain = adapter.chain(model, adapter.aux_heads(model, h, granularity).double(), granularity)
+    ref_local, ref_true, ref_heads = _reference(chain, x, loss_fn, h)
+    got = local_gradients(chain, x, loss_fn, h, also_true=True)
+    for t in range(chain.num_blocks):
+        assert chain.block_params[t], "every block of these models has trainable parameters"
+        _close(got.local[t], ref_local[t])
+        _close(got.true[t], ref_true[t])
+    for s, grads in ref_heads.items():
+        _close(got.heads[s - 1], grads)
+    # local and true really differ below the horizon cut, so the comparison above is not vacuous
+    if h < chain.num_blocks:
+        diff = sum((a - b).abs().sum() for a, b in zip(got.local[0], got.true[0]))
+        assert diff > 1e-6
+
+
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_accumulate_into_grad_equals_returned_gradients(horizon):
+    model, chain, x, loss_fn = _setup("vit", horizon)
+    got = local_gradients(chain, x, loss_fn, horizon)
+    local_gradients(chain, x, loss_fn, horizon, accumulate=True)
+    local_gradients(chain, x, loss_fn, horizon, accumulate=True)  # twice: .grad accumulates like backward()
+    for params, grads in zip(chain.block_params, got.local):
+        for p, g in zip(params, grads):
+            torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=1e-14)
+    for params, grads in zip(chain.head_params, got.heads):
+        for p, g in zip(params, grads):
+            torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=1e-14)
+
+
+def test_h_at_least_T_is_backprop_of_the_model():
+    model, chain, x, loss_fn = _setup("resnet", 4)
+    got = local_gradients(chain, x, loss_fn, horizon=10)
+    model.zero_grad()
+    loss_fn(model(pixel_values=x).logits).backward()
+    for params, grads in zip(chain.block_params, got.local):
+        for p, g in zip(params, grads):
+            torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_loss_targets():
+    assert loss_targets(1, 1, 4) == [0]
+    assert loss_targets(1, 2, 4) == []
+    assert loss_targets(3, 2, 4) == [1]
+    assert loss_targets(4, 2, 4) == [2, 3]
+    assert loss_targets(4, 9, 4) == [0, 1, 2, 3]
+
+
+def test_bad_horizon():
+    _, chain, x, loss_fn = _setup("vit", 1)
+    with pytest.raises(ValueError, match="horizon"):
+        local_gradients(chain, x, loss_fn, 0)
