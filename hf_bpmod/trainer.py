@@ -364,6 +364,24 @@ class BPModifiedTrainer(Trainer):
         state = torch.load(path, map_location=self.args.device, weights_only=False)
         self.load_bpmod_state_dict(state)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load the model weights of a checkpoint with ``from_pretrained``'s key conversion.
+
+        transformers 5.24 saves ViT checkpoints under the legacy key names (``vit.encoder.layer...``) but its
+        ``Trainer`` reloads them with a plain ``load_state_dict``, which silently drops every encoder weight. A full
+        (non-peft) model is therefore reloaded through ``from_pretrained`` and copied in, strictly.
+        """
+        wrapped = model if model is not None else self.model
+        target = unwrap_model(wrapped)
+        if hasattr(wrapped, "peft_config") or hasattr(self.model, "peft_config"):  # adapters: the Trainer's path
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
+            raise FileNotFoundError(f"{resume_from_checkpoint} has no config.json: it is not a model checkpoint.")
+        reloaded = type(target).from_pretrained(resume_from_checkpoint)
+        target.load_state_dict(reloaded.state_dict(), strict=True)
+        del reloaded
+
     # ------------------------------------------------------------------ model card
     def method_description(self) -> dict[str, Any]:
         """The method and its settings, as recorded in the model card."""

@@ -1,0 +1,214 @@
+"""BPModifiedTrainer against plain Trainer, saving, the Hub format, resuming, and argument errors."""
+
+import json
+import os
+
+import pytest
+import torch
+from models import lokr_resnet, lora_vit
+from transformers import (
+    HfArgumentParser,
+    ResNetForImageClassification,
+    Trainer,
+    TrainingArguments,
+    ViTForImageClassification,
+)
+
+from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit
+
+COMMON = dict(
+    per_device_train_batch_size=16,
+    learning_rate=1e-3,
+    report_to="none",
+    use_cpu=True,
+    save_strategy="no",
+    seed=0,
+    data_seed=0,
+    disable_tqdm=True,
+    logging_steps=1,
+)
+
+
+def _args(tmp_path, cls=BPModifiedTrainingArguments, **kw):
+    return cls(output_dir=str(tmp_path / "out"), **{**COMMON, **kw})
+
+
+def _max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_vit(num_layers=4), lambda: tiny_resnet(depths=(2, 2))])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_full_horizon_equals_plain_trainer(tmp_path, factory, accumulation):
+    data = SyntheticImages(96)
+    kw = dict(max_steps=4, gradient_accumulation_steps=accumulation, max_grad_norm=1.0)
+    reference = factory()
+    Trainer(model=reference, args=_args(tmp_path, TrainingArguments, **kw), train_dataset=data).train()
+    model = factory()
+    trainer = BPModifiedTrainer(model=model, args=_args(tmp_path, local_horizon=99, **kw), train_dataset=data)
+    assert len(trainer.aux_heads) == 0  # h >= T needs no auxiliary head
+    trainer.train()
+    assert _max_diff(model, factory()) > 1e-3  # it did train
+    assert _max_diff(model, reference) <= 1e-6
+
+
+def test_local_training_trains_blocks_and_aux_heads(tmp_path):
+    data = SyntheticImages(64)
+    model = tiny_vit(num_layers=4)
+    trainer = BPModifiedTrainer(
+        model=model, args=_args(tmp_path, max_steps=3, local_horizon=1, bp_modified=False), train_dataset=data
+    )
+    assert sorted(trainer.aux_heads.keys(), key=int) == ["1", "2", "3"]
+    before = [p.detach().clone() for p in trainer.aux_heads.parameters()]
+    trainer.train()
+    optimizer_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in optimizer_params for p in trainer.aux_heads.parameters())
+    assert all(not torch.equal(b, p) for b, p in zip(before, trainer.aux_heads.parameters()))
+    assert _max_diff(model, tiny_vit(num_layers=4)) > 1e-4
+
+
+def test_save_model_is_plain_transformers_model(tmp_path):
+    data = SyntheticImages(64)
+    model = tiny_resnet(depths=(2, 2))
+    trainer = BPModifiedTrainer(
+        model=model, args=_args(tmp_path, max_steps=2, offset_batch_size=32, offset_period="1"), train_dataset=data
+    )
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card()
+    out = tmp_path / "out"
+    reloaded, info = ResNetForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(pixel_values=x).logits, model(pixel_values=x).logits)
+    card = (out / "README.md").read_text()
+    assert "hf_bpmod" in card and "local_horizon: 1" in card and "offset_scaling" in card
+
+
+def test_peft_model_saves_as_adapter(tmp_path):
+    data = SyntheticImages(64)
+    model = lora_vit()
+    trainer = BPModifiedTrainer(model=model, args=_args(tmp_path, max_steps=2, bp_modified=False), train_dataset=data)
+    trainer.train()
+    trainer.save_model()
+    files = os.listdir(tmp_path / "out")
+    assert "adapter_config.json" in files and "adapter_model.safetensors" in files
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "out" / "adapter_model.safetensors").keys()
+    assert keys and all("lora" in k or "classifier" in k for k in keys)
+    base = tiny_vit(num_layers=4)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=x).logits, model(pixel_values=x).logits)
+
+
+def test_lokr_resnet_trains(tmp_path):
+    model = lokr_resnet()
+    trainer = BPModifiedTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, offset_batch_size=16, offset_period="1"),
+        train_dataset=SyntheticImages(64),
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
+    assert any("lokr" in n for n in changed) and any("classifier" in n for n in changed)
+
+
+@pytest.mark.parametrize("bp_modified", [False, True])
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, bp_modified):
+    data = SyntheticImages(96)
+    kw = dict(max_steps=6, local_horizon=1, bp_modified=bp_modified, offset_batch_size=32, offset_period="4")
+    full = tiny_vit(num_layers=4)
+    BPModifiedTrainer(model=full, args=_args(tmp_path / "a", **kw), train_dataset=data).train()
+
+    first = tiny_vit(num_layers=4)
+    args = _args(tmp_path / "b", save_strategy="steps", save_steps=3, **kw)
+    trainer = BPModifiedTrainer(model=first, args=args, train_dataset=data)
+    trainer.train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
+    assert (checkpoint / "bpmod_state.pt").is_file()
+    saved = torch.load(checkpoint / "bpmod_state.pt", weights_only=False)
+    assert set(saved) >= {"aux_heads", "offset"}
+    if bp_modified:  # refreshed at step 0, next at step 4: the checkpoint is mid-period
+        assert saved["offset"]["period_index"] == 1 and saved["offset"]["next_refresh_step"] == 4
+    resumed = tiny_vit(num_layers=4, seed=123)  # different init: everything must come from the checkpoint
+    trainer = BPModifiedTrainer(model=resumed, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert _max_diff(resumed, full) <= 1e-6
+    if bp_modified:
+        log = [json.loads(line) for line in open(tmp_path / "b" / "out" / "bpmod_offsets.jsonl")]
+        assert [r["step"] for r in log] == [0, 4, 4]  # first run: 0 and 4; resumed run: only 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(local_horizon=0), r"`local_horizon` \(0\) must be an integer >= 1"),
+        (dict(block_granularity="block"), r"`block_granularity` \('block'\) must be 'layer'"),
+        (dict(offset_batch_size=100, offset_micro_batch_size=16), r"`offset_micro_batch_size` \(16\) must divide"),
+        (dict(offset_batch_size=8, offset_micro_batch_size=8), "at least two micro-batches"),
+        (dict(offset_period="often"), r"`offset_period` \('often'\) is not understood"),
+        (dict(offset_period="0"), "must be positive"),
+        (dict(offset_period="1.5"), "whole number"),
+        (dict(offset_scaling="best"), r"`offset_scaling` \('best'\) must be one of"),
+        (dict(offset_fixed_lambda=2.0), r"`offset_fixed_lambda` \(2.0\) must lie in \[0, 1\]"),
+        (dict(torch_compile=True), "torch_compile"),
+        (dict(fsdp="full_shard"), "not supported by BPModifiedTrainer"),
+    ],
+)
+def test_bad_arguments_are_rejected(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **kwargs)
+
+
+def test_trainer_level_errors(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    )
+    with pytest.raises(ValueError, match="Supported model types: resnet, vit"):
+        BPModifiedTrainer(model=bert, args=_args(tmp_path))
+    with pytest.raises(TypeError, match="must be a BPModifiedTrainingArguments"):
+        BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path, TrainingArguments))
+    with pytest.raises(ValueError, match=r"`offset_batch_size` \(320\) is larger than the training set \(64"):
+        BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path), train_dataset=SyntheticImages(64))
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path), compute_loss_func=lambda *a, **k: 0)
+
+
+def test_flags_parse_from_the_command_line(tmp_path):
+    (args,) = HfArgumentParser(BPModifiedTrainingArguments).parse_args_into_dataclasses(
+        [
+            "--output_dir", str(tmp_path), "--local_horizon", "2", "--block_granularity", "stage",
+            "--bp_modified", "false", "--offset_period", "0.5epoch", "--report_to", "none",
+        ]
+    )  # fmt: skip
+    assert args.local_horizon == 2 and args.block_granularity == "stage" and args.bp_modified is False
+    assert args.offset_period == "0.5epoch"
+    with pytest.raises(ValueError, match="local_horizon"):
+        HfArgumentParser(BPModifiedTrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--local_horizon", "-1"]
+        )
+
+
+def test_vit_reload_identical_logits(tmp_path):
+    model = tiny_vit(num_layers=4)
+    trainer = BPModifiedTrainer(
+        model=model, args=_args(tmp_path, max_steps=2, bp_modified=False), train_dataset=SyntheticImages(64)
+    )
+    trainer.train()
+    trainer.save_model()
+    reloaded, info = ViTForImageClassification.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
