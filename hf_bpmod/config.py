@@ -66,6 +66,10 @@ class BPModifiedTrainingArguments(TrainingArguments):
             ``lambda`` in [0, 1] for `offset_scaling="fixed"`.
         offset_bias_correction (`bool`, *optional*, defaults to `False`):
             Subtract the sampling noise ``Var/K`` from the bias estimate ``||a m_h - m_T||^2`` (METHOD.md §5).
+        offset_reliability (`bool`, *optional*, defaults to `False`):
+            At each refresh, measure how much of the previous offset still holds (the regression coefficient of the
+            new ``Delta`` on the old one, clamped to [0, 1]) and multiply ``lambda`` by it. A stale offset is then
+            not applied for a whole period; the first period, with nothing to compare, gets no offset.
         offset_seed (`int`, *optional*):
             Seed of the offset sampler (defaults to `seed`). The sampler never touches the training data order.
         offset_log_file (`str`, *optional*, defaults to `"bpmod_offsets.jsonl"`):
@@ -102,6 +106,12 @@ class BPModifiedTrainingArguments(TrainingArguments):
     offset_fixed_lambda: float = field(default=0.5, metadata={"help": "lambda in [0, 1] for offset_scaling='fixed'."})
     offset_bias_correction: bool = field(
         default=False, metadata={"help": "Subtract the sampling noise Var/K from the bias estimate."}
+    )
+    offset_reliability: bool = field(
+        default=False,
+        metadata={
+            "help": "Scale lambda by how much of the previous offset survived one period (the first period gets none)."
+        },
     )
     offset_seed: int | None = field(default=None, metadata={"help": "Seed of the offset sampler (default: seed)."})
     offset_log_file: str = field(

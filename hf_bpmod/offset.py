@@ -222,19 +222,26 @@ class ScalingProblem:
         """
         lams = [i / (grid - 1) for i in range(grid)]
         lam = max(lams, key=lambda v: (self.expected_cosine(1.0, v), -v))
+        return 1.0, lam, self.aligned_step_factor(lam)
+
+    def aligned_step_factor(self, lam: float) -> float:
+        """``c`` with ``E||c (g_h + lam Delta)||^2 = E||g_h||^2`` (``a = 1``): the local gradient's step size."""
         mean_sq = (1 - lam) ** 2 * self.hh + 2 * (1 - lam) * lam * self.hT + lam * lam * self.TT
         applied = mean_sq + self.tr_C_h / self.batch_size + lam * lam * self.var(1.0)
         local = self.hh + self.tr_C_h / self.batch_size
-        c = math.sqrt(local / applied) if applied > 0 else 1.0
-        return 1.0, lam, c
+        return math.sqrt(local / applied) if applied > 0 else 1.0
 
 
 @dataclass
 class BlockOffset:
-    """The modification of block ``t`` for one period: ``g^_t = scale * g_{h,t} + offset``."""
+    """The modification of block ``t`` for one period: ``g^_t = scale * g_{h,t} + weight * delta``.
+
+    ``delta = m_T - a m_h`` is eq. 5's ``Delta`` before scaling; ``weight = c * lambda``.
+    """
 
     scale: float
-    offset: Vector | None  # None: no offset (exact block, or lambda = 0)
+    weight: float
+    delta: Vector | None  # None: exact block, no offset
     a: float
     lam: float
     c: float
@@ -242,11 +249,34 @@ class BlockOffset:
     var: float
     cosine: float
     offset_norm: float
+    reliability: float = 1.0
+
+    @property
+    def offset(self) -> Vector | None:
+        """``weight * delta``, the vector added to the gradient (``None`` when there is none)."""
+        if self.delta is None or self.weight == 0.0:
+            return None
+        return [self.weight * d for d in self.delta]
 
     def log_record(self) -> dict[str, float]:
         record = asdict(self)
-        record.pop("offset")
+        record.pop("delta")
         return record
+
+
+def reliability(previous: Vector | None, current: Vector) -> float:
+    """How much of last period's offset still holds: ``<Delta_prev, Delta_now> / ||Delta_prev||^2`` in [0, 1].
+
+    The regression coefficient of the new offset on the old one, measured at the refresh that ends a period. An
+    offset that no longer predicts the gap between true and local gradient after ``K`` steps (coefficient near 0)
+    would only add a stale constant to every step of the next period. No previous offset gives 0.
+    """
+    if previous is None:
+        return 0.0
+    norm = _dot(previous, previous)
+    if norm <= 0:
+        return 0.0
+    return min(max(_dot(previous, current) / norm, 0.0), 1.0)
 
 
 def block_offset(
@@ -258,11 +288,14 @@ def block_offset(
     fixed_a: float = 1.0,
     fixed_lambda: float = 0.5,
     bias_correction: bool = False,
+    previous_delta: Vector | None = None,
+    check_reliability: bool = False,
 ) -> BlockOffset:
     """``a``, ``lambda`` and ``Delta = m_T - a m_h`` (eq. 5) of one block under a scaling rule.
 
     ``scaling``: ``"optimal"`` (eq. 16-19 with the K factor, alternated), ``"bias_only"`` (``lambda = 0``,
     ``a = a*_bias``), ``"fixed"`` (given ``a``, ``lambda``) or ``"aligned"`` (:meth:`ScalingProblem.solve_aligned`).
+    With ``check_reliability``, ``lambda`` is multiplied by :func:`reliability` of ``previous_delta``.
     """
     problem = ScalingProblem.from_moments(moments, batch_size, period, bias_correction)
     c = 1.0
@@ -276,37 +309,42 @@ def block_offset(
         a, lam, c = problem.solve_aligned()
     else:
         raise ValueError(f"Unknown offset scaling {scaling!r}.")
+    delta = [m_T - a * m_h for m_h, m_T in zip(moments.mean_h, moments.mean_T)]
+    rho = reliability(previous_delta, delta) if check_reliability else 1.0
+    if rho != 1.0:
+        lam *= rho
+        if scaling == "aligned":
+            c = problem.aligned_step_factor(lam)
     cosine = moments.hT / math.sqrt(moments.hh * moments.TT) if moments.hh > 0 and moments.TT > 0 else 0.0
-    offset = None
-    norm = 0.0
-    if lam != 0.0:
-        offset = [(c * lam) * (m_T - a * m_h) for m_h, m_T in zip(moments.mean_h, moments.mean_T)]
-        norm = math.sqrt(_dot(offset, offset))
     return BlockOffset(
         scale=c * a,
-        offset=offset,
+        weight=c * lam,
+        delta=delta,
         a=a,
         lam=lam,
         c=c,
         bias=problem.bias(a),
         var=problem.var(a),
         cosine=cosine,
-        offset_norm=norm,
+        offset_norm=abs(c * lam) * math.sqrt(_dot(delta, delta)),
+        reliability=rho,
     )
 
 
 def exact_block_offset() -> BlockOffset:
     """The identity modification of a block whose local gradient is already exact (``t + h >= T``)."""
-    return BlockOffset(scale=1.0, offset=None, a=1.0, lam=0.0, c=1.0, bias=0.0, var=0.0, cosine=1.0, offset_norm=0.0)
+    return BlockOffset(
+        scale=1.0, weight=0.0, delta=None, a=1.0, lam=0.0, c=1.0, bias=0.0, var=0.0, cosine=1.0, offset_norm=0.0
+    )
 
 
 def apply_offset(grads: Sequence[torch.Tensor | None], modification: BlockOffset, grad_scale: float = 1.0) -> None:
-    """``g <- scale * g + offset * grad_scale`` in place (eq. 5); ``grad_scale`` is the fp16 loss scale, since
-    ``grads`` are scaled gradients and the offset is not. A missing gradient counts as zero."""
+    """``g <- scale * g + weight * delta * grad_scale`` in place (eq. 5); ``grad_scale`` is the fp16 loss scale,
+    since ``grads`` are scaled gradients and the offset is not. A missing gradient is skipped."""
     for i, g in enumerate(grads):
         if g is None:
             continue
         if modification.scale != 1.0:
             g.mul_(modification.scale)
-        if modification.offset is not None:
-            g.add_(modification.offset[i].to(device=g.device, dtype=g.dtype), alpha=grad_scale)
+        if modification.delta is not None and modification.weight != 0.0:
+            g.add_(modification.delta[i].to(device=g.device, dtype=g.dtype), alpha=modification.weight * grad_scale)

@@ -34,6 +34,7 @@ class OffsetSettings:
     fixed_a: float = 1.0
     fixed_lambda: float = 0.5
     bias_correction: bool = False
+    check_reliability: bool = False
     seed: int = 42
 
 
@@ -103,6 +104,7 @@ def compute_offsets(
     reduce_sum: Callable[[torch.Tensor], None] | None = None,
     preserve: Sequence[nn.Module] = (),
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    previous: Sequence[BlockOffset] = (),
 ) -> tuple[list[BlockOffset] | None, dict]:
     """Algorithm 1, lines 5-9, for every block: statistics over ``indices`` in micro-batches of ``b'`` (shared
     round-robin among processes, then summed with ``reduce_sum``), then ``a``, ``lambda`` and the offset.
@@ -144,6 +146,8 @@ def compute_offsets(
                 fixed_a=settings.fixed_a,
                 fixed_lambda=settings.fixed_lambda,
                 bias_correction=settings.bias_correction,
+                previous_delta=previous[t].delta if t < len(previous) else None,
+                check_reliability=settings.check_reliability,
             )
         )
     finite = finite and all(math.isfinite(v) for o in offsets for v in o.log_record().values())
@@ -167,7 +171,7 @@ def _dense(chain: BlockChain, grads: list[list[torch.Tensor | None]]) -> list[li
 def apply_block_offsets(chain: BlockChain, offsets: Sequence[BlockOffset], grad_scale: float = 1.0) -> None:
     """``p.grad <- a_t p.grad + lambda_t Delta_t`` for the trainable parameters of every block (eq. 5)."""
     for params, modification in zip(chain.block_params, offsets):
-        if modification.offset is not None:
+        if modification.delta is not None and modification.weight != 0.0:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

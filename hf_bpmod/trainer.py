@@ -79,6 +79,7 @@ class BPModifiedTrainer(Trainer):
             fixed_a=args.offset_fixed_a,
             fixed_lambda=args.offset_fixed_lambda,
             bias_correction=args.offset_bias_correction,
+            check_reliability=args.offset_reliability,
             seed=args.seed if args.offset_seed is None else args.offset_seed,
         )
         if self.uses_offset and self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
@@ -290,12 +291,13 @@ class BPModifiedTrainer(Trainer):
             reduce_sum=dist.all_reduce if self.accelerator.num_processes > 1 else None,
             preserve=[self.model, self.aux_heads],
             forward_context=self.compute_loss_context_manager,
+            previous=state.blocks,
         )
         grad_scale = self._grad_scale()
         if offsets is not None and grad_scale != 1.0:
             for o in offsets:  # statistics were of scaled gradients: bring the offset back to true scale
-                if o.offset is not None:
-                    o.offset = [v / grad_scale for v in o.offset]
+                if o.delta is not None:
+                    o.delta = [v / grad_scale for v in o.delta]
         if offsets is None:
             logger.warning(
                 f"Offset refresh {state.period_index} at step {self.state.global_step} gave non-finite statistics; "
@@ -311,7 +313,7 @@ class BPModifiedTrainer(Trainer):
     def _log_offset_record(self, record: dict) -> None:
         logs = {"offset/seconds": record["seconds"]}
         for t, block in enumerate(record["blocks"]):
-            for key in ("a", "lam", "bias", "var", "cosine", "offset_norm"):
+            for key in ("a", "lam", "bias", "var", "cosine", "offset_norm", "reliability"):
                 logs[f"offset/block_{t}/{key}"] = block[key]
         self._pending_offset_logs = logs
         if self.args.should_save:

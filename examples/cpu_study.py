@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""A CPU-scale study of local losses with and without the BP-modified offset, on the embedded data.
+
+Trains a small ViT (6 blocks) and a small ResNet (8 blocks) from scratch on Animal-Shape-MNIST (8,000 train /
+2,000 test images, 28x28, 10 classes) with ``BPModifiedTrainer`` and writes a markdown table (and, with
+``--plots``, PNG plots) under ``docs/``.
+
+    # the offset study of docs/offset_study.md (both models, both optimizers, 2 seeds; about 2 hours on 2 cores)
+    python examples/cpu_study.py --study offset --out docs/offset_study
+    # a quick look (one model, one optimizer, one seed, 2 epochs)
+    python examples/cpu_study.py --models vit --optimizers adamw --seeds 0 --epochs 2 --methods ff ff_mod bp
+
+Each run is one line of ``<out>/runs.jsonl`` (accuracy per epoch, time, peak saved-activation bytes); runs already
+in that file are skipped, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+from transformers.utils import logging as hf_logging
+
+from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.data import load_animal_shape_mnist
+
+
+class TensorImages(Dataset):
+    """Pre-processed images held as one tensor (normalised to [-1, 1], 3 channels), Trainer-ready dicts."""
+
+    def __init__(self, split, classes: list[int] | None = None) -> None:
+        images = np.stack([np.asarray(im.convert("L"), dtype=np.float32) for im in split["image"]])
+        labels = np.asarray(split["label"])
+        if classes is not None:
+            keep = np.isin(labels, classes)
+            images, labels = images[keep], np.searchsorted(np.asarray(sorted(classes)), labels[keep])
+        x = torch.from_numpy(images / 127.5 - 1.0).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+        self.pixel_values, self.labels = x, torch.from_numpy(labels).long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
+
+
+def build_model(kind: str, num_labels: int = 10, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "vit":
+        config = ViTConfig(
+            image_size=28, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=6,
+            num_attention_heads=4, intermediate_size=128, num_labels=num_labels,
+        )  # fmt: skip
+        return ViTForImageClassification(config)
+    if kind == "resnet":
+        config = ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2], layer_type="basic",
+            downsample_in_first_stage=False, num_labels=num_labels,
+        )  # fmt: skip
+        return ResNetForImageClassification(config)
+    raise ValueError(kind)
+
+
+METHODS = {
+    "bp": dict(local_horizon=99, bp_modified=False),
+    "ff": dict(local_horizon=1, bp_modified=False),
+    "ff_mod": dict(local_horizon=1, bp_modified=True),
+    "loco": dict(local_horizon=2, bp_modified=False),
+    "loco_mod": dict(local_horizon=2, bp_modified=True),
+}
+OPTIMIZERS = {
+    "adamw": dict(optim="adamw_torch", learning_rate=2e-3, weight_decay=0.01),
+    "sgd": dict(optim="sgd", learning_rate=0.05, optim_args="momentum=0.9"),
+}
+
+
+@dataclass
+class Run:
+    model: str
+    method: str
+    optimizer: str
+    seed: int
+    epochs: int
+    scaling: str = "aligned"
+    period: str = "epoch"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in sorted(self.extra.items()))
+        scaling = f"{self.scaling}/{self.period}" if self.method.endswith("_mod") else "-"
+        return f"{self.model}|{self.method}|{scaling}|{self.optimizer}|{self.seed}|{self.epochs}|{extra}"
+
+
+def train_one(run: Run, train: Dataset, test: Dataset, workdir: str) -> dict:
+    model = build_model(run.model, seed=run.seed)
+    args = BPModifiedTrainingArguments(
+        output_dir=workdir, per_device_train_batch_size=64, per_device_eval_batch_size=500,
+        num_train_epochs=run.epochs, lr_scheduler_type="constant", max_grad_norm=0.0, seed=run.seed,
+        data_seed=run.seed, report_to="none", use_cpu=True, save_strategy="no", eval_strategy="epoch",
+        logging_strategy="epoch", disable_tqdm=True, dataloader_drop_last=True, offset_batch_size=320,
+        offset_micro_batch_size=8, offset_scaling=run.scaling, offset_period=run.period,
+        **METHODS[run.method], **OPTIMIZERS[run.optimizer], **run.extra,
+    )  # fmt: skip
+
+    def accuracy(eval_pred):
+        return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
+
+    trainer = BPModifiedTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=test, compute_metrics=accuracy
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    accs = [h["eval_accuracy"] for h in trainer.state.log_history if "eval_accuracy" in h]
+    offsets = []
+    log_path = os.path.join(workdir, args.offset_log_file)
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            offsets = [
+                {"step": r["step"], "a": [b["a"] for b in r["blocks"]], "lam": [b["lam"] for b in r["blocks"]],
+                 "c": [b["c"] for b in r["blocks"]], "cosine": [b["cosine"] for b in r["blocks"]]}
+                for r in map(json.loads, f)
+            ]  # fmt: skip
+        os.remove(log_path)
+    return {"key": run.key, **run.__dict__, "acc": accs, "final": accs[-1], "best": max(accs), "seconds": seconds,
+            "offsets": offsets}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vit", "resnet"])
+    parser.add_argument("--methods", nargs="+", default=["bp", "ff", "ff_mod", "loco", "loco_mod"])
+    parser.add_argument("--optimizers", nargs="+", default=["adamw", "sgd"])
+    parser.add_argument("--scalings", nargs="+", default=["aligned"])
+    parser.add_argument("--periods", nargs="+", default=["epoch"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--extra", default="", help="extra BPModifiedTrainingArguments, e.g. offset_bias_correction=1")
+    parser.add_argument("--out", default="docs/cpu_study")
+    parser.add_argument("--threads", type=int, default=2)
+    opts = parser.parse_args()
+    torch.set_num_threads(opts.threads)
+    hf_logging.set_verbosity_error()
+    extra = {}
+    for item in filter(None, opts.extra.split(",")):
+        k, v = item.split("=")
+        extra[k] = type(getattr(BPModifiedTrainingArguments, k, v))(v) if not isinstance(
+            getattr(BPModifiedTrainingArguments, k, None), bool) else v.lower() in ("1", "true")  # fmt: skip
+    os.makedirs(opts.out, exist_ok=True)
+    results_path = os.path.join(opts.out, "runs.jsonl")
+    done = set()
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            done = {json.loads(line)["key"] for line in f}
+    data = load_animal_shape_mnist()
+    train, test = TensorImages(data["train"]), TensorImages(data["test"])
+    for model in opts.models:
+        for optimizer in opts.optimizers:
+            for seed in opts.seeds:
+                for method in opts.methods:
+                    variants = [(s, p) for s in opts.scalings for p in opts.periods] if method.endswith("_mod") else [
+                        ("aligned", "epoch")]  # fmt: skip
+                    for scaling, period in variants:
+                        run = Run(model, method, optimizer, seed, opts.epochs, scaling, period, dict(extra))
+                        if run.key in done:
+                            continue
+                        result = train_one(run, train, test, os.path.join(opts.out, "work"))
+                        print(f"{run.key}: final {result['final']:.4f} best {result['best']:.4f} "
+                              f"({result['seconds']:.0f}s) acc={[round(a, 3) for a in result['acc']]}", flush=True)  # fmt: skip
+                        with open(results_path, "a") as f:
+                            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

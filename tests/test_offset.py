@@ -1,0 +1,255 @@
+"""The offset: estimators against known covariances, scales against a numerical minimum, and the trainer's
+application of eq. 5 (exactly once per optimizer step, BP gradient of the B' batch for a = 0, lambda = 1)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, OffsetStatistics, ScalingProblem, block_offset
+from hf_bpmod.offset_pass import OffsetSettings, compute_offsets, offset_sample
+from hf_bpmod.testing import SyntheticImages, tiny_vit
+
+
+def _gaussian_gradients(n_samples, dim, seed):
+    """Per-sample g_h = A z + mu_h, g_T = B z + mu_T with z ~ N(0, I): C_h = AA^T, C_T = BB^T, Cov = AB^T."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
+    B = 0.6 * A + 0.8 * torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
+    mu_h = torch.randn(dim, generator=g, dtype=torch.float64)
+    mu_T = torch.randn(dim, generator=g, dtype=torch.float64)
+    z = torch.randn(n_samples, dim, generator=g, dtype=torch.float64)
+    exact = dict(tr_C_h=(A * A).sum().item(), tr_C_T=(B * B).sum().item(), tr_C_hT=2 * (A * B).sum().item())
+    return z @ A.T + mu_h, z @ B.T + mu_T, mu_h, mu_T, exact
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 8])
+def test_trace_estimators_match_known_covariance(micro_batch_size):
+    n_micro, dim = 4000, 6
+    g_h, g_T, mu_h, mu_T, exact = _gaussian_gradients(n_micro * micro_batch_size, dim, seed=micro_batch_size)
+    stats = OffsetStatistics([[torch.Size([dim])]])
+    for i in range(n_micro):
+        rows = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
+        stats.update([[g_h[rows].mean(0)]], [[g_T[rows].mean(0)]])
+    m = stats.moments(0, micro_batch_size)
+    # 4000 micro-batches: the trace estimators have a relative standard error of about 2.5%
+    for key in ("tr_C_h", "tr_C_T", "tr_C_hT"):
+        assert getattr(m, key) == pytest.approx(exact[key], rel=0.08), key
+    # means over 4000 * b samples
+    torch.testing.assert_close(m.mean_h[0], mu_h, atol=0.1, rtol=0)
+    torch.testing.assert_close(m.mean_T[0], mu_T, atol=0.1, rtol=0)
+
+
+def test_estimators_are_exact_sample_statistics():
+    """With b' = 1 the estimators are the unbiased sample covariance traces, to rounding."""
+    g_h, g_T, *_ = _gaussian_gradients(50, 4, seed=3)
+    stats = OffsetStatistics([[torch.Size([4])]])
+    for a, b in zip(g_h, g_T):
+        stats.update([[a]], [[b]])
+    m = stats.moments(0, 1)
+    cov = torch.cov(torch.cat([g_h, g_T], 1).T)
+    assert m.tr_C_h == pytest.approx(cov[:4, :4].trace().item(), rel=1e-10)
+    assert m.tr_C_T == pytest.approx(cov[4:, 4:].trace().item(), rel=1e-10)
+    assert m.tr_C_hT == pytest.approx(2 * cov[:4, 4:].trace().item(), rel=1e-10)
+
+
+def _random_problem(seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda: torch.rand((), generator=g).item()  # noqa: E731
+    hh, TT = 0.1 + 3 * r(), 0.1 + 3 * r()
+    hT = (2 * r() - 1) * math.sqrt(hh * TT)
+    tr_h, tr_T = 10 * r(), 10 * r()
+    tr_hT = 2 * (2 * r() - 1) * math.sqrt(tr_h * tr_T)
+    return ScalingProblem(hh, TT, hT, tr_h, tr_T, tr_hT, batch_size=64, offset_batch_size=320, period=1 + 200 * r())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_optimal_scales_minimise_the_objective(seed):
+    problem = _random_problem(seed)
+    a, lam = problem.solve_optimal()
+    assert 0.0 <= lam <= 1.0
+    best = problem.objective(a, lam)
+    # dense grid, then the minimum must not beat the closed-form alternation
+    grid = min(problem.objective(-4 + 8 * i / 800, j / 200) for i in range(801) for j in range(201))
+    assert best <= grid + 1e-9
+    # stationarity in a, and lambda is its closed form
+    eps = 1e-6
+    assert abs(problem.objective(a + eps, lam) - problem.objective(a - eps, lam)) / (2 * eps) < 1e-5 * max(1, best)
+    assert lam == pytest.approx(problem.best_lambda(a))
+
+
+def test_optimal_a_has_the_corrected_variance_term():
+    """Eq. 19's a*_var lacks 1/2: with lambda = 1, g_h = g_T and no bias, a* must be the plain shrinkage."""
+    p = ScalingProblem(hh=0, TT=0, hT=0, tr_C_h=2.0, tr_C_T=2.0, tr_C_hT=4.0, batch_size=64, offset_batch_size=320,
+                       period=320)  # fmt: skip
+    kappa = 1.0
+    assert p.best_a(1.0) == pytest.approx(kappa / (1 / 64 + kappa))  # the paper's formula would give twice this
+
+
+def test_identical_gradients_give_unit_scale_and_no_offset():
+    # noiseless: the closed forms themselves give a = 1, lambda = 0
+    p = ScalingProblem(hh=2.0, TT=2.0, hT=2.0, tr_C_h=0, tr_C_T=0, tr_C_hT=0, batch_size=64, offset_batch_size=320,
+                       period=10)  # fmt: skip
+    assert p.solve_optimal() == pytest.approx((1.0, 0.0))
+    # noisy but identical per micro-batch: detected as exact, whatever the rule
+    g_h, _, *_ = _gaussian_gradients(40, 5, seed=1)
+    stats = OffsetStatistics([[torch.Size([5])]])
+    for row in g_h:
+        stats.update([[row]], [[row.clone()]])
+    m = stats.moments(0, 1)
+    assert m.is_exact()
+    for rule in ("optimal", "aligned", "bias_only"):
+        o = block_offset(m, rule, batch_size=64, period=10)
+        assert o.scale == pytest.approx(1.0, abs=1e-6) or rule == "optimal"
+    assert ScalingProblem.from_moments(m, 64, 10).bias(1.0) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_aligned_rule_keeps_the_local_step_size_and_prefers_the_true_direction():
+    # local gradient 10x larger and orthogonal to the true one (the failure seen with fresh auxiliary heads)
+    p = ScalingProblem(hh=100.0, TT=1.0, hT=0.0, tr_C_h=50.0, tr_C_T=5.0, tr_C_hT=0.0, batch_size=64,
+                       offset_batch_size=320, period=125)  # fmt: skip
+    a, lam, c = p.solve_aligned()
+    assert a == 1.0 and lam > 0.5
+    mean_sq = (1 - lam) ** 2 * p.hh + lam**2 * p.TT
+    applied = c**2 * (mean_sq + p.tr_C_h / 64 + lam**2 * p.var(1.0))
+    assert applied == pytest.approx(p.hh + p.tr_C_h / 64)
+    assert p.expected_cosine(1.0, lam) > p.expected_cosine(1.0, 0.0)
+    a_opt, lam_opt = p.solve_optimal()
+    assert abs(a_opt) < 0.1  # the paper's rule shrinks the update to nearly nothing here
+
+
+def test_offset_sample_is_reproducible_and_independent_of_global_rng():
+    torch.manual_seed(0)
+    first = offset_sample(100, 10, seed=3, period_index=2)
+    torch.manual_seed(1)
+    assert offset_sample(100, 10, seed=3, period_index=2) == first
+    assert offset_sample(100, 10, seed=3, period_index=3) != first
+    assert len(set(first)) == 10
+    with pytest.raises(ValueError, match="larger than the training set"):
+        offset_sample(5, 10, seed=0, period_index=0)
+
+
+class _GradCapture(TrainerCallback):
+    def __init__(self, params):
+        self.params, self.grads = params, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads.append([p.grad.detach().clone() for p in self.params])
+
+
+def _trainer(tmp_path, data, **kw):
+    args = BPModifiedTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+        learning_rate=1e-3, max_grad_norm=0.0, seed=0, data_seed=0, **kw,
+    )  # fmt: skip
+    model = tiny_vit(num_layers=4)
+    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=data)
+    capture = _GradCapture([p for ps in trainer.block_chain.block_params for p in ps])
+    trainer.add_callback(capture)
+    return trainer, capture
+
+
+def test_a0_lambda1_gives_the_bp_gradient_of_the_offset_batch(tmp_path):
+    data = SyntheticImages(64)
+    trainer, capture = _trainer(
+        tmp_path, data, max_steps=1, per_device_train_batch_size=16, offset_batch_size=32, offset_micro_batch_size=8,
+        offset_period="1", offset_scaling="fixed", offset_fixed_a=0.0, offset_fixed_lambda=1.0,
+    )  # fmt: skip
+    reference = tiny_vit(num_layers=4)
+    reference.train()
+    idx = offset_sample(len(data), 32, seed=0, period_index=0)
+    x = torch.stack([data[i]["pixel_values"] for i in idx])
+    y = torch.stack([data[i]["labels"] for i in idx])
+    F.cross_entropy(reference(pixel_values=x).logits, y).backward()
+    trainer.train()
+    chain_params = trainer.block_chain.block_params
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    ref_params = dict(reference.named_parameters())
+    flat = [names[id(p)] for ps in chain_params for p in ps]
+    for name, grad in zip(flat, capture.grads[0]):
+        if name.startswith("vit.layers.3"):  # the last block's gradient is exact: no offset, plain g_h
+            continue
+        torch.testing.assert_close(grad, ref_params[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_offset_enters_each_optimizer_step_once_under_accumulation(tmp_path):
+    data = SyntheticImages(64)
+    common = dict(max_steps=2, offset_batch_size=32, offset_period="1", offset_scaling="fixed", offset_fixed_a=1.0,
+                  offset_fixed_lambda=1.0)  # fmt: skip
+    t1, one = _trainer(tmp_path / "a", data, per_device_train_batch_size=32, gradient_accumulation_steps=1, **common)
+    t1.train()
+    t2, two = _trainer(tmp_path / "b", data, per_device_train_batch_size=16, gradient_accumulation_steps=2, **common)
+    t2.train()
+    assert len(one.grads) == len(two.grads) == 2
+    for g1, g2 in zip(one.grads, two.grads):
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # and the offset is really there: one step with it differs from one step without by Delta, exactly once
+    common["max_steps"] = 1
+    t3, once = _trainer(tmp_path / "c", data, per_device_train_batch_size=16, gradient_accumulation_steps=2, **common)
+    t3.train()
+    t4, plain = _trainer(tmp_path / "d", data, per_device_train_batch_size=32, bp_modified=False, max_steps=1)
+    t4.train()
+    delta = [d for block in t3.offset_state.blocks for d in (block.offset or [])]
+    assert len(delta) == sum(len(ps) for ps in t3.block_chain.block_params[:3])  # the last block has no offset
+    for a, b, d in zip(once.grads[0], plain.grads[0], delta):
+        torch.testing.assert_close(a - b, d.to(a.dtype), rtol=1e-3, atol=1e-6)
+
+
+def test_refresh_logs_per_block_statistics(tmp_path):
+    data = SyntheticImages(64)
+    trainer, _ = _trainer(
+        tmp_path, data, max_steps=4, per_device_train_batch_size=16, offset_batch_size=16, offset_period="2",
+        logging_steps=1,
+    )  # fmt: skip
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "bpmod_offsets.jsonl")]
+    assert [r["step"] for r in records] == [0, 2]
+    assert len(records[0]["blocks"]) == 4 and records[0]["blocks"][3]["lam"] == 0.0  # exact last block
+    for key in ("a", "lam", "bias", "var", "cosine", "offset_norm"):
+        assert key in records[0]["blocks"][0]
+    logged = [h for h in trainer.state.log_history if "offset/block_0/a" in h]
+    assert len(logged) == 2 and "offset/seconds" in logged[0]
+
+
+def test_offset_pass_leaves_buffers_rng_and_weights_untouched():
+    from hf_bpmod import get_adapter
+    from hf_bpmod.testing import tiny_resnet
+
+    model = tiny_resnet()
+    adapter = get_adapter(model)
+    chain = adapter.chain(model, adapter.aux_heads(model, 1))
+    data = SyntheticImages(32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+
+    def fetch(idx):
+        x = torch.stack([data[i]["pixel_values"] for i in idx])
+        y = torch.stack([data[i]["labels"] for i in idx])
+        return x, lambda logits: F.cross_entropy(logits, y)
+
+    offsets, record = compute_offsets(
+        chain, 1, list(range(16)), fetch, OffsetSettings(micro_batch_size=4), batch_size=8, period=5,
+        preserve=[model],
+    )  # fmt: skip
+    torch.testing.assert_close(torch.rand(3), expected_next)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert offsets is not None and not record["skipped"]
+
+
+def test_non_finite_statistics_keep_the_previous_offset(tmp_path):
+    data = SyntheticImages(64)
+    trainer, _ = _trainer(tmp_path, data, max_steps=2, per_device_train_batch_size=16, offset_batch_size=16,
+                          offset_period="1")  # fmt: skip
+    trainer.train()
+    previous = trainer.offset_state.blocks
+    with torch.no_grad():
+        next(trainer.aux_heads.parameters()).fill_(float("nan"))
+    trainer._refresh_offset()
+    assert trainer.offset_state.blocks is previous
