@@ -48,6 +48,7 @@ in ``--output_dir``). The last line printed is ``final eval accuracy: 0.xxxx (to
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import os
 import sys
@@ -57,6 +58,7 @@ from typing import Any
 import datasets
 import torch
 import transformers
+import yaml
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -299,7 +301,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         dataset = datasets.DatasetDict({"train": dataset})
 
     # Evaluation split: validation, else test, else split off from train.
-    eval_split = next((name for name in ("validation", "test") if name in dataset), None)
+    eval_split = next((name for name in ("validation", "valid", "test") if name in dataset), None)
     if "train" not in dataset:
         if eval_split is None:
             raise ValueError(f"The data has no 'train', 'validation' or 'test' split; splits found: {list(dataset)}.")
@@ -499,6 +501,16 @@ def apply_peft(model: torch.nn.Module, model_args: ModelArguments) -> torch.nn.M
     return model
 
 
+def _modes_given(argv: list[str]) -> bool:
+    """Whether the command line (or its one JSON/YAML file) names `do_train`, `do_eval` or `do_predict`."""
+    modes = ("do_train", "do_eval", "do_predict")
+    if len(argv) == 2 and argv[1].endswith((".json", ".yaml", ".yml")):
+        with open(argv[1]) as f:
+            config = json.load(f) if argv[1].endswith(".json") else yaml.safe_load(f)
+        return any(mode in (config or {}) for mode in modes)
+    return any(arg.lstrip("-").split("=")[0] in modes for arg in argv[1:] if arg.startswith("--"))
+
+
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -522,7 +534,7 @@ def main() -> None:
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
 
-    if not (training_args.do_train or training_args.do_eval):
+    if not _modes_given(sys.argv):  # `eval_strategy` turns `do_eval` on by itself: look at what the user wrote
         training_args.do_train = training_args.do_eval = True
     # The transform reads the raw image/label columns, which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False

@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Time per epoch of BP-modified vs plain local loss at the paper's ratio B'/(K B) = 320/50,000.
+
+With B = 64 an epoch of CIFAR-100's 50,000 images is K = 781 optimizer steps and one offset refresh of B' = 320
+examples (b' = 8). Both runs train the same small ViT (6 blocks, 28x28 input) for 781 steps in one process, one
+after the other; the ratio of their wall times is the overhead, refresh included.
+
+    python benchmarks/offset_overhead.py                       # h = 1 (FF), writes benchmarks/results/offset_overhead.md
+    python benchmarks/offset_overhead.py --horizon 2 --steps 200   # quicker, LoCo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from transformers import TrainerCallback
+from transformers.utils import logging as hf_logging
+
+from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.testing import SyntheticImages, tiny_vit
+
+
+class _Clock(TrainerCallback):
+    """Wall time from the first step's start to the end of training (excludes set-up)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0 and not hasattr(self, "start"):
+            self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+
+
+def timed_run(bp_modified: bool, steps: int, horizon: int, batch: int, out: str) -> tuple[float, float]:
+    data = SyntheticImages(n=steps * batch, image_size=28, num_labels=10)
+    model = tiny_vit(num_layers=6, image_size=28, num_labels=10, hidden_size=64)
+    args = BPModifiedTrainingArguments(
+        output_dir=out, per_device_train_batch_size=batch, max_steps=steps, report_to="none", use_cpu=True,
+        save_strategy="no", disable_tqdm=True, logging_strategy="no", local_horizon=horizon, bp_modified=bp_modified,
+        offset_batch_size=320, offset_micro_batch_size=8, offset_period=str(steps), seed=0,
+    )  # fmt: skip
+    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=data)
+    clock = _Clock()
+    trainer.add_callback(clock)
+    trainer.train()
+    refresh = 0.0
+    log = os.path.join(out, args.offset_log_file)
+    if os.path.exists(log):
+        with open(log) as f:
+            refresh = sum(json.loads(line)["seconds"] for line in f)
+        os.remove(log)
+    return clock.seconds, refresh
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=781, help="K: optimizer steps per epoch (50,000 / 64)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--horizon", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results")
+    opts = parser.parse_args()
+    torch.set_num_threads(2)
+    hf_logging.set_verbosity_error()
+    os.makedirs(opts.out, exist_ok=True)
+    work = os.path.join(opts.out, "work")
+    plain, _ = timed_run(False, opts.steps, opts.horizon, opts.batch, work)
+    modified, refresh = timed_run(True, opts.steps, opts.horizon, opts.batch, work)
+    ratio = modified / plain
+    lines = [
+        f"# Offset overhead (h = {opts.horizon}, B = {opts.batch}, K = {opts.steps} steps, B' = 320, b' = 8)",
+        "",
+        "| run | seconds | per step (ms) |",
+        "|---|---|---|",
+        f"| plain local loss | {plain:.1f} | {1000 * plain / opts.steps:.1f} |",
+        f"| BP-modified | {modified:.1f} | {1000 * modified / opts.steps:.1f} |",
+        "",
+        f"Refresh: {refresh:.2f} s. Ratio BP-modified / plain: **{ratio:.3f}** "
+        f"(goal <= 1.02). Small ViT, 6 blocks, 28x28, {torch.get_num_threads()} CPU threads.",
+        "",
+        f"Command: `python benchmarks/offset_overhead.py --steps {opts.steps} --horizon {opts.horizon}`",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(opts.out, f"offset_overhead_h{opts.horizon}.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
