@@ -26,7 +26,7 @@ train: install
 		--dataloader_drop_last --report_to none --seed 0 $(TRAIN_ARGS)
 
 test: install
-	$(PY) -m pytest -q -W ignore::FutureWarning
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -W ignore::FutureWarning
 
 test-slow: install
 	$(PY) -m pytest -q -W ignore::FutureWarning -m slow

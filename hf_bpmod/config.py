@@ -119,6 +119,11 @@ class BPModifiedTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.deepspeed:  # before TrainingArguments, which would first ask for the deepspeed package
+            raise ValueError(
+                "`deepspeed` is not supported by BPModifiedTrainer: its engine owns the backward pass, which local "
+                "losses replace. Use plain data parallelism (torchrun / accelerate launch without a DeepSpeed config)."
+            )
         super().__post_init__()
         self._check_int("local_horizon", 1, "use 1 (Forward-Forward), 2 (LoCo), 5 (MPC) or more")
         if self.block_granularity not in ("layer", "stage"):
@@ -147,11 +152,6 @@ class BPModifiedTrainingArguments(TrainingArguments):
             raise ValueError(
                 "`torch_compile=True` is not supported by BPModifiedTrainer: local gradients call the model's blocks "
                 "one by one, outside the compiled forward. Leave `torch_compile` off."
-            )
-        if self.deepspeed:
-            raise ValueError(
-                "`deepspeed` is not supported by BPModifiedTrainer: its engine owns the backward pass, which local "
-                "losses replace. Use plain data parallelism (torchrun / accelerate launch without a DeepSpeed config)."
             )
         if self.fsdp:
             raise ValueError(

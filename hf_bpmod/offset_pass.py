@@ -105,9 +105,13 @@ def compute_offsets(
     preserve: Sequence[nn.Module] = (),
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     previous: Sequence[BlockOffset] = (),
+    loss_scale: float = 1.0,
 ) -> tuple[list[BlockOffset] | None, dict]:
     """Algorithm 1, lines 5-9, for every block: statistics over ``indices`` in micro-batches of ``b'`` (shared
     round-robin among processes, then summed with ``reduce_sum``), then ``a``, ``lambda`` and the offset.
+
+    ``loss_scale`` (fp16 loss scaling) multiplies the losses before differentiation; the gradients are divided by it
+    before they enter the statistics, so everything returned (and ``previous``) is at true scale.
 
     Returns ``(offsets, record)``; ``offsets`` is ``None`` when a statistic is not finite (the caller keeps its
     previous offsets). ``record`` holds the per-block diagnostics for logging.
@@ -122,8 +126,10 @@ def compute_offsets(
             if i % num_processes != process_index:
                 continue
             x0, loss_fn = fetch(idx)
-            grads = local_gradients(chain, x0, loss_fn, horizon, also_true=True, forward_context=forward_context)
-            stats.update(_dense(chain, grads.local), _dense(chain, grads.true))
+            grads = local_gradients(
+                chain, x0, loss_fn, horizon, also_true=True, loss_scale=loss_scale, forward_context=forward_context
+            )
+            stats.update(_dense(chain, grads.local, loss_scale), _dense(chain, grads.true, loss_scale))
     if reduce_sum is not None and num_processes > 1:
         stats.all_reduce(reduce_sum)
     T = chain.num_blocks
@@ -161,9 +167,15 @@ def compute_offsets(
     return (offsets if finite else None), record
 
 
-def _dense(chain: BlockChain, grads: list[list[torch.Tensor | None]]) -> list[list[torch.Tensor]]:
+def _dense(
+    chain: BlockChain, grads: list[list[torch.Tensor | None]], loss_scale: float = 1.0
+) -> list[list[torch.Tensor]]:
+    """Missing gradients as zeros, every gradient divided by the loss scale."""
     return [
-        [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, ps)]
+        [
+            (g if loss_scale == 1.0 else g / loss_scale) if g is not None else torch.zeros_like(p)
+            for g, p in zip(gs, ps)
+        ]
         for gs, ps in zip(grads, chain.block_params)
     ]
 

@@ -9,6 +9,7 @@ that is saved or pushed is the user's model alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -68,6 +69,7 @@ class BPModifiedTrainer(Trainer):
         self._reject_unsupported_backends()
         base = unwrap_model(self.model)
         self.aux_heads = self.adapter.aux_heads(base, args.local_horizon, args.block_granularity).to(args.device)
+        self._broadcast_from_main_process(self.aux_heads)
         self.block_chain = self.adapter.chain(base, self.aux_heads, args.block_granularity)
         self._warn_uncovered_parameters()
         self._zero_aux_grads = True
@@ -110,6 +112,33 @@ class BPModifiedTrainer(Trainer):
                 "block). Launch with plain data parallelism (DDP): `torchrun --nproc_per_node N` or "
                 "`accelerate launch` with `distributed_type: MULTI_GPU`."
             )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"One process sees {self.args.n_gpu} GPUs: BPModifiedTrainer does not support `nn.DataParallel` (it "
+                "never calls the wrapped model's forward, so only one GPU would work). Launch one process per GPU: "
+                "`torchrun --nproc_per_node N ...` or `accelerate launch --multi_gpu ...`."
+            )
+        config = getattr(self.accelerator, "parallelism_config", None)
+        sharded = [n for n in ("tp_size", "cp_size", "sp_size") if (getattr(config, n, None) or 1) > 1]
+        if sharded:
+            raise ValueError(
+                f"Tensor, context and sequence parallelism are not supported by BPModifiedTrainer ({sharded} > 1 in "
+                "the accelerate parallelism config): use plain data parallelism."
+            )
+        if any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
+            raise ValueError(
+                "SyncBatchNorm is not supported by BPModifiedTrainer: the offset pass runs a different number of "
+                "micro-batches on each process, so its collectives would not match. Keep the model's BatchNorm "
+                "layers (each process normalises over its own micro-batch, as with plain DDP)."
+            )
+
+    def _broadcast_from_main_process(self, module: nn.Module) -> None:
+        """Give every process rank 0's copy of ``module`` (as DDP does for the model when it wraps it): the auxiliary
+        heads are not part of the DDP model and must start equal everywhere, whatever seed each process used."""
+        if self.args.world_size > 1 and dist.is_available() and dist.is_initialized():
+            with torch.no_grad():
+                for tensor in module.state_dict().values():
+                    dist.broadcast(tensor, src=0)
 
     def _warn_uncovered_parameters(self) -> None:
         covered = {id(p) for ps in self.block_chain.block_params for p in ps}
@@ -158,6 +187,17 @@ class BPModifiedTrainer(Trainer):
 
         return loss_fn
 
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ):
+        """The Trainer's loss, for evaluation only (``training_step`` computes its own), as the mean over the batch.
+
+        ``num_items_in_batch`` is dropped: ``ResNetForImageClassification.forward`` accepts ``**kwargs`` but ignores
+        it, and the Trainer then multiplies its batch mean by the number of processes (two processes reported twice
+        the evaluation loss). Without it every model returns its batch mean and the Trainer averages those.
+        """
+        return super().compute_loss(model, inputs, return_outputs=return_outputs)
+
     def _split_inputs(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if "pixel_values" not in inputs or "labels" not in inputs:
             raise ValueError(
@@ -192,15 +232,30 @@ class BPModifiedTrainer(Trainer):
             self.args.local_horizon,
             accumulate=True,
             loss_scale=self._grad_scale(),
-            forward_context=self.compute_loss_context_manager,
+            forward_context=self._forward_context,
         )
         if self.accelerator.sync_gradients:
             self._finish_optimizer_step_gradients()
         return result.loss
 
+    def _forward_context(self) -> contextlib.ExitStack:
+        """The context of every forward computation: the Trainer's ``compute_loss_context_manager`` and accelerate's
+        autocast. transformers >= 5 leaves autocast to accelerate, which wraps ``model.forward`` only; the chain calls
+        the model's blocks directly, so without this ``bf16``/``fp16`` would silently run in fp32."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.compute_loss_context_manager())
+        stack.enter_context(self.accelerator.autocast())
+        return stack
+
     def _grad_scale(self) -> float:
+        """The fp16 loss scale (1 without an enabled scaler). The losses never pass through ``scaler.scale`` (they
+        are scaled by this number inside the chain), which is what creates the scaler's scale tensor; its ``unscale_``
+        and ``step`` fail without it, so it is created here the public way, on the training device."""
         scaler = getattr(self.accelerator, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        scaler.scale(torch.ones((), device=self.args.device))
+        return float(scaler.get_scale())
 
     def _finish_optimizer_step_gradients(self) -> None:
         """Once per optimizer step: all-reduce (mean) the gradients, then ``g^ = a g_h + lambda Delta`` (eq. 5)."""
@@ -208,6 +263,8 @@ class BPModifiedTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             params = self.block_chain.trainable_parameters() + [p for p in self.aux_heads.parameters()]
             self._all_reduce_mean(params)
+            if self.args.ddp_broadcast_buffers is not False:
+                self._average_buffers()
         if not self.uses_offset:
             return
         if self.state.global_step >= self.offset_state.next_refresh_step:
@@ -219,13 +276,34 @@ class BPModifiedTrainer(Trainer):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         for p, g in zip(params, grads):
             p.grad = g
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.accelerator.num_processes
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        self._all_reduce_mean_tensors(grads)
+
+    def _all_reduce_mean_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Average ``tensors`` over processes in place, one collective per dtype."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat)
+            flat /= self.accelerator.num_processes
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def _average_buffers(self) -> None:
+        """Average the floating-point buffers (BatchNorm running statistics) over processes, once per optimizer step.
+
+        DDP would broadcast rank 0's buffers at the start of its forward, which this trainer never calls: without
+        this each process would keep statistics of its own shard, and evaluation (which runs on every process) and
+        checkpoints would depend on the rank. The average makes a running mean that of the whole global batch.
+        ``ddp_broadcast_buffers=False`` leaves every process its own buffers."""
+        modules = (unwrap_model(self.model), self.aux_heads)
+        buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+        if buffers:
+            with torch.no_grad():
+                self._all_reduce_mean_tensors(buffers)
 
     # ------------------------------------------------------------------ the offset
     def offset_period_steps(self) -> int:
@@ -258,14 +336,13 @@ class BPModifiedTrainer(Trainer):
         except ImportError:  # pragma: no cover
             collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
         base = unwrap_model(self.model)
-        scale = self._grad_scale()
 
         def fetch(indices: list[int]):
             batch = self._prepare_inputs(collator([dataset[i] for i in indices]))
             pixel_values, labels = self._split_inputs(batch)
 
             def loss_fn(logits: torch.Tensor) -> torch.Tensor:
-                return base.loss_function(labels, logits, base.config) * scale
+                return base.loss_function(labels, logits, base.config)
 
             return pixel_values, loss_fn
 
@@ -278,26 +355,28 @@ class BPModifiedTrainer(Trainer):
         indices = offset_sample(
             len(self.train_dataset), self.args.offset_batch_size, self.offset_settings.seed, state.period_index
         )
-        offsets, record = compute_offsets(
-            self.block_chain,
-            self.args.local_horizon,
-            indices,
-            self._offset_fetch(),
-            self.offset_settings,
-            batch_size=self.effective_batch_size(),
-            period=period,
-            process_index=self.args.process_index,
-            num_processes=self.accelerator.num_processes,
-            reduce_sum=dist.all_reduce if self.accelerator.num_processes > 1 else None,
-            preserve=[self.model, self.aux_heads],
-            forward_context=self.compute_loss_context_manager,
-            previous=state.blocks,
-        )
         grad_scale = self._grad_scale()
-        if offsets is not None and grad_scale != 1.0:
-            for o in offsets:  # statistics were of scaled gradients: bring the offset back to true scale
-                if o.delta is not None:
-                    o.delta = [v / grad_scale for v in o.delta]
+        # fp16: the pass runs at the loss scale of training and unscales before any statistic; if that overflowed,
+        # it is run once more unscaled rather than leaving the whole period without an offset.
+        for loss_scale in [grad_scale, 1.0] if grad_scale != 1.0 else [1.0]:
+            offsets, record = compute_offsets(
+                self.block_chain,
+                self.args.local_horizon,
+                indices,
+                self._offset_fetch(),
+                self.offset_settings,
+                batch_size=self.effective_batch_size(),
+                period=period,
+                process_index=self.args.process_index,
+                num_processes=self.accelerator.num_processes,
+                reduce_sum=dist.all_reduce if self.accelerator.num_processes > 1 else None,
+                preserve=[self.model, self.aux_heads],
+                forward_context=self._forward_context,
+                previous=state.blocks,
+                loss_scale=loss_scale,
+            )
+            if offsets is not None:
+                break
         if offsets is None:
             logger.warning(
                 f"Offset refresh {state.period_index} at step {self.state.global_step} gave non-finite statistics; "
