@@ -134,6 +134,77 @@ def train_one(run: Run, train: Dataset, test: Dataset, workdir: str) -> dict:
             "offsets": offsets}  # fmt: skip
 
 
+def _label(r: dict) -> str:
+    extra = ",".join(f"{k.replace('offset_', '')}={v}" for k, v in sorted(r["extra"].items()))
+    if not r["method"].endswith("_mod"):
+        return r["method"]
+    return f"{r['method']} ({r['scaling']}, K={r['period']}{', ' + extra if extra else ''})"
+
+
+def report(results: list[dict], out: str, plots: bool) -> str:
+    """A markdown table (mean final and best test accuracy over seeds, seconds) and, with ``plots``, PNG figures."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["optimizer"], _label(r)), []).append(r)
+    lines = [
+        "| model | optimizer | method | seeds | final accuracy (per seed) | mean final | mean best | seconds/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, optimizer, label), rs in sorted(groups.items()):
+        finals = [r["final"] for r in sorted(rs, key=lambda r: r["seed"])]
+        lines.append(
+            f"| {model} | {optimizer} | {label} | {len(rs)} | {', '.join(f'{f:.3f}' for f in finals)} | "
+            f"{np.mean(finals):.3f} | {np.mean([r['best'] for r in rs]):.3f} | {np.mean([r['seconds'] for r in rs]):.0f} |"
+        )
+    text = "\n".join(lines)
+    if plots:
+        _plots(groups, out)
+    return text
+
+
+def _plots(groups: dict[tuple, list[dict]], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(m, o) for m, o, _ in groups})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (model, optimizer) in zip(axes[0], panels):
+        for (m, o, label), rs in sorted(groups.items()):
+            if (m, o) != (model, optimizer):
+                continue
+            acc = np.mean([r["acc"] for r in rs], axis=0)
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=label)
+        ax.set_title(f"{model}, {optimizer}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
+    plt.close(fig)
+    modified = [(k, rs[0]) for k, rs in sorted(groups.items()) if rs[0]["offsets"]]
+    if not modified:
+        return
+    fig, axes = plt.subplots(2, len(modified), figsize=(4 * len(modified), 6), squeeze=False)
+    for col, ((model, optimizer, label), r) in enumerate(modified):
+        steps = [o["step"] for o in r["offsets"]]
+        for row, key in enumerate(("a", "lam")):
+            ax = axes[row][col]
+            values = np.array([o[key] for o in r["offsets"]])
+            for t in range(values.shape[1] - 1):  # the last block is exact: a = 1, lambda = 0
+                ax.plot(steps, values[:, t], marker=".", label=f"block {t}")
+            ax.set_title(f"{model}/{optimizer}\n{label}", fontsize=7)
+            ax.set_xlabel("step")
+            ax.set_ylabel({"a": "a", "lam": "lambda"}[key])
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "scales.png"), dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit", "resnet"])
@@ -146,6 +217,8 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="extra BPModifiedTrainingArguments, e.g. offset_bias_correction=1")
     parser.add_argument("--out", default="docs/cpu_study")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only write the table (and plots) from runs.jsonl")
+    parser.add_argument("--plots", action="store_true", help="also write accuracy.png and scales.png")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
@@ -160,6 +233,14 @@ def main() -> None:
     if os.path.exists(results_path):
         with open(results_path) as f:
             done = {json.loads(line)["key"] for line in f}
+    if opts.report:
+        with open(results_path) as f:
+            results = [json.loads(line) for line in f]
+        text = report(results, opts.out, opts.plots)
+        print(text)
+        with open(os.path.join(opts.out, "table.md"), "w") as f:
+            f.write(text + "\n")
+        return
     data = load_animal_shape_mnist()
     train, test = TensorImages(data["train"]), TensorImages(data["test"])
     for model in opts.models:
