@@ -66,10 +66,11 @@ class BPModifiedTrainingArguments(TrainingArguments):
             ``lambda`` in [0, 1] for `offset_scaling="fixed"`.
         offset_bias_correction (`bool`, *optional*, defaults to `False`):
             Subtract the sampling noise ``Var/K`` from the bias estimate ``||a m_h - m_T||^2`` (METHOD.md §5).
-        offset_reliability (`bool`, *optional*, defaults to `False`):
+        offset_reliability (`bool`, *optional*):
             At each refresh, measure how much of the previous offset still holds (the regression coefficient of the
             new ``Delta`` on the old one, clamped to [0, 1]) and multiply ``lambda`` by it. A stale offset is then
-            not applied for a whole period; the first period, with nothing to compare, gets no offset.
+            not applied for a whole period; the first period, with nothing to compare, gets no offset. Defaults to on
+            for `offset_scaling="aligned"` (the package default) and off for the paper's rules and `"fixed"`.
         offset_seed (`int`, *optional*):
             Seed of the offset sampler (defaults to `seed`). The sampler never touches the training data order.
         offset_log_file (`str`, *optional*, defaults to `"bpmod_offsets.jsonl"`):
@@ -107,10 +108,11 @@ class BPModifiedTrainingArguments(TrainingArguments):
     offset_bias_correction: bool = field(
         default=False, metadata={"help": "Subtract the sampling noise Var/K from the bias estimate."}
     )
-    offset_reliability: bool = field(
-        default=False,
+    offset_reliability: bool | None = field(
+        default=None,
         metadata={
-            "help": "Scale lambda by how much of the previous offset survived one period (the first period gets none)."
+            "help": "Scale lambda by how much of the previous offset survived one period (the first period gets "
+            "none). Default: on for offset_scaling='aligned', off for the others."
         },
     )
     offset_seed: int | None = field(default=None, metadata={"help": "Seed of the offset sampler (default: seed)."})
@@ -144,6 +146,8 @@ class BPModifiedTrainingArguments(TrainingArguments):
                 f"`offset_micro_batch_size` ({self.offset_micro_batch_size}) to estimate the gradient variance."
             )
         parse_offset_period(self.offset_period)
+        if self.offset_reliability is None:
+            self.offset_reliability = self.offset_scaling == "aligned"
         if self.offset_scaling not in SCALING_MODES:
             raise ValueError(f"`offset_scaling` ({self.offset_scaling!r}) must be one of {SCALING_MODES}.")
         if not 0.0 <= self.offset_fixed_lambda <= 1.0:
