@@ -111,6 +111,9 @@ def train_one(run: Run, train: Dataset, test: Dataset, workdir: str) -> dict:
     def accuracy(eval_pred):
         return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
 
+    stale = os.path.join(workdir, args.offset_log_file)
+    if os.path.exists(stale):  # left by an interrupted run
+        os.remove(stale)
     trainer = BPModifiedTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=test, compute_metrics=accuracy
     )
@@ -120,7 +123,7 @@ def train_one(run: Run, train: Dataset, test: Dataset, workdir: str) -> dict:
     accs = [h["eval_accuracy"] for h in trainer.state.log_history if "eval_accuracy" in h]
     offsets = []
     log_path = os.path.join(workdir, args.offset_log_file)
-    if os.path.exists(log_path):
+    if os.path.exists(log_path) and args.bp_modified:
         with open(log_path) as f:
             offsets = [
                 {"step": r["step"], "a": [b["a"] for b in r["blocks"]], "lam": [b["lam"] for b in r["blocks"]],
@@ -180,10 +183,10 @@ def _plots(groups: dict[tuple, list[dict]], out: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
     plt.close(fig)
-    modified = [(k, rs[0]) for k, rs in sorted(groups.items()) if rs[0]["offsets"]]
+    modified = [(k, rs[0]) for k, rs in sorted(groups.items()) if k[2].startswith(("ff_mod", "ff_paper"))]
     if not modified:
         return
-    fig, axes = plt.subplots(2, len(modified), figsize=(4 * len(modified), 6), squeeze=False)
+    fig, axes = plt.subplots(2, len(modified), figsize=(3.2 * len(modified), 5.5), squeeze=False)
     for col, ((model, optimizer, label), r) in enumerate(modified):
         steps = [o["step"] for o in r["offsets"]]
         for row, key in enumerate(("a", "lam")):
