@@ -134,7 +134,9 @@ def run(name: str, out_dir: str, world_size: int) -> dict[str, Any]:
         gradient_accumulation_steps=accumulation,
         per_device_eval_batch_size=8,
         max_steps=MAX_STEPS,
-        learning_rate=3e-3,
+        learning_rate=0.05,  # SGD with momentum, as the paper: AdamW would amplify float rounding near zero gradients
+        optim="sgd",
+        optim_args="momentum=0.9",
         max_grad_norm=1.0,
         offset_micro_batch_size=8,
         seed=rank if config.get("rank_seeds") else 0,

@@ -4,8 +4,9 @@ Two processes (``torchrun``, gloo, CPU) train the same model as one process that
 accumulation steps of 32 equal one step of 64; the offset statistics, split round-robin over processes, sum to the
 one-process ones; unsupported backends are rejected when the trainer is built.
 
-Tolerances: parameters after 3 AdamW steps (lr 3e-3) within ``PARAM_TOL = 1e-5`` of the one-process run (measured:
-at most ~3e-6, from float summation order); every process holds bit-identical parameters, auxiliary heads, buffers
+Tolerances: parameters after 3 steps of SGD with momentum (lr 0.05, the paper's optimizer) within
+``PARAM_TOL = 1e-5`` of the one-process run (float summation order; AdamW's per-coordinate normalisation would
+amplify it near zero gradients); every process holds bit-identical parameters, auxiliary heads, buffers
 and offsets; offsets within ``OFFSET_TOL = 1e-6`` of the one-process ones.
 """
 
@@ -103,7 +104,9 @@ def test_two_processes_train_the_one_process_model(two_process_runs, tmp_path, n
     # ... and it is the one-process model.
     initial = dict(script._model(config["model"]).named_parameters())
     assert _max_diff(one["params"], {k: v.detach() for k, v in initial.items()}) > 1e-3  # it did train
-    assert _max_diff(ranks[0]["params"], one["params"]) <= PARAM_TOL
+    diff = _max_diff(ranks[0]["params"], one["params"])
+    print(f"{name}: max parameter difference, 2 processes vs 1: {diff:.2e}")
+    assert diff <= PARAM_TOL
     assert _max_diff(ranks[0]["aux"], one["aux"]) <= PARAM_TOL
     assert ranks[0]["losses"] == pytest.approx(one["losses"], rel=1e-5)
 
