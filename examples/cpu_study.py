@@ -143,6 +143,7 @@ def _label(r: dict) -> str:
 def report(results: list[dict], out: str, plots: bool) -> str:
     """A markdown table (mean final and best test accuracy over seeds, seconds) and, with ``plots``, PNG figures."""
     groups: dict[tuple, list[dict]] = {}
+    results = list({r["key"]: r for r in results}.values())  # a run repeated (same key) counts once
     for r in results:
         groups.setdefault((r["model"], r["optimizer"], _label(r)), []).append(r)
     lines = [
