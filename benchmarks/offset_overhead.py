@@ -5,7 +5,7 @@ With B = 64 an epoch of CIFAR-100's 50,000 images is K = 781 optimizer steps and
 examples (b' = 8). Both runs train the same small ViT (6 blocks, 28x28 input) for 781 steps in one process, one
 after the other; the ratio of their wall times is the overhead, refresh included.
 
-    python benchmarks/offset_overhead.py                       # h = 1 (FF), writes benchmarks/results/offset_overhead.md
+    python benchmarks/offset_overhead.py                       # h = 1 (FF), writes benchmarks/results/offset_overhead_h1.md
     python benchmarks/offset_overhead.py --horizon 2 --steps 200   # quicker, LoCo
 """
 

@@ -44,3 +44,52 @@ class SavedTensorMeter:
     def measure(self) -> Iterator[SavedTensorMeter]:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield self
+
+
+class SavedStorageMeter(SavedTensorMeter):
+    """Like :class:`SavedTensorMeter`, but counts what is really held: each storage once, in full.
+
+    Autograd often saves one tensor for several nodes (the input of ``q_proj``, ``k_proj`` and ``v_proj``), or a view
+    of a larger tensor; :class:`SavedTensorMeter` adds ``numel * element_size`` per save, so it counts the first
+    several times and the second by its view. This meter keeps a reference count per storage and adds the storage's
+    ``nbytes`` while at least one saved reference to it is alive. Storages of ``exclude`` are not counted.
+
+    Only tensors packed through saved-tensor hooks are seen: regions that install their own hooks (non-reentrant
+    ``torch.utils.checkpoint``) hide what they save from it; reentrant checkpointing is counted correctly.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__(exclude)
+        self._refs: dict[int, int] = {}
+
+    class _StoragePacked:
+        __slots__ = ("meter", "tensor", "key", "nbytes")
+
+        def __init__(self, meter: SavedStorageMeter, tensor: torch.Tensor, key: int | None, nbytes: int) -> None:
+            self.meter, self.tensor, self.key, self.nbytes = meter, tensor, key, nbytes
+            if key is not None:
+                count = meter._refs.get(key, 0)
+                if count == 0:
+                    meter.live_bytes += nbytes
+                    meter.peak_bytes = max(meter.peak_bytes, meter.live_bytes)
+                meter._refs[key] = count + 1
+
+        def __del__(self) -> None:
+            if self.key is None:
+                return
+            count = self.meter._refs[self.key] - 1
+            if count == 0:
+                del self.meter._refs[self.key]
+                self.meter.live_bytes -= self.nbytes
+            else:
+                self.meter._refs[self.key] = count
+
+    def _pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        key = None if ptr in self._excluded or storage.nbytes() == 0 else ptr
+        return SavedStorageMeter._StoragePacked(self, tensor.detach(), key, storage.nbytes())
+
+    @staticmethod
+    def _unpack(packed: SavedStorageMeter._StoragePacked) -> torch.Tensor:
+        return packed.tensor

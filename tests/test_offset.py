@@ -253,3 +253,41 @@ def test_non_finite_statistics_keep_the_previous_offset(tmp_path):
         next(trainer.aux_heads.parameters()).fill_(float("nan"))
     trainer._refresh_offset()
     assert trainer.offset_state.blocks is previous
+
+
+def test_reliability_is_the_clamped_regression_coefficient():
+    from hf_bpmod.offset import reliability
+
+    prev = [torch.tensor([1.0, 2.0]), torch.tensor([[2.0]])]
+    assert reliability(None, prev) == 0.0
+    assert reliability(prev, [0.5 * p for p in prev]) == pytest.approx(0.5)
+    assert reliability(prev, [3.0 * p for p in prev]) == 1.0
+    assert reliability(prev, [-p for p in prev]) == 0.0
+    orthogonal = [torch.tensor([2.0, -1.0]), torch.tensor([[0.0]])]
+    assert reliability(prev, orthogonal) == pytest.approx(0.0)
+
+
+def test_reliability_scales_lambda_and_keeps_the_step_size():
+    g_h, g_T, *_ = _gaussian_gradients(200, 4, seed=5)
+    stats = OffsetStatistics([[torch.Size([4])]])
+    for i in range(0, 200, 4):
+        stats.update([[g_h[i : i + 4].mean(0)]], [[g_T[i : i + 4].mean(0)]])
+    m = stats.moments(0, 4)
+    free = block_offset(m, "aligned", batch_size=64, period=5)
+    half = block_offset(m, "aligned", batch_size=64, period=5, previous_delta=[2 * d for d in free.delta],
+                        check_reliability=True)  # fmt: skip
+    assert half.reliability == pytest.approx(0.5)
+    assert half.lam == pytest.approx(free.lam * 0.5)
+    problem = ScalingProblem.from_moments(m, 64, 5)
+    assert half.c == pytest.approx(problem.aligned_step_factor(half.lam))
+    first = block_offset(m, "aligned", batch_size=64, period=5, check_reliability=True)
+    assert first.lam == 0.0 and first.offset is None  # nothing to compare with: no offset in the first period
+
+
+def test_reliability_defaults_follow_the_scaling_rule(tmp_path):
+    def args(**kw):
+        return BPModifiedTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kw)
+
+    assert args().offset_reliability is True  # aligned, the default rule
+    assert args(offset_scaling="optimal").offset_reliability is False  # the paper's rule, faithfully
+    assert args(offset_scaling="optimal", offset_reliability=True).offset_reliability is True
