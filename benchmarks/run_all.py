@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Run every benchmark with its defaults and gather their markdown into ``benchmarks/results/README.md``.
+
+Runs, one after the other, each in its own process (so that one's threads and memory do not touch the next):
+``saved_activations.py`` (deterministic saved-activation bytes), ``offset_overhead.py`` (offset time per epoch through
+the Trainer) and ``memory_speed.py`` (peak memory and step time against BP and gradient checkpointing). Then it
+concatenates the markdown each one wrote, prints it and writes it to ``benchmarks/results/README.md``.
+
+The children run with ``OMP_WAIT_POLICY=PASSIVE`` (unless set): spinning OpenMP threads collapse when other processes
+share the cores (see ``memory_speed.py``).
+
+    python benchmarks/run_all.py              # or: make bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# (script, the markdown files it writes under the results folder)
+BENCHMARKS = [
+    ("saved_activations.py", ["saved_activations.md"]),
+    ("offset_overhead.py", ["offset_overhead_h1.md"]),
+    ("memory_speed.py", ["memory_speed_cpu.md"]),
+]
+
+
+def run(script: str, out: str) -> float:
+    """Run one benchmark script with its defaults (results into ``out``); its wall time in seconds."""
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    start = time.perf_counter()
+    print(f"== {script}", file=sys.stderr, flush=True)
+    # the child's own print-out goes to stderr: stdout carries only the gathered page
+    command = [sys.executable, os.path.join(HERE, script), "--out", out]
+    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=sys.stderr)
+    return time.perf_counter() - start
+
+
+def demote(markdown: str) -> str:
+    """Every heading one level down, so that each benchmark's title sits under the page's."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.split("\n"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    opts = parser.parse_args()
+    out = os.path.join(ROOT, opts.out) if not os.path.isabs(opts.out) else opts.out
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    seconds = {script: run(script, out) for script, _ in BENCHMARKS}
+    total = time.perf_counter() - start
+    with contextlib.suppress(OSError):  # offset_overhead.py's Trainer output folder, empty when it is done
+        os.rmdir(os.path.join(out, "work"))
+    parts = [
+        "# Benchmark results",
+        "",
+        f"Written by `python benchmarks/run_all.py` (`make bench`) in {total / 60:.1f} min: "
+        + ", ".join(f"`{script}` {s:.0f} s" for script, s in seconds.items())
+        + ".",
+        "",
+    ]
+    for _, files in BENCHMARKS:
+        for name in files:
+            with open(os.path.join(out, name)) as f:
+                parts += [demote(f.read().rstrip("\n")), ""]
+    text = "\n".join(parts)
+    print(text)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
