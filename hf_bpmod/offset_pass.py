@@ -156,6 +156,9 @@ def compute_offsets(
                 check_reliability=settings.check_reliability,
             )
         )
+    for o, params in zip(offsets, chain.block_params):  # held for a period: in the parameters' dtype, not float64
+        if o.delta is not None:
+            o.delta = [d.to(p.dtype) for d, p in zip(o.delta, params)]
     finite = finite and all(math.isfinite(v) for o in offsets for v in o.log_record().values())
     record = {
         "seconds": time.perf_counter() - start,
