@@ -356,6 +356,7 @@ class BPModifiedTrainer(Trainer):
             len(self.train_dataset), self.args.offset_batch_size, self.offset_settings.seed, state.period_index
         )
         grad_scale = self._grad_scale()
+        fetch = self._offset_fetch()
         # fp16: the pass runs at the loss scale of training and unscales before any statistic; if that overflowed,
         # it is run once more unscaled rather than leaving the whole period without an offset.
         for loss_scale in [grad_scale, 1.0] if grad_scale != 1.0 else [1.0]:
@@ -363,7 +364,7 @@ class BPModifiedTrainer(Trainer):
                 self.block_chain,
                 self.args.local_horizon,
                 indices,
-                self._offset_fetch(),
+                fetch,
                 self.offset_settings,
                 batch_size=self.effective_batch_size(),
                 period=period,
