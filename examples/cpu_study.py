@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
 from hf_bpmod.data import load_animal_shape_mnist
+from hf_bpmod.memory import SavedStorageMeter
 
 
 class TensorImages(Dataset):
@@ -91,22 +94,59 @@ class Run:
     seed: int
     epochs: int
     extra: dict = field(default_factory=dict)
+    lr_scheduler_type: str = "linear"  # the Trainer's defaults
+    max_grad_norm: float = 1.0
 
     @property
     def key(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.extra.items()))
-        return f"{self.model}|{self.method}|{self.optimizer}|{self.seed}|{self.epochs}|{extra}"
+        setting = f"{self.lr_scheduler_type},clip={self.max_grad_norm}"
+        return f"{self.model}|{self.method}|{self.optimizer}|{self.seed}|{self.epochs}|{extra}|{setting}"
+
+
+def training_arguments(run: Run, workdir: str, **overrides) -> BPModifiedTrainingArguments:
+    settings = dict(
+        output_dir=workdir, per_device_train_batch_size=64, per_device_eval_batch_size=500,
+        num_train_epochs=run.epochs, lr_scheduler_type=run.lr_scheduler_type,
+        max_grad_norm=run.max_grad_norm, seed=run.seed,
+        data_seed=run.seed, report_to="none", use_cpu=True, save_strategy="no", eval_strategy="epoch",
+        logging_strategy="epoch", disable_tqdm=True, dataloader_drop_last=True, offset_batch_size=320,
+        offset_micro_batch_size=8,
+    )  # fmt: skip
+    return BPModifiedTrainingArguments(
+        **{**settings, **METHODS[run.method], **OPTIMIZERS[run.optimizer], **run.extra, **overrides}
+    )
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def peak_step_bytes(run: Run, train: Dataset, workdir: str) -> dict[str, int]:
+    """What one optimizer step holds at its peak, counted: the saved-for-backward storages alive at once
+    (:class:`~hf_bpmod.memory.SavedStorageMeter`, the first step's offset refresh included) plus parameters, their
+    gradients, the optimizer state, the auxiliary heads and the offsets. Deterministic, unlike the process RSS."""
+    model = build_model(run.model, seed=run.seed)
+    args = training_arguments(run, workdir, max_steps=1, eval_strategy="no", logging_strategy="no")
+    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=train)
+    params = list(model.parameters()) + list(trainer.aux_heads.parameters())
+    meter = SavedStorageMeter(exclude=params)
+    with meter.measure():
+        trainer.train()
+    trainable = [p for p in params if p.requires_grad]
+    optimizer_state = [t for state in trainer.optimizer.state.values() for t in state.values()]
+    blocks = trainer.offset_state.blocks if trainer.uses_offset else []
+    offsets = [d for b in blocks if b.delta is not None for d in b.delta]
+    return {
+        "activations": meter.peak_bytes,
+        "static": _bytes(params) + _bytes(trainable) + _bytes(optimizer_state) + _bytes(offsets),
+    }
 
 
 def train_one(run: Run, train: Dataset, test: Dataset, workdir: str) -> dict:
+    memory = peak_step_bytes(run, train, workdir)
     model = build_model(run.model, seed=run.seed)
-    args = BPModifiedTrainingArguments(
-        output_dir=workdir, per_device_train_batch_size=64, per_device_eval_batch_size=500,
-        num_train_epochs=run.epochs, lr_scheduler_type="constant", max_grad_norm=0.0, seed=run.seed,
-        data_seed=run.seed, report_to="none", use_cpu=True, save_strategy="no", eval_strategy="epoch",
-        logging_strategy="epoch", disable_tqdm=True, dataloader_drop_last=True, offset_batch_size=320,
-        offset_micro_batch_size=8, **{**METHODS[run.method], **OPTIMIZERS[run.optimizer], **run.extra},
-    )  # fmt: skip
+    args = training_arguments(run, workdir)
 
     def accuracy(eval_pred):
         return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
@@ -127,12 +167,14 @@ def train_one(run: Run, train: Dataset, test: Dataset, workdir: str) -> dict:
         with open(log_path) as f:
             offsets = [
                 {"step": r["step"], "a": [b["a"] for b in r["blocks"]], "lam": [b["lam"] for b in r["blocks"]],
-                 "c": [b["c"] for b in r["blocks"]], "cosine": [b["cosine"] for b in r["blocks"]]}
+                 "c": [b["c"] for b in r["blocks"]], "cosine": [b["cosine"] for b in r["blocks"]],
+                 "reliability": [b["reliability"] for b in r["blocks"]],
+                 "offset_norm": [b["offset_norm"] for b in r["blocks"]]}
                 for r in map(json.loads, f)
             ]  # fmt: skip
         os.remove(log_path)
     return {"key": run.key, **run.__dict__, "acc": accs, "final": accs[-1], "best": max(accs), "seconds": seconds,
-            "offsets": offsets}  # fmt: skip
+            "memory": memory, "offsets": offsets}  # fmt: skip
 
 
 def _label(r: dict) -> str:
@@ -147,14 +189,23 @@ def report(results: list[dict], out: str, plots: bool) -> str:
     for r in results:
         groups.setdefault((r["model"], r["optimizer"], _label(r)), []).append(r)
     lines = [
-        "| model | optimizer | method | seeds | final accuracy (per seed) | mean final | mean best | seconds/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | optimizer | method | seeds | final accuracy (per seed) | mean final | mean best | seconds/run "
+        "| peak MiB (activations + rest) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (model, optimizer, label), rs in sorted(groups.items()):
         finals = [r["final"] for r in sorted(rs, key=lambda r: r["seed"])]
+        memory = rs[0].get("memory")
+        peak = (
+            f"{(memory['activations'] + memory['static']) / 2**20:.1f} ({memory['activations'] / 2**20:.1f} + "
+            f"{memory['static'] / 2**20:.1f})"
+            if memory
+            else "-"
+        )
         lines.append(
             f"| {model} | {optimizer} | {label} | {len(rs)} | {', '.join(f'{f:.3f}' for f in finals)} | "
-            f"{np.mean(finals):.3f} | {np.mean([r['best'] for r in rs]):.3f} | {np.mean([r['seconds'] for r in rs]):.0f} |"
+            f"{np.mean(finals):.3f} | {np.mean([r['best'] for r in rs]):.3f} | "
+            f"{np.mean([r['seconds'] for r in rs]):.0f} | {peak} |"
         )
     text = "\n".join(lines)
     if plots:
@@ -184,7 +235,11 @@ def _plots(groups: dict[tuple, list[dict]], out: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
     plt.close(fig)
-    modified = [(k, rs[0]) for k, rs in sorted(groups.items()) if k[2].startswith(("ff_mod", "ff_paper"))]
+    modified = [
+        (k, rs[0])
+        for k, rs in sorted(groups.items())
+        if k[2].startswith(("ff_mod", "ff_paper", "loco_mod", "loco_paper"))
+    ]
     if not modified:
         return
     fig, axes = plt.subplots(2, len(modified), figsize=(3.2 * len(modified), 5.5), squeeze=False)
@@ -213,8 +268,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--extra", default="", help="extra BPModifiedTrainingArguments, e.g. offset_bias_correction=1")
-    parser.add_argument("--out", default="docs/cpu_study")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr_scheduler_type", default="linear", help="the Trainer's default; docs/cpu_study_constant_lr "
+                        "used constant")  # fmt: skip
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="the Trainer's default; 0 disables clipping")
+    parser.add_argument("--out", default="runs/cpu_study")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--report", action="store_true", help="only write the table (and plots) from runs.jsonl")
     parser.add_argument("--plots", action="store_true", help="also write accuracy.png and scales.png")
     opts = parser.parse_args()
@@ -239,20 +298,40 @@ def main() -> None:
         with open(os.path.join(opts.out, "table.md"), "w") as f:
             f.write(text + "\n")
         return
+    runs = [
+        Run(model, method, optimizer, seed, opts.epochs, dict(extra), opts.lr_scheduler_type, opts.max_grad_norm)
+        for model in opts.models
+        for optimizer in opts.optimizers
+        for seed in opts.seeds
+        for method in opts.methods
+    ]
+    runs = [run for run in runs if run.key not in done]
+    if opts.jobs == 1:
+        _init_worker(opts.threads)
+        results = map(_run_in_worker, runs, [opts.out] * len(runs))
+    else:  # one process per run, each with its own threads: runs are independent and the OS balances them
+        pool = ProcessPoolExecutor(opts.jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(opts.threads,))  # fmt: skip
+        results = pool.map(_run_in_worker, runs, [opts.out] * len(runs))
+    for result in results:
+        print(f"{result['key']}: final {result['final']:.4f} best {result['best']:.4f} "
+              f"({result['seconds']:.0f}s) acc={[round(a, 3) for a in result['acc']]}", flush=True)  # fmt: skip
+        with open(results_path, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+_DATA: dict[str, Dataset] = {}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
     data = load_animal_shape_mnist()
-    train, test = TensorImages(data["train"]), TensorImages(data["test"])
-    for model in opts.models:
-        for optimizer in opts.optimizers:
-            for seed in opts.seeds:
-                for method in opts.methods:
-                    run = Run(model, method, optimizer, seed, opts.epochs, dict(extra))
-                    if run.key in done:
-                        continue
-                    result = train_one(run, train, test, os.path.join(opts.out, f"work-{os.getpid()}"))
-                    print(f"{run.key}: final {result['final']:.4f} best {result['best']:.4f} "
-                          f"({result['seconds']:.0f}s) acc={[round(a, 3) for a in result['acc']]}", flush=True)  # fmt: skip
-                    with open(results_path, "a") as f:
-                        f.write(json.dumps(result) + "\n")
+    _DATA["train"], _DATA["test"] = TensorImages(data["train"]), TensorImages(data["test"])
+
+
+def _run_in_worker(run: Run, out: str) -> dict:
+    return train_one(run, _DATA["train"], _DATA["test"], os.path.join(out, f"work-{os.getpid()}"))
 
 
 if __name__ == "__main__":

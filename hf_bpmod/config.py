@@ -67,8 +67,8 @@ class BPModifiedTrainingArguments(TrainingArguments):
         offset_bias_correction (`bool`, *optional*, defaults to `False`):
             Subtract the sampling noise ``Var/K`` from the bias estimate ``||a m_h - m_T||^2`` (METHOD.md §5).
         offset_reliability (`bool`, *optional*):
-            At each refresh, measure how much of the previous offset still holds (the regression coefficient of the
-            new ``Delta`` on the old one, clamped to [0, 1]) and multiply ``lambda`` by it. A stale offset is then
+            At each refresh, measure how much of the previous offset still holds (the correlation of the new
+            ``Delta`` with the old one, clamped to [0, 1]) and multiply ``lambda`` by it. A stale offset is then
             not applied for a whole period; the first period, with nothing to compare, gets no offset. Defaults to on
             for `offset_scaling="aligned"` (the package default) and off for the paper's rules and `"fixed"`.
         offset_seed (`int`, *optional*):

@@ -265,18 +265,21 @@ class BlockOffset:
 
 
 def reliability(previous: Vector | None, current: Vector) -> float:
-    """How much of last period's offset still holds: ``<Delta_prev, Delta_now> / ||Delta_prev||^2`` in [0, 1].
+    """How much of last period's offset still holds: the correlation ``<Delta_prev, Delta_now> / (||Delta_prev||
+    ||Delta_now||)``, clamped to [0, 1].
 
-    The regression coefficient of the new offset on the old one, measured at the refresh that ends a period. An
-    offset that no longer predicts the gap between true and local gradient after ``K`` steps (coefficient near 0)
-    would only add a stale constant to every step of the next period. No previous offset gives 0.
+    Measured at the refresh that ends a period. An offset that no longer predicts the gap between true and local
+    gradient after ``K`` steps (correlation near 0) would only add a stale constant to every step of the next
+    period. It is the regression coefficient of the new offset on the old one when the gap keeps its size; unlike
+    that coefficient it does not grow when ``||Delta||`` grows, which on the CPU study happened as runs became
+    unstable (the coefficient clamped at 1 while accuracy fell; ``docs/offset_study.md``). No previous offset gives 0.
     """
     if previous is None:
         return 0.0
-    norm = _dot(previous, previous)
-    if norm <= 0:
+    norms = _dot(previous, previous) * _dot(current, current)
+    if norms <= 0:
         return 0.0
-    return min(max(_dot(previous, current) / norm, 0.0), 1.0)
+    return min(max(_dot(previous, current) / math.sqrt(norms), 0.0), 1.0)
 
 
 def block_offset(

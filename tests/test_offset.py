@@ -255,16 +255,20 @@ def test_non_finite_statistics_keep_the_previous_offset(tmp_path):
     assert trainer.offset_state.blocks is previous
 
 
-def test_reliability_is_the_clamped_regression_coefficient():
+def test_reliability_is_the_clamped_correlation():
     from hf_bpmod.offset import reliability
 
     prev = [torch.tensor([1.0, 2.0]), torch.tensor([[2.0]])]
     assert reliability(None, prev) == 0.0
-    assert reliability(prev, [0.5 * p for p in prev]) == pytest.approx(0.5)
-    assert reliability(prev, [3.0 * p for p in prev]) == 1.0
+    assert reliability(prev, [0.5 * p for p in prev]) == pytest.approx(1.0)  # same direction, any size
+    assert reliability(prev, [3.0 * p for p in prev]) == pytest.approx(1.0)
     assert reliability(prev, [-p for p in prev]) == 0.0
     orthogonal = [torch.tensor([2.0, -1.0]), torch.tensor([[0.0]])]
     assert reliability(prev, orthogonal) == pytest.approx(0.0)
+    # 60 degrees apart: cos = 1/2, whatever the lengths (the regression coefficient would be 1.5 here, clamped to 1)
+    a, b = [torch.tensor([1.0, 0.0])], [torch.tensor([1.5, 1.5 * 3**0.5])]
+    assert reliability(a, b) == pytest.approx(0.5)
+    assert reliability([torch.zeros(2)], b) == 0.0
 
 
 def test_reliability_scales_lambda_and_keeps_the_step_size():
@@ -274,8 +278,12 @@ def test_reliability_scales_lambda_and_keeps_the_step_size():
         stats.update([[g_h[i : i + 4].mean(0)]], [[g_T[i : i + 4].mean(0)]])
     m = stats.moments(0, 4)
     free = block_offset(m, "aligned", batch_size=64, period=5)
-    half = block_offset(m, "aligned", batch_size=64, period=5, previous_delta=[2 * d for d in free.delta],
-                        check_reliability=True)  # fmt: skip
+    # a previous offset at 60 degrees to this one (in the plane of Delta and a vector orthogonal to it): cos = 1/2
+    (d,) = free.delta
+    ortho = torch.randn(d.shape, generator=torch.Generator().manual_seed(0), dtype=d.dtype)
+    ortho -= (ortho @ d) / (d @ d) * d
+    previous = [0.5 * d / d.norm() + (3**0.5 / 2) * ortho / ortho.norm()]
+    half = block_offset(m, "aligned", batch_size=64, period=5, previous_delta=previous, check_reliability=True)
     assert half.reliability == pytest.approx(0.5)
     assert half.lam == pytest.approx(free.lam * 0.5)
     problem = ScalingProblem.from_moments(m, 64, 5)
