@@ -218,11 +218,17 @@ class Method:
     name: str
     kind: str  # "bp" | "gc" | "local"
     horizon: int = 0
+    granularity: str = "layer"
 
 
 METHODS = [Method("BP", "bp"), Method("BP + GC", "gc")] + [
     Method(name, "local", h) for name, h in (("FF", 1), ("LoCo", 2), ("MPC", 5))
 ]
+STEM_APART = Method("FF, stem apart", "local", 1, "layer+stem")  # ResNets: block_granularity="layer+stem"
+
+
+def methods_for(shape: Shape) -> list[Method]:
+    return METHODS + ([STEM_APART] if shape.arch == "resnet" else [])
 
 
 @dataclass
@@ -247,8 +253,9 @@ class Runner:
             enable_checkpointing(self.model)
         if self.method.kind == "local":
             adapter = get_adapter(self.model)
-            self.aux_heads = adapter.aux_heads(self.model, self.method.horizon).train()
-            self.chain = adapter.chain(self.model, self.aux_heads)
+            granularity = self.method.granularity
+            self.aux_heads = adapter.aux_heads(self.model, self.method.horizon, granularity).train()
+            self.chain = adapter.chain(self.model, self.aux_heads, granularity)
             params += [p for p in self.aux_heads.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
 
@@ -400,7 +407,7 @@ def run_shape(shape: Shape, opts: argparse.Namespace) -> str:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, shape.image_size, shape.image_size, generator=g).to(_DEVICE)
     y = torch.randint(0, shape.num_labels, (batch,), generator=g).to(_DEVICE)
-    runners = [Runner(m, copy.deepcopy(template), x, y) for m in METHODS]
+    runners = [Runner(m, copy.deepcopy(template), x, y) for m in methods_for(shape)]
     n_params = sum(p.numel() for p in template.parameters())
     n_train = sum(p.numel() for p in template.parameters() if p.requires_grad)
     del template
@@ -553,6 +560,13 @@ def goal_lines(goals: dict[str, float], gc_ratio: float, shape: Shape, paper_bat
             ff, gc = goals["FF BP-modified memory at paper batch"], goals["BP + GC memory at paper batch"]
             below = "met" if ff < gc else "missed"
             parts.append(f"at B = {paper_batch}: {check(ff, 0.20)}, below BP + GC ({gc:.2f}): {below}")
+        apart = f"{STEM_APART.name} BP-modified memory"
+        if apart in goals:
+            at_b = goals.get(apart + " at paper batch")
+            parts.append(
+                f"with the stem apart (`block_granularity='layer+stem'`): {check(goals[apart], 0.20)}"
+                + (f", at B = {paper_batch}: {check(at_b, 0.20)}" if at_b is not None else "")
+            )
     parts.append(f"time FF / BP = {check(goals['FF time'], 1.0)}")
     parts.append(f"LoCo / BP = {check(goals['LoCo time'], 1.15)}")
     parts.append(f"MPC h=5 / BP = {check(goals['MPC time'], 2.2)}")

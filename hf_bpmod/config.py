@@ -44,8 +44,10 @@ class BPModifiedTrainingArguments(TrainingArguments):
             Forward-Forward-like, ``2`` LoCo-like, ``5`` the paper's MPC; ``h`` >= the number of blocks is exact
             backprop. Activation memory grows with ``h``, not with depth.
         block_granularity (`str`, *optional*, defaults to `"layer"`):
-            How a ResNet is cut into blocks: one block per residual layer (`"layer"`) or per stage (`"stage"`).
-            ViT blocks are always encoder layers.
+            How a ResNet is cut into blocks: one block per residual layer, the stem joined to the first
+            (`"layer"`, the paper's split); the same with the stem as a block of its own (`"layer+stem"`: lower
+            peak memory at high resolution, one more auxiliary head); or one block per stage (`"stage"`). ViT
+            blocks are always encoder layers.
         bp_modified (`bool`, *optional*, defaults to `True`):
             Add the periodic BP offset of eq. 5 to the local gradient. `False` trains with the plain local loss.
         offset_batch_size (`int`, *optional*, defaults to `320`):
@@ -84,7 +86,10 @@ class BPModifiedTrainingArguments(TrainingArguments):
     )
     block_granularity: str = field(
         default="layer",
-        metadata={"help": "ResNet blocks: 'layer' (one per residual layer) or 'stage' (one per stage)."},
+        metadata={
+            "help": "ResNet blocks: 'layer' (one per residual layer), 'layer+stem' (the stem a block of its own) or "
+            "'stage' (one per stage)."
+        },
     )
 
     # The BP-modified offset (eq. 5, Algorithm 1)
@@ -128,10 +133,11 @@ class BPModifiedTrainingArguments(TrainingArguments):
             )
         super().__post_init__()
         self._check_int("local_horizon", 1, "use 1 (Forward-Forward), 2 (LoCo), 5 (MPC) or more")
-        if self.block_granularity not in ("layer", "stage"):
+        if self.block_granularity not in ("layer", "layer+stem", "stage"):
             raise ValueError(
-                f"`block_granularity` ({self.block_granularity!r}) must be 'layer' (one block per residual layer) "
-                "or 'stage' (one block per ResNet stage)."
+                f"`block_granularity` ({self.block_granularity!r}) must be 'layer' (one block per residual layer), "
+                "'layer+stem' (the same, with the ResNet stem as a block of its own) or 'stage' (one block per ResNet "
+                "stage)."
             )
         self._check_int("offset_batch_size", 2, "B' is the number of examples per offset refresh, e.g. 320")
         self._check_int("offset_micro_batch_size", 1, "b' is the micro-batch size of the offset pass, e.g. 8")

@@ -6,7 +6,7 @@ from peft import LoKrConfig, LoraConfig, get_peft_model
 
 from hf_bpmod.testing import emulate_legacy_vit_layout, tiny_resnet, tiny_vit
 
-KINDS = ["vit", "vit_legacy", "resnet", "resnet_stage", "vit_lora", "resnet_lokr"]
+KINDS = ["vit", "vit_legacy", "resnet", "resnet_stem", "resnet_stage", "vit_lora", "resnet_lokr"]
 
 
 def lora_vit(num_layers: int = 4, **kw):
@@ -33,6 +33,8 @@ def make(kind: str):
         return tiny_vit(num_layers=4), "layer"
     if kind == "resnet":
         return tiny_resnet(depths=(2, 2)), "layer"
+    if kind == "resnet_stem":
+        return tiny_resnet(depths=(2, 2)), "layer+stem"
     if kind == "resnet_stage":
         return tiny_resnet(depths=(2, 1, 1)), "stage"
     if kind == "vit_lora":

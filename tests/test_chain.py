@@ -40,6 +40,21 @@ def test_block_counts_and_parameters_partition():
     assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+def test_stem_as_its_own_block():
+    model, _ = make("resnet_stem")
+    adapter = get_adapter(model)
+    chain = adapter.chain(model, granularity="layer+stem")
+    assert chain.num_blocks == 5  # the embedder, then the 4 residual layers
+    stem = {id(p) for p in unwrap_model(model).resnet.embedder.parameters()}
+    assert {id(p) for p in chain.block_params[0]} == stem
+    heads = adapter.aux_heads(model, horizon=1, granularity="layer+stem")
+    assert heads["1"][-1].in_features == model.config.embedding_size  # the stem's output width
+    assert heads["2"][-1].in_features == model.config.hidden_sizes[0]
+    vit, _ = make("vit")
+    with pytest.raises(ValueError, match="'layer\\+stem'` is for ResNets"):
+        get_adapter(vit).chain(vit, granularity="layer+stem")
+
+
 def test_peft_blocks_hold_only_adapter_weights():
     model, _ = make("vit_lora")
     chain = get_adapter(model).chain(model)

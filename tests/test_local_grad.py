@@ -44,7 +44,7 @@ def _close(a, b):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["vit", "resnet", "vit_lora", "resnet_lokr", "resnet_stage"])
+@pytest.mark.parametrize("kind", ["vit", "resnet", "vit_lora", "resnet_lokr", "resnet_stage", "resnet_stem"])
 @pytest.mark.parametrize("horizon", [1, 2, "T"])
 def test_local_gradient_matches_independent_autograd(kind, horizon):
     model, chain, x, loss_fn = _setup(kind, 1 if horizon == "T" else horizon)

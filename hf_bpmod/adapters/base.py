@@ -9,7 +9,7 @@ from torch import nn
 
 from ..chain import BlockChain
 
-BlockGranularity = Literal["layer", "stage"]
+BlockGranularity = Literal["layer", "layer+stem", "stage"]
 
 ADAPTERS: dict[str, type[ArchitectureAdapter]] = {}
 

@@ -49,6 +49,11 @@ class ViTAdapter(ArchitectureAdapter):
         return model.vit
 
     def blocks(self, model: nn.Module, granularity: BlockGranularity = "layer") -> list[nn.Module]:
+        if granularity == "layer+stem":
+            raise ValueError(
+                "`block_granularity='layer+stem'` is for ResNets: a ViT's CLS token after the patch embedding does "
+                "not depend on the image, so the embedding cannot learn from a local loss of its own. Use 'layer'."
+            )
         vit = self._backbone(model)
         layers = find_layer_list(vit, model.config.num_hidden_layers)
         return [Sequence_(vit.embeddings, layers[0])] + [Sequence_(layer) for layer in layers[1:]]
