@@ -2,11 +2,18 @@
 """A CPU-scale study of local losses with and without the BP-modified offset, on the embedded data.
 
 Trains a small ViT (6 blocks) and a small ResNet (8 blocks) from scratch on Animal-Shape-MNIST (8,000 train /
-2,000 test images, 28x28, 10 classes) with ``BPModifiedTrainer`` and writes a markdown table (and, with
-``--plots``, PNG plots) under ``docs/``.
+2,000 test images, 28x28, 10 classes) with ``BPModifiedTrainer`` and writes a markdown table (accuracy, seconds,
+counted peak memory) and, with ``--plots``, PNG plots. The Trainer's defaults otherwise: linear learning-rate decay,
+gradient clipping at 1.0.
 
-    # the offset study of docs/offset_study.md (both models, both optimizers, 2 seeds; about 2 hours on 2 cores)
-    python examples/cpu_study.py --study offset --out docs/offset_study
+    # `make study`: both models, SGD with momentum, BP / FF / FF-modified / LoCo / LoCo-modified, 2 seeds (~20 min)
+    python examples/cpu_study.py --jobs 2 --threads 1 --optimizers sgd --methods bp ff ff_mod loco loco_mod
+    python examples/cpu_study.py --report --plots
+    # docs/cpu_study (docs/offset_study.md): both optimizers, the paper's rule too
+    python examples/cpu_study.py --jobs 2 --threads 1 --out docs/cpu_study \
+        --methods bp ff ff_mod ff_paper loco loco_mod
+    # the paper's setting at CPU scale: a BP-pretrained backbone (classes 0-4), fine-tuned with a new head (5-9)
+    python examples/cpu_study.py --setting finetune --out docs/cpu_study_finetune --epochs 4 --methods bp ff ff_mod
     # a quick look (one model, one optimizer, one seed, 2 epochs)
     python examples/cpu_study.py --models vit --optimizers adamw --seeds 0 --epochs 2 --methods ff ff_mod bp
 
@@ -84,6 +91,44 @@ OPTIMIZERS = {
     "adamw": dict(optim="adamw_torch", learning_rate=2e-3, weight_decay=0.01),
     "sgd": dict(optim="sgd", learning_rate=0.05, optim_args="momentum=0.9"),
 }
+# fine-tuning a pretrained backbone: a quarter of the from-scratch learning rates
+FINETUNE_OPTIMIZERS = {
+    "adamw": dict(optim="adamw_torch", learning_rate=5e-4, weight_decay=0.01),
+    "sgd": dict(optim="sgd", learning_rate=0.0125, optim_args="momentum=0.9"),
+}
+PRETRAIN_CLASSES, FINETUNE_CLASSES = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+PRETRAIN_EPOCHS = 4
+
+
+def pretrained_path(out: str, kind: str, seed: int) -> str:
+    return os.path.join(out, "pretrained", f"{kind}-seed{seed}.pt")
+
+
+def pretrain(kind: str, seed: int, train: Dataset, out: str) -> str:
+    """Backprop (AdamW 2e-3, 4 epochs) on classes 0-4: the backbone the ``finetune`` setting starts from. Cached."""
+    path = pretrained_path(out, kind, seed)
+    if os.path.exists(path):
+        return path
+    run = Run(kind, "bp", "adamw", seed, PRETRAIN_EPOCHS)
+    args = training_arguments(run, os.path.join(out, "work-pretrain"), eval_strategy="no", logging_strategy="no")
+    trainer = BPModifiedTrainer(model=build_model(kind, len(PRETRAIN_CLASSES), seed), args=args, train_dataset=train)
+    trainer.train()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(trainer.model.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)  # never a half-written file
+    return path
+
+
+def initial_model(run: Run, out: str) -> torch.nn.Module:
+    """From scratch, or (``finetune``) the pretrained backbone with a freshly initialised classifier."""
+    if run.setting == "scratch":
+        return build_model(run.model, seed=run.seed)
+    model = build_model(run.model, len(FINETUNE_CLASSES), seed=run.seed + 1000)  # the new head's init
+    state = torch.load(pretrained_path(out, run.model, run.seed), weights_only=True)
+    backbone = {k: v for k, v in state.items() if not k.startswith("classifier")}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    assert not unexpected and all(k.startswith("classifier") for k in missing), (missing, unexpected)
+    return model
 
 
 @dataclass
@@ -96,12 +141,14 @@ class Run:
     extra: dict = field(default_factory=dict)
     lr_scheduler_type: str = "linear"  # the Trainer's defaults
     max_grad_norm: float = 1.0
+    setting: str = "scratch"  # or "finetune": a BP-pretrained backbone (classes 0-4), new head, classes 5-9
 
     @property
     def key(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.extra.items()))
         setting = f"{self.lr_scheduler_type},clip={self.max_grad_norm}"
-        return f"{self.model}|{self.method}|{self.optimizer}|{self.seed}|{self.epochs}|{extra}|{setting}"
+        key = f"{self.model}|{self.method}|{self.optimizer}|{self.seed}|{self.epochs}|{extra}|{setting}"
+        return key if self.setting == "scratch" else f"{key}|{self.setting}"
 
 
 def training_arguments(run: Run, workdir: str, **overrides) -> BPModifiedTrainingArguments:
@@ -113,20 +160,19 @@ def training_arguments(run: Run, workdir: str, **overrides) -> BPModifiedTrainin
         logging_strategy="epoch", disable_tqdm=True, dataloader_drop_last=True, offset_batch_size=320,
         offset_micro_batch_size=8,
     )  # fmt: skip
-    return BPModifiedTrainingArguments(
-        **{**settings, **METHODS[run.method], **OPTIMIZERS[run.optimizer], **run.extra, **overrides}
-    )
+    optimizer = (FINETUNE_OPTIMIZERS if run.setting == "finetune" else OPTIMIZERS)[run.optimizer]
+    return BPModifiedTrainingArguments(**{**settings, **METHODS[run.method], **optimizer, **run.extra, **overrides})
 
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def peak_step_bytes(run: Run, train: Dataset, workdir: str) -> dict[str, int]:
+def peak_step_bytes(run: Run, train: Dataset, workdir: str, out: str) -> dict[str, int]:
     """What one optimizer step holds at its peak, counted: the saved-for-backward storages alive at once
     (:class:`~hf_bpmod.memory.SavedStorageMeter`, the first step's offset refresh included) plus parameters, their
     gradients, the optimizer state, the auxiliary heads and the offsets. Deterministic, unlike the process RSS."""
-    model = build_model(run.model, seed=run.seed)
+    model = initial_model(run, out)
     args = training_arguments(run, workdir, max_steps=1, eval_strategy="no", logging_strategy="no")
     trainer = BPModifiedTrainer(model=model, args=args, train_dataset=train)
     params = list(model.parameters()) + list(trainer.aux_heads.parameters())
@@ -143,9 +189,9 @@ def peak_step_bytes(run: Run, train: Dataset, workdir: str) -> dict[str, int]:
     }
 
 
-def train_one(run: Run, train: Dataset, test: Dataset, workdir: str) -> dict:
-    memory = peak_step_bytes(run, train, workdir)
-    model = build_model(run.model, seed=run.seed)
+def train_one(run: Run, train: Dataset, test: Dataset, workdir: str, out: str) -> dict:
+    memory = peak_step_bytes(run, train, workdir, out)
+    model = initial_model(run, out)
     args = training_arguments(run, workdir)
 
     def accuracy(eval_pred):
@@ -271,6 +317,9 @@ def main() -> None:
     parser.add_argument("--lr_scheduler_type", default="linear", help="the Trainer's default; docs/cpu_study_constant_lr "
                         "used constant")  # fmt: skip
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="the Trainer's default; 0 disables clipping")
+    parser.add_argument("--setting", choices=["scratch", "finetune"], default="scratch",
+                        help="finetune: BP-pretrain on classes 0-4 (cached under <out>/pretrained), then train every "
+                        "method from that backbone with a new head on classes 5-9 (the paper's setting)")  # fmt: skip
     parser.add_argument("--out", default="runs/cpu_study")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
@@ -299,13 +348,27 @@ def main() -> None:
             f.write(text + "\n")
         return
     runs = [
-        Run(model, method, optimizer, seed, opts.epochs, dict(extra), opts.lr_scheduler_type, opts.max_grad_norm)
+        Run(
+            model,
+            method,
+            optimizer,
+            seed,
+            opts.epochs,
+            dict(extra),
+            opts.lr_scheduler_type,
+            opts.max_grad_norm,
+            opts.setting,
+        )
         for model in opts.models
         for optimizer in opts.optimizers
         for seed in opts.seeds
         for method in opts.methods
     ]
     runs = [run for run in runs if run.key not in done]
+    if opts.setting == "finetune":
+        pretrain_set = TensorImages(load_animal_shape_mnist()["train"], PRETRAIN_CLASSES)
+        for model, seed in sorted({(run.model, run.seed) for run in runs}):
+            print(f"pretrained backbone: {pretrain(model, seed, pretrain_set, opts.out)}", flush=True)
     if opts.jobs == 1:
         _init_worker(opts.threads)
         results = map(_run_in_worker, runs, [opts.out] * len(runs))
@@ -328,10 +391,14 @@ def _init_worker(threads: int) -> None:
     hf_logging.set_verbosity_error()
     data = load_animal_shape_mnist()
     _DATA["train"], _DATA["test"] = TensorImages(data["train"]), TensorImages(data["test"])
+    _DATA["finetune-train"] = TensorImages(data["train"], FINETUNE_CLASSES)
+    _DATA["finetune-test"] = TensorImages(data["test"], FINETUNE_CLASSES)
 
 
 def _run_in_worker(run: Run, out: str) -> dict:
-    return train_one(run, _DATA["train"], _DATA["test"], os.path.join(out, f"work-{os.getpid()}"))
+    prefix = "finetune-" if run.setting == "finetune" else ""
+    train, test = _DATA[prefix + "train"], _DATA[prefix + "test"]
+    return train_one(run, train, test, os.path.join(out, f"work-{os.getpid()}"), out)
 
 
 if __name__ == "__main__":
