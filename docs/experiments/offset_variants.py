@@ -1,0 +1,131 @@
+"""Variants of the offset rule on the CPU study, by patching the package at run time (a research harness, not part
+of the package). One run per call; one JSON line per run in docs/experiments/offset_variants.jsonl.
+
+    OMP_NUM_THREADS=1 SCHED=constant CLIP=0 python docs/experiments/offset_variants.py VARIANT vit sgd SEED 8 [METHOD]
+
+VARIANT: regression (lambda times the clamped regression coefficient of successive offsets: the package's rule
+before it adopted corr; the JSON lines made before that change call it "base"), base (the package as it is), noc (no step factor c), decay (offset weight decays
+linearly to 0 within each period), rho2 (lambda times reliability squared), random (the offset replaced by a random
+vector of the same norm: a control for "any push of that size"), tiny (offset times 1e-6: a control for chaos),
+corr (reliability = correlation of successive offsets, the rule the package adopted), corr2, gate.
+SCHED / CLIP: learning-rate schedule and gradient clipping (the Trainer's defaults are linear and 1.0).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
+import torch
+
+torch.set_num_threads(1)
+from transformers.utils import logging as hf_logging
+hf_logging.set_verbosity_error()
+import cpu_study
+import hf_bpmod.offset as O
+import hf_bpmod.offset_pass as OP
+import hf_bpmod.trainer as T
+
+variant, model, opt, seed, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+method = sys.argv[6] if len(sys.argv) > 6 else "ff_mod"
+sched = os.environ.get("SCHED", "constant")
+orig_block_offset = O.block_offset
+
+def patched(moments, scaling, **kw):
+    off = orig_block_offset(moments, scaling, **kw)
+    prob = O.ScalingProblem.from_moments(moments, kw["batch_size"], kw["period"], kw.get("bias_correction", False))
+    rho = off.reliability
+    if variant == "rho2":
+        lam = off.lam * rho
+        c = prob.aligned_step_factor(lam)
+        off = dataclasses.replace(off, lam=lam, c=c, scale=c * off.a, weight=c * lam)
+    elif variant in ("noc", "decay_noc"):
+        off = dataclasses.replace(off, c=1.0, scale=off.a, weight=off.lam)
+    elif variant == "random" and off.delta is not None:
+        g = torch.Generator().manual_seed(1234 + len(off.delta))
+        rnd = [torch.randn(d.shape, generator=g, dtype=d.dtype) for d in off.delta]
+        n0 = math.sqrt(sum(float((d.double() ** 2).sum()) for d in off.delta))
+        n1 = math.sqrt(sum(float((d.double() ** 2).sum()) for d in rnd))
+        off = dataclasses.replace(off, delta=[d * (n0 / n1) for d in rnd])
+    elif variant == "regression":  # the rule before: lambda times the clamped regression coefficient
+        prev = kw.get("previous_delta")
+        _, lam0, _ = prob.solve_aligned()
+        r = 0.0
+        if prev is not None and off.delta is not None:
+            dot = sum(float((p.double() * d.double()).sum()) for p, d in zip(prev, off.delta))
+            npp = sum(float((p.double() ** 2).sum()) for p in prev)
+            r = min(max(dot / npp, 0.0), 1.0) if npp > 0 else 0.0
+        lam = lam0 * r
+        c = prob.aligned_step_factor(lam)
+        off = dataclasses.replace(off, lam=lam, c=c, scale=c * off.a, weight=c * lam, reliability=r)
+    elif variant in ("corr2", "corr"):
+        prev = kw.get("previous_delta")
+        _, lam0, _ = prob.solve_aligned()
+        if prev is None or off.delta is None:
+            r = 0.0
+        else:
+            dot = sum(float((p.double() * d.double()).sum()) for p, d in zip(prev, off.delta))
+            npp = sum(float((p.double() ** 2).sum()) for p in prev)
+            ndd = sum(float((d.double() ** 2).sum()) for d in off.delta)
+            r = max(dot, 0.0) / math.sqrt(max(npp * ndd, 1e-300))
+        if variant == "corr2":
+            r = r * r
+        lam = lam0 * r
+        c = prob.aligned_step_factor(lam)
+        off = dataclasses.replace(off, lam=lam, c=c, scale=c * off.a, weight=c * lam, reliability=r)
+    elif variant == "gate":
+        if rho < 0.5:
+            off = dataclasses.replace(off, lam=0.0, c=1.0, scale=off.a, weight=0.0)
+    return off
+OP.block_offset = patched
+
+TR = {}
+orig_apply = T.apply_block_offsets
+def apply(chain, offsets, grad_scale=1.0):
+    if variant.startswith("decay"):
+        tr = TR["t"]
+        st = tr.offset_state
+        K = tr.offset_period_steps()
+        s = tr.state.global_step - (st.next_refresh_step - K)
+        f = max(0.0, 1 - s / K)
+        offsets = [dataclasses.replace(o, weight=o.weight * f) for o in offsets]
+    if variant == "tiny":
+        offsets = [dataclasses.replace(o, weight=o.weight * 1e-6, scale=1.0) for o in offsets]
+    orig_apply(chain, offsets, grad_scale)
+T.apply_block_offsets = apply
+
+orig_init = T.BPModifiedTrainer.__init__
+def init(self, *a, **k):
+    orig_init(self, *a, **k); TR["t"] = self
+T.BPModifiedTrainer.__init__ = init
+
+orig_args = cpu_study.BPModifiedTrainingArguments
+def args(**kw):
+    kw["lr_scheduler_type"] = sched
+    kw["max_grad_norm"] = float(os.environ.get("CLIP", "0"))
+    return orig_args(**kw)
+cpu_study.BPModifiedTrainingArguments = args
+
+# keep full offset logs
+data = cpu_study.load_animal_shape_mnist()
+train, test = cpu_study.TensorImages(data["train"]), cpu_study.TensorImages(data["test"])
+run = cpu_study.Run(model, method, opt, seed, epochs, {})
+wd = os.path.join(HERE, f"work-{os.getpid()}")
+orig_remove = os.remove
+logs = []
+def keep(path):
+    if path.endswith(".jsonl"):
+        logs.extend(json.loads(l) for l in open(path))
+    orig_remove(path)
+os.remove = keep
+res = cpu_study.train_one(run, train, test, wd, HERE)
+os.remove = orig_remove
+rec = {"variant": variant, "sched": sched, "clip": os.environ.get("CLIP", "0"), "model": model, "opt": opt, "seed": seed, "method": method,
+       "acc": res["acc"], "seconds": res["seconds"],
+       "offsets": [{"step": r["step"], **{k: [b.get(k) for b in r["blocks"]] for k in ("lam", "c", "reliability", "offset_norm", "cosine")}} for r in logs]}
+with open(os.path.join(HERE, "offset_variants.jsonl"), "a") as f:
+    f.write(json.dumps(rec) + "\n")
+print(variant, sched, model, opt, seed, method, [round(a, 3) for a in res["acc"]], round(res["seconds"]))
