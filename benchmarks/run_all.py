@@ -3,7 +3,8 @@
 
 Runs, one after the other, each in its own process (so that one's threads and memory do not touch the next):
 ``saved_activations.py`` (deterministic saved-activation bytes), ``offset_overhead.py`` (offset time per epoch through
-the Trainer) and ``memory_speed.py`` (peak memory and step time against BP and gradient checkpointing). Then it
+the Trainer), ``memory_speed.py`` (peak memory and step time against BP and gradient checkpointing) and
+``vjp_floor.py`` (the passes of one block: the step-time floor of each horizon). Then it
 concatenates the markdown each one wrote, prints it and writes it to ``benchmarks/results/README.md``.
 
 The children run with ``OMP_WAIT_POLICY=PASSIVE`` (unless set): spinning OpenMP threads collapse when other processes
@@ -29,6 +30,7 @@ BENCHMARKS = [
     ("saved_activations.py", ["saved_activations.md"]),
     ("offset_overhead.py", ["offset_overhead_h1.md"]),
     ("memory_speed.py", ["memory_speed_cpu.md"]),
+    ("vjp_floor.py", ["vjp_floor.md"]),
 ]
 
 

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""What a local step must cost: the four passes of one block, timed, and the step-time floor they imply.
+
+Per block, backprop does one forward ``F`` and one backward for the input and the weights together (``AW``). Horizon
+``h`` does one forward, one backward for the weights only (``W``: the local loss ``h`` blocks ahead trains this
+block) and ``h - 1`` backwards for the input only (``A``: it carries the losses of the next ``h - 1`` blocks through
+to their targets below). Inside a block the weight-only pass still has to carry the cotangent through every
+operation to reach the first layer's weights, so ``W`` is close to ``AW``, not to ``AW - A``: that is why ``h = 2``
+costs more than backprop, not the same. The floor of a local step relative to BP, heads left out:
+
+    (F + W + (h - 1) A) / (F + AW)
+
+Measured on one encoder layer of ViT-B/16 and one bottleneck of ResNet-50 (stage 2), random init, 224 px input
+shapes, batch ``B``; median of ``--repeats`` after a warm-up, the four passes interleaved.
+
+    python benchmarks/vjp_floor.py              # writes benchmarks/results/vjp_floor.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def blocks(batch: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(num_labels=100))
+    layers = vit.vit.layers if hasattr(vit.vit, "layers") else vit.vit.encoder.layer
+    resnet = ResNetForImageClassification(ResNetConfig(num_labels=100))
+    bottleneck = resnet.resnet.encoder.stages[1].layers[1]
+    vit_layer = layers[0]
+
+    class First(nn.Module):  # a ViT layer returns a tuple in older transformers releases
+        def __init__(self, layer: nn.Module) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.layer(x)
+            return out[0] if isinstance(out, tuple) else out
+
+    return {
+        "ViT-B/16 encoder layer (197 tokens x 768)": (First(vit_layer), torch.randn(batch, 197, 768)),
+        "ResNet-50 bottleneck, stage 2 (512 ch, 28 x 28)": (bottleneck, torch.randn(batch, 512, 28, 28)),
+    }
+
+
+def passes(block: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    params = [p for p in block.parameters() if p.requires_grad]
+    leaf = x.detach().requires_grad_(True)
+
+    def graph():
+        out = block(leaf)
+        return out, torch.randn_like(out)
+
+    def backward(wrt):
+        out, cot = graph()
+        return torch.autograd.grad(out, wrt, grad_outputs=cot)
+
+    return {
+        "F": lambda: block(x),
+        "F+A": lambda: backward([leaf]),
+        "F+W": lambda: backward(params),
+        "F+AW": lambda: backward([leaf, *params]),
+    }
+
+
+def time_passes(block: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    fns = passes(block, x)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if rep:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    F = med["F"]
+    return {"F": F, "A": med["F+A"] - F, "W": med["F+W"] - F, "AW": med["F+AW"] - F}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="benchmarks/results")
+    opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    lines = [
+        f"# The passes of one block and the step-time floor (B = {opts.batch}, CPU, {torch.get_num_threads()} threads)",
+        "",
+        "| block | F (ms) | A: input only (ms) | W: weights only (ms) | AW: both (ms) | W / AW | "
+        "floor h=1 / BP | floor h=2 / BP | floor h=5 / BP |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (block, x) in blocks(opts.batch).items():
+        block.train()
+        t = time_passes(block, x, opts.repeats)
+        bp = t["F"] + t["AW"]
+        floor = {h: (t["F"] + t["W"] + (h - 1) * t["A"]) / bp for h in (1, 2, 5)}
+        lines.append(
+            f"| {name} | {1e3 * t['F']:.1f} | {1e3 * t['A']:.1f} | {1e3 * t['W']:.1f} | {1e3 * t['AW']:.1f} | "
+            f"{t['W'] / t['AW']:.2f} | {floor[1]:.2f} | {floor[2]:.2f} | {floor[5]:.2f} |"
+        )
+    lines += [
+        "",
+        "Floor = (F + W + (h - 1) A) / (F + AW): what horizon h costs per block relative to backprop when nothing "
+        "else (auxiliary heads, Python) is counted. Passes timed as forward + backward minus the forward.",
+        "",
+        f"Command: `python benchmarks/vjp_floor.py --batch {opts.batch}`",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(opts.out, exist_ok=True)
+    with open(os.path.join(opts.out, "vjp_floor.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
