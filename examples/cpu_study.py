@@ -253,10 +253,51 @@ def report(results: list[dict], out: str, plots: bool) -> str:
             f"{np.mean(finals):.3f} | {np.mean([r['best'] for r in rs]):.3f} | "
             f"{np.mean([r['seconds'] for r in rs]):.0f} | {peak} |"
         )
-    text = "\n".join(lines)
+    text = "\n".join(lines + ["", offset_effect(results)])
     if plots:
         _plots(groups, out)
     return text
+
+
+PAIRS = [("ff", "ff_mod"), ("ff", "ff_paper"), ("loco", "loco_mod"), ("loco", "loco_paper")]
+
+
+def offset_effect(results: list[dict]) -> str:
+    """Per model, optimizer and local method: the offset's effect on the final accuracy, seed by seed (only seeds
+    that both runs have), and the part of the local-to-BP gap it closes (BP: mean over its own seeds)."""
+    final = {(r["model"], r["optimizer"], _label(r), r["seed"]): r["final"] for r in results}
+    lines = [
+        "| model | optimizer | local -> modified | seeds | modified - local (per seed) | mean local | mean modified "
+        "| mean BP | gap closed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cells = sorted({(m, o) for m, o, _, _ in final})
+    for model, optimizer in cells:
+        bp = [v for (m, o, lab, _), v in final.items() if (m, o, lab) == (model, optimizer, "bp")]
+        for local, modified in PAIRS:
+            seeds = sorted(
+                s
+                for (m, o, lab, s) in final
+                if (m, o, lab) == (model, optimizer, local) and (model, optimizer, modified, s) in final
+            )
+            if not seeds:
+                continue
+            a = [final[(model, optimizer, local, s)] for s in seeds]
+            b = [final[(model, optimizer, modified, s)] for s in seeds]
+            diffs = ", ".join(f"{y - x:+.3f}" for x, y in zip(a, b))
+            gap = (
+                f"{(np.mean(b) - np.mean(a)) / (np.mean(bp) - np.mean(a)):+.0%}"
+                if bp and np.mean(bp) > np.mean(a)
+                else "-"
+            )
+            lines.append(
+                f"| {model} | {optimizer} | {local} -> {modified} | {len(seeds)} | {diffs} | {np.mean(a):.3f} | "
+                f"{np.mean(b):.3f} | {np.mean(bp):.3f} | {gap} |"
+                if bp
+                else f"| {model} | {optimizer} | {local} -> {modified} | {len(seeds)} | {diffs} | {np.mean(a):.3f} | "
+                f"{np.mean(b):.3f} | - | - |"
+            )
+    return "\n".join(lines)
 
 
 def _plots(groups: dict[tuple, list[dict]], out: str) -> None:
