@@ -329,19 +329,26 @@ def _plots(groups: dict[tuple, list[dict]], out: str) -> None:
     ]
     if not modified:
         return
-    fig, axes = plt.subplots(2, len(modified), figsize=(3.2 * len(modified), 5.5), squeeze=False)
-    for col, ((model, optimizer, label), r) in enumerate(modified):
+    # one row per (model, optimizer), a pair of columns (a, lambda) per modified method; first seed
+    cells = sorted({(m, o) for (m, o, _), _ in modified})
+    methods = sorted({label for (_, _, label), _ in modified})
+    fig, axes = plt.subplots(
+        len(cells), 2 * len(methods), figsize=(3.0 * 2 * len(methods), 2.6 * len(cells)), squeeze=False
+    )
+    for (model, optimizer, label), r in modified:
+        row, col = cells.index((model, optimizer)), 2 * methods.index(label)
         steps = [o["step"] for o in r["offsets"]]
-        for row, key in enumerate(("a", "lam")):
-            ax = axes[row][col]
+        for k, key in enumerate(("a", "lam")):
+            ax = axes[row][col + k]
             values = np.array([o[key] for o in r["offsets"]])
             for t in range(values.shape[1] - 1):  # the last block is exact: a = 1, lambda = 0
                 ax.plot(steps, values[:, t], marker=".", label=f"block {t}")
-            ax.set_title(f"{model}/{optimizer}\n{label}", fontsize=7)
-            ax.set_xlabel("step")
+            ax.set_title(f"{model}/{optimizer}, {label} (seed {r['seed']})", fontsize=8)
+            ax.set_xlabel("step", fontsize=8)
             ax.set_ylabel({"a": "a", "lam": "lambda"}[key])
+            ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-        axes[0][col].legend(fontsize=6)
+        axes[row][col].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "scales.png"), dpi=110)
     plt.close(fig)
