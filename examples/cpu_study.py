@@ -307,13 +307,15 @@ def _plots(groups: dict[tuple, list[dict]], out: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(m, o) for m, o, _ in groups})
+    labels = sorted({label for _, _, label in groups})
+    color = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}  # one colour per method
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (model, optimizer) in zip(axes[0], panels):
         for (m, o, label), rs in sorted(groups.items()):
             if (m, o) != (model, optimizer):
                 continue
             acc = np.mean([r["acc"] for r in rs], axis=0)
-            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=label)
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=label, color=color[label])
         ax.set_title(f"{model}, {optimizer}")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (mean over seeds)")
