@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .adapters import get_adapter, unwrap_model
@@ -36,6 +36,16 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+class _OffsetLogStart(TrainerCallback):
+    """At the start of training (state restored on resume), aligns the refresh log with where training starts."""
+
+    def __init__(self, trainer: BPModifiedTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._start_offset_log(state.global_step)
 
 
 class BPModifiedTrainer(Trainer):
@@ -70,6 +80,7 @@ class BPModifiedTrainer(Trainer):
         base = unwrap_model(self.model)
         self.aux_heads = self.adapter.aux_heads(base, args.local_horizon, args.block_granularity).to(args.device)
         self._broadcast_from_main_process(self.aux_heads)
+        self.add_callback(_OffsetLogStart(self))
         self.block_chain = self.adapter.chain(base, self.aux_heads, args.block_granularity)
         self._warn_uncovered_parameters()
         self._zero_aux_grads = True
@@ -389,6 +400,27 @@ class BPModifiedTrainer(Trainer):
         state.period_index += 1
         state.next_refresh_step = self.state.global_step + period
         self._log_offset_record(record)
+
+    def _start_offset_log(self, start_step: int) -> None:
+        """Drop the refresh records at or after ``start_step`` from ``offset_log_file``: those of an earlier run in
+        the same ``output_dir`` (a fresh run starts at 0) or, on resume, those the interrupted run made after its
+        checkpoint (they are made again). The file as it was is kept as ``<file>.old``; the new one is written
+        atomically."""
+        if not self.args.should_save:
+            return
+        path = os.path.join(self.args.output_dir, self.args.offset_log_file)
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("step", 0) < start_step]
+        if len(keep) == len(lines):
+            return
+        with open(path + ".old", "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
     def _log_offset_record(self, record: dict) -> None:
         logs = {"offset/seconds": record["seconds"]}

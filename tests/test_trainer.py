@@ -144,8 +144,17 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, bp_modified):
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert _max_diff(resumed, full) <= 1e-6
     if bp_modified:
-        log = [json.loads(line) for line in open(tmp_path / "b" / "out" / "bpmod_offsets.jsonl")]
-        assert [r["step"] for r in log] == [0, 4, 4]  # first run: 0 and 4; resumed run: only 4
+        out = tmp_path / "b" / "out"
+        log = [json.loads(line) for line in open(out / "bpmod_offsets.jsonl")]
+        # the interrupted run's record of step 4 (after its checkpoint) is replaced by the resumed run's
+        assert [r["step"] for r in log] == [0, 4]
+        old = [json.loads(line) for line in open(out / "bpmod_offsets.jsonl.old")]
+        assert [r["step"] for r in old] == [0, 4]  # the file as it was is kept
+        # a fresh run in the same output_dir starts a fresh log
+        again = BPModifiedTrainer(model=tiny_vit(num_layers=4), args=_args(tmp_path / "a", **kw), train_dataset=data)
+        again.train()
+        log = [json.loads(line) for line in open(tmp_path / "a" / "out" / "bpmod_offsets.jsonl")]
+        assert [r["step"] for r in log] == [0, 4]
 
 
 @pytest.mark.parametrize(
