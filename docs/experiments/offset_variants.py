@@ -7,7 +7,8 @@ VARIANT: regression (lambda times the clamped regression coefficient of successi
 before it adopted corr; the JSON lines made before that change call it "base"), base (the package as it is), noc (no step factor c), decay (offset weight decays
 linearly to 0 within each period), rho2 (lambda times reliability squared), random (the offset replaced by a random
 vector of the same norm: a control for "any push of that size"), tiny (offset times 1e-6: a control for chaos),
-corr (reliability = correlation of successive offsets, the rule the package adopted), corr2, gate.
+corr (reliability = correlation of successive offsets, the rule the package adopted), corr2, gate, cap (the
+package's rule with the offset's norm capped at a quarter of the mean local gradient's).
 SCHED / CLIP: learning-rate schedule and gradient clipping (the Trainer's defaults are linear and 1.0).
 """
 
@@ -76,6 +77,14 @@ def patched(moments, scaling, **kw):
         lam = lam0 * r
         c = prob.aligned_step_factor(lam)
         off = dataclasses.replace(off, lam=lam, c=c, scale=c * off.a, weight=c * lam, reliability=r)
+    elif variant == "cap" and off.delta is not None and off.weight > 0:
+        # the offset may not exceed a quarter of the mean local gradient's norm (a guess at an Adam-safe bound)
+        n_d = math.sqrt(sum(float((d.double() ** 2).sum()) for d in off.delta))
+        n_h = math.sqrt(sum(float((m.double() ** 2).sum()) for m in moments.mean_h))
+        limit = 0.25 * n_h * off.scale
+        if off.weight * n_d > limit:
+            lam = limit / (n_d * off.c)
+            off = dataclasses.replace(off, lam=lam, weight=off.c * lam)
     elif variant == "gate":
         if rho < 0.5:
             off = dataclasses.replace(off, lam=0.0, c=1.0, scale=off.a, weight=0.0)
