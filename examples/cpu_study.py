@@ -197,9 +197,6 @@ def train_one(run: Run, train: Dataset, test: Dataset, workdir: str, out: str) -
     def accuracy(eval_pred):
         return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
 
-    stale = os.path.join(workdir, args.offset_log_file)
-    if os.path.exists(stale):  # left by an interrupted run
-        os.remove(stale)
     trainer = BPModifiedTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=test, compute_metrics=accuracy
     )
@@ -285,6 +282,7 @@ def offset_effect(results: list[dict]) -> str:
             a = [final[(model, optimizer, local, s)] for s in seeds]
             b = [final[(model, optimizer, modified, s)] for s in seeds]
             diffs = ", ".join(f"{y - x:+.3f}" for x, y in zip(a, b))
+            bp_mean = f"{np.mean(bp):.3f}" if bp else "-"
             gap = (
                 f"{(np.mean(b) - np.mean(a)) / (np.mean(bp) - np.mean(a)):+.0%}"
                 if bp and np.mean(bp) > np.mean(a)
@@ -292,10 +290,7 @@ def offset_effect(results: list[dict]) -> str:
             )
             lines.append(
                 f"| {model} | {optimizer} | {local} -> {modified} | {len(seeds)} | {diffs} | {np.mean(a):.3f} | "
-                f"{np.mean(b):.3f} | {np.mean(bp):.3f} | {gap} |"
-                if bp
-                else f"| {model} | {optimizer} | {local} -> {modified} | {len(seeds)} | {diffs} | {np.mean(a):.3f} | "
-                f"{np.mean(b):.3f} | - | - |"
+                f"{np.mean(b):.3f} | {bp_mean} | {gap} |"
             )
     return "\n".join(lines)
 
