@@ -32,12 +32,12 @@ test-slow: install
 	$(PY) -m pytest -q -W ignore::FutureWarning -m slow
 
 quality: install
-	$(PY) -m ruff check hf_bpmod examples tests benchmarks
-	$(PY) -m ruff format --check hf_bpmod examples tests benchmarks
+	$(PY) -m ruff check hf_bpmod examples tests benchmarks docs
+	$(PY) -m ruff format --check hf_bpmod examples tests benchmarks docs
 
 style: install
-	$(PY) -m ruff check --fix hf_bpmod examples tests benchmarks
-	$(PY) -m ruff format hf_bpmod examples tests benchmarks
+	$(PY) -m ruff check --fix hf_bpmod examples tests benchmarks docs
+	$(PY) -m ruff format hf_bpmod examples tests benchmarks docs
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -82,9 +82,12 @@ METHODS = {
     "bp": dict(local_horizon=99, bp_modified=False),
     "ff": dict(local_horizon=1, bp_modified=False),
     "ff_mod": dict(local_horizon=1, bp_modified=True),  # the package's defaults
+    # the default before the norm cap (offset_max_ratio=0.25) was adopted: docs/offset_study.md
+    "ff_mod_nocap": dict(local_horizon=1, bp_modified=True, offset_max_ratio=float("inf")),
     "ff_paper": dict(local_horizon=1, bp_modified=True, offset_scaling="optimal"),  # eq. 16-19, faithful
     "loco": dict(local_horizon=2, bp_modified=False),
     "loco_mod": dict(local_horizon=2, bp_modified=True),
+    "loco_mod_nocap": dict(local_horizon=2, bp_modified=True, offset_max_ratio=float("inf")),
     "loco_paper": dict(local_horizon=2, bp_modified=True, offset_scaling="optimal"),
 }
 OPTIMIZERS = {
@@ -256,7 +259,14 @@ def report(results: list[dict], out: str, plots: bool) -> str:
     return text
 
 
-PAIRS = [("ff", "ff_mod"), ("ff", "ff_paper"), ("loco", "loco_mod"), ("loco", "loco_paper")]
+PAIRS = [
+    ("ff", "ff_mod"),
+    ("ff", "ff_mod_nocap"),
+    ("ff", "ff_paper"),
+    ("loco", "loco_mod"),
+    ("loco", "loco_mod_nocap"),
+    ("loco", "loco_paper"),
+]
 
 
 def offset_effect(results: list[dict]) -> str:

@@ -73,6 +73,12 @@ class BPModifiedTrainingArguments(TrainingArguments):
             ``Delta`` with the old one, clamped to [0, 1]) and multiply ``lambda`` by it. A stale offset is then
             not applied for a whole period; the first period, with nothing to compare, gets no offset. Defaults to on
             for `offset_scaling="aligned"` (the package default) and off for the paper's rules and `"fixed"`.
+        offset_max_ratio (`float`, *optional*):
+            Cap the offset at this fraction of the scaled mean local gradient: ``lambda`` is lowered where
+            ``lambda ||Delta|| > offset_max_ratio |a| ||m_h||``. It keeps a constant offset from dominating a block's
+            gradient for a whole period, which adaptive optimizers turn into full-size steps (docs/offset_study.md).
+            Defaults to `0.25` for `offset_scaling="aligned"` and to no cap (`float("inf")`) for the paper's rules
+            and `"fixed"`, which stay as written.
         offset_seed (`int`, *optional*):
             Seed of the offset sampler (defaults to `seed`). The sampler never touches the training data order.
         offset_log_file (`str`, *optional*, defaults to `"bpmod_offsets.jsonl"`):
@@ -120,6 +126,13 @@ class BPModifiedTrainingArguments(TrainingArguments):
             "none). Default: on for offset_scaling='aligned', off for the others."
         },
     )
+    offset_max_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on the offset's norm as a fraction of the scaled mean local gradient's (lambda is lowered "
+            "to meet it); 'inf' disables it. Default: 0.25 for offset_scaling='aligned', none for the others."
+        },
+    )
     offset_seed: int | None = field(default=None, metadata={"help": "Seed of the offset sampler (default: seed)."})
     offset_log_file: str = field(
         default="bpmod_offsets.jsonl", metadata={"help": "JSON-lines log of every offset refresh, in output_dir."}
@@ -156,6 +169,13 @@ class BPModifiedTrainingArguments(TrainingArguments):
             self.offset_reliability = self.offset_scaling == "aligned"
         if self.offset_scaling not in SCALING_MODES:
             raise ValueError(f"`offset_scaling` ({self.offset_scaling!r}) must be one of {SCALING_MODES}.")
+        if self.offset_max_ratio is None:
+            self.offset_max_ratio = 0.25 if self.offset_scaling == "aligned" else float("inf")
+        if not self.offset_max_ratio > 0:  # also rejects NaN
+            raise ValueError(
+                f"`offset_max_ratio` ({self.offset_max_ratio!r}) must be positive: the largest share of the local "
+                "gradient the offset may take, e.g. 0.25; use float('inf') for no cap."
+            )
         if not 0.0 <= self.offset_fixed_lambda <= 1.0:
             raise ValueError(f"`offset_fixed_lambda` ({self.offset_fixed_lambda}) must lie in [0, 1].")
         if self.torch_compile:

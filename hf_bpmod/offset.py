@@ -250,6 +250,7 @@ class BlockOffset:
     cosine: float
     offset_norm: float
     reliability: float = 1.0
+    capped: bool = False  # lambda was lowered by the norm cap (``max_ratio`` of :func:`block_offset`)
 
     @property
     def offset(self) -> Vector | None:
@@ -293,12 +294,15 @@ def block_offset(
     bias_correction: bool = False,
     previous_delta: Vector | None = None,
     check_reliability: bool = False,
+    max_ratio: float | None = None,
 ) -> BlockOffset:
     """``a``, ``lambda`` and ``Delta = m_T - a m_h`` (eq. 5) of one block under a scaling rule.
 
     ``scaling``: ``"optimal"`` (eq. 16-19 with the K factor, alternated), ``"bias_only"`` (``lambda = 0``,
     ``a = a*_bias``), ``"fixed"`` (given ``a``, ``lambda``) or ``"aligned"`` (:meth:`ScalingProblem.solve_aligned`).
     With ``check_reliability``, ``lambda`` is multiplied by :func:`reliability` of ``previous_delta``.
+    With ``max_ratio``, ``lambda`` is then lowered where needed so that the offset is at most that fraction of the
+    scaled mean local gradient, ``lambda ||Delta|| <= max_ratio |a| ||m_h||`` (:func:`capped_lambda`).
     """
     problem = ScalingProblem.from_moments(moments, batch_size, period, bias_correction)
     c = 1.0
@@ -314,10 +318,10 @@ def block_offset(
         raise ValueError(f"Unknown offset scaling {scaling!r}.")
     delta = [m_T - a * m_h for m_h, m_T in zip(moments.mean_h, moments.mean_T)]
     rho = reliability(previous_delta, delta) if check_reliability else 1.0
-    if rho != 1.0:
-        lam *= rho
-        if scaling == "aligned":
-            c = problem.aligned_step_factor(lam)
+    lam_rule = lam * rho
+    lam = lam_rule if max_ratio is None else capped_lambda(lam_rule, a, moments.hh, _dot(delta, delta), max_ratio)
+    if scaling == "aligned" and (rho != 1.0 or lam != lam_rule):
+        c = problem.aligned_step_factor(lam)
     cosine = moments.hT / math.sqrt(moments.hh * moments.TT) if moments.hh > 0 and moments.TT > 0 else 0.0
     return BlockOffset(
         scale=c * a,
@@ -331,7 +335,21 @@ def block_offset(
         cosine=cosine,
         offset_norm=abs(c * lam) * math.sqrt(_dot(delta, delta)),
         reliability=rho,
+        capped=lam < lam_rule,
     )
+
+
+def capped_lambda(lam: float, a: float, hh: float, delta_sq: float, max_ratio: float) -> float:
+    """The largest ``lambda' <= lambda`` with ``lambda' ||Delta|| <= max_ratio |a| ||m_h||``.
+
+    A bound on the offset's share of the applied gradient ``c (a g_h + lambda Delta)``, whatever ``c``. Under an
+    adaptive optimizer a constant vector that dominates a block's gradient for a whole period becomes a full-size
+    step in every coordinate; on the CPU study one such period collapsed a ViT/AdamW run (``docs/offset_study.md``).
+    """
+    if lam <= 0.0 or delta_sq <= 0.0:
+        return lam
+    limit = max_ratio * abs(a) * math.sqrt(max(hh, 0.0)) / math.sqrt(delta_sq)
+    return min(lam, limit)
 
 
 def exact_block_offset() -> BlockOffset:

@@ -35,6 +35,7 @@ class OffsetSettings:
     fixed_lambda: float = 0.5
     bias_correction: bool = False
     check_reliability: bool = False
+    max_ratio: float | None = None
     seed: int = 42
 
 
@@ -154,6 +155,7 @@ def compute_offsets(
                 bias_correction=settings.bias_correction,
                 previous_delta=previous[t].delta if t < len(previous) else None,
                 check_reliability=settings.check_reliability,
+                max_ratio=settings.max_ratio,
             )
         )
     for o, params in zip(offsets, chain.block_params):  # held for a period: in the parameters' dtype, not float64

@@ -93,6 +93,7 @@ class BPModifiedTrainer(Trainer):
             fixed_lambda=args.offset_fixed_lambda,
             bias_correction=args.offset_bias_correction,
             check_reliability=args.offset_reliability,
+            max_ratio=args.offset_max_ratio if math.isfinite(args.offset_max_ratio) else None,
             seed=args.seed if args.offset_seed is None else args.offset_seed,
         )
         if self.uses_offset and self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
@@ -425,7 +426,7 @@ class BPModifiedTrainer(Trainer):
     def _log_offset_record(self, record: dict) -> None:
         logs = {"offset/seconds": record["seconds"]}
         for t, block in enumerate(record["blocks"]):
-            for key in ("a", "lam", "bias", "var", "cosine", "offset_norm", "reliability"):
+            for key in ("a", "lam", "bias", "var", "cosine", "offset_norm", "reliability", "capped"):
                 logs[f"offset/block_{t}/{key}"] = block[key]
         self._pending_offset_logs = logs
         if self.args.should_save:
@@ -513,6 +514,7 @@ class BPModifiedTrainer(Trainer):
                 offset_micro_batch_size=args.offset_micro_batch_size,
                 offset_period=args.offset_period,
                 offset_scaling=args.offset_scaling,
+                offset_max_ratio=args.offset_max_ratio,
             )
         return info
 

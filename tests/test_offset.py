@@ -299,3 +299,39 @@ def test_reliability_defaults_follow_the_scaling_rule(tmp_path):
     assert args().offset_reliability is True  # aligned, the default rule
     assert args(offset_scaling="optimal").offset_reliability is False  # the paper's rule, faithfully
     assert args(offset_scaling="optimal", offset_reliability=True).offset_reliability is True
+
+
+def test_norm_cap_bounds_the_offsets_share_of_the_gradient():
+    g_h, g_T, *_ = _gaussian_gradients(200, 4, seed=5)
+    stats = OffsetStatistics([[torch.Size([4])]])
+    for i in range(0, 200, 4):
+        stats.update([[g_h[i : i + 4].mean(0)]], [[g_T[i : i + 4].mean(0)]])
+    m = stats.moments(0, 4)
+    free = block_offset(m, "aligned", batch_size=64, period=5)
+    (d,) = free.delta
+    share = free.lam * d.norm().item() / m.hh**0.5  # ||lam Delta|| / ||a m_h||, a = 1
+    assert share > 0.1, "the test needs an offset that a cap can bind"
+    capped = block_offset(m, "aligned", batch_size=64, period=5, max_ratio=share / 2)
+    assert capped.capped and not free.capped
+    assert capped.lam == pytest.approx(free.lam / 2)
+    # the applied offset is exactly max_ratio times the scaled mean local gradient
+    applied = capped.weight * d.norm().item() / (capped.scale * m.hh**0.5)
+    assert applied == pytest.approx(share / 2)
+    assert capped.c == pytest.approx(ScalingProblem.from_moments(m, 64, 5).aligned_step_factor(capped.lam))
+    loose = block_offset(m, "aligned", batch_size=64, period=5, max_ratio=share * 2)
+    assert not loose.capped and loose.lam == free.lam and loose.c == free.c
+    # the paper's rule, when a user asks for a cap: |a| enters the bound
+    optimal = block_offset(m, "optimal", batch_size=64, period=5, max_ratio=1e-3)
+    assert optimal.lam * optimal.delta[0].norm().item() <= 1e-3 * abs(optimal.a) * m.hh**0.5 * (1 + 1e-9)
+
+
+def test_norm_cap_defaults_and_validation(tmp_path):
+    def args(**kw):
+        return BPModifiedTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kw)
+
+    assert args().offset_max_ratio == 0.25  # aligned, the default rule
+    assert args(offset_scaling="optimal").offset_max_ratio == float("inf")  # the paper's rule as written
+    assert args(offset_scaling="fixed", offset_max_ratio=0.5).offset_max_ratio == 0.5
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="offset_max_ratio"):
+            args(offset_max_ratio=bad)

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the imports follow sys.path and thread settings)
 """Variants of the offset rule on the CPU study, by patching the package at run time (a research harness, not part
 of the package). One run per call; one JSON line per run in docs/experiments/offset_variants.jsonl.
 
@@ -24,8 +25,10 @@ import torch
 
 torch.set_num_threads(1)
 from transformers.utils import logging as hf_logging
+
 hf_logging.set_verbosity_error()
 import cpu_study
+
 import hf_bpmod.offset as O
 import hf_bpmod.offset_pass as OP
 import hf_bpmod.trainer as T
@@ -34,6 +37,7 @@ variant, model, opt, seed, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(s
 method = sys.argv[6] if len(sys.argv) > 6 else "ff_mod"
 sched = os.environ.get("SCHED", "constant")
 orig_block_offset = O.block_offset
+
 
 def patched(moments, scaling, **kw):
     off = orig_block_offset(moments, scaling, **kw)
@@ -89,10 +93,14 @@ def patched(moments, scaling, **kw):
         if rho < 0.5:
             off = dataclasses.replace(off, lam=0.0, c=1.0, scale=off.a, weight=0.0)
     return off
+
+
 OP.block_offset = patched
 
 TR = {}
 orig_apply = T.apply_block_offsets
+
+
 def apply(chain, offsets, grad_scale=1.0):
     if variant.startswith("decay"):
         tr = TR["t"]
@@ -104,18 +112,29 @@ def apply(chain, offsets, grad_scale=1.0):
     if variant == "tiny":
         offsets = [dataclasses.replace(o, weight=o.weight * 1e-6, scale=1.0) for o in offsets]
     orig_apply(chain, offsets, grad_scale)
+
+
 T.apply_block_offsets = apply
 
 orig_init = T.BPModifiedTrainer.__init__
+
+
 def init(self, *a, **k):
-    orig_init(self, *a, **k); TR["t"] = self
+    orig_init(self, *a, **k)
+    TR["t"] = self
+
+
 T.BPModifiedTrainer.__init__ = init
 
 orig_args = cpu_study.BPModifiedTrainingArguments
+
+
 def args(**kw):
     kw["lr_scheduler_type"] = sched
     kw["max_grad_norm"] = float(os.environ.get("CLIP", "0"))
     return orig_args(**kw)
+
+
 cpu_study.BPModifiedTrainingArguments = args
 
 # keep full offset logs
@@ -125,16 +144,35 @@ run = cpu_study.Run(model, method, opt, seed, epochs, {})
 wd = os.path.join(HERE, f"work-{os.getpid()}")
 orig_remove = os.remove
 logs = []
+
+
 def keep(path):
     if path.endswith(".jsonl"):
-        logs.extend(json.loads(l) for l in open(path))
+        logs.extend(json.loads(line) for line in open(path))
     orig_remove(path)
+
+
 os.remove = keep
 res = cpu_study.train_one(run, train, test, wd, HERE)
 os.remove = orig_remove
-rec = {"variant": variant, "sched": sched, "clip": os.environ.get("CLIP", "0"), "model": model, "opt": opt, "seed": seed, "method": method,
-       "acc": res["acc"], "seconds": res["seconds"],
-       "offsets": [{"step": r["step"], **{k: [b.get(k) for b in r["blocks"]] for k in ("lam", "c", "reliability", "offset_norm", "cosine")}} for r in logs]}
+rec = {
+    "variant": variant,
+    "sched": sched,
+    "clip": os.environ.get("CLIP", "0"),
+    "model": model,
+    "opt": opt,
+    "seed": seed,
+    "method": method,
+    "acc": res["acc"],
+    "seconds": res["seconds"],
+    "offsets": [
+        {
+            "step": r["step"],
+            **{k: [b.get(k) for b in r["blocks"]] for k in ("lam", "c", "reliability", "offset_norm", "cosine")},
+        }
+        for r in logs
+    ],
+}
 with open(os.path.join(HERE, "offset_variants.jsonl"), "a") as f:
     f.write(json.dumps(rec) + "\n")
 print(variant, sched, model, opt, seed, method, [round(a, 3) for a in res["acc"]], round(res["seconds"]))
