@@ -11,7 +11,10 @@ costs more than backprop, not the same. The floor of a local step relative to BP
     (F + W + (h - 1) A) / (F + AW)
 
 Measured on one encoder layer of ViT-B/16 and one bottleneck of ResNet-50 (stage 2), random init, 224 px input
-shapes, batch ``B``; median of ``--repeats`` after a warm-up, the four passes interleaved.
+shapes, batch ``B``, fully trained and with the adapters of ``memory_speed.py`` (LoRA r=1 on ``q_proj``/``v_proj``,
+LoKr r=1 on the convolutions; the base weights frozen); median of ``--repeats`` after a warm-up, the four passes
+interleaved. With a frozen base, backprop's own backward is mostly the input pass, and ``W`` still has to carry the
+cotangent down to the first adapter, so the floor of ``h >= 2`` rises further above 1.
 
     python benchmarks/vjp_floor.py              # writes benchmarks/results/vjp_floor.md
 """
@@ -28,15 +31,24 @@ import torch
 from torch import nn
 
 
-def blocks(batch: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+def blocks(batch: int, adapters: bool) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """One ViT-B/16 layer and one ResNet-50 bottleneck; with ``adapters``, taken from the peft-wrapped models."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
     vit = ViTForImageClassification(ViTConfig(num_labels=100))
-    layers = vit.vit.layers if hasattr(vit.vit, "layers") else vit.vit.encoder.layer
     resnet = ResNetForImageClassification(ResNetConfig(num_labels=100))
+    if adapters:
+        from peft import LoKrConfig, LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=1, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+        vit = get_peft_model(vit, lora).base_model.model
+        resnet = get_peft_model(resnet, LoKrConfig(r=1, alpha=4, target_modules=["convolution"])).base_model.model
+    layers = vit.vit.layers if hasattr(vit.vit, "layers") else vit.vit.encoder.layer
     bottleneck = resnet.resnet.encoder.stages[1].layers[1]
     vit_layer = layers[0]
+    tag = ", LoRA" if adapters else ""
+    resnet_tag = ", LoKr" if adapters else ""
 
     class First(nn.Module):  # a ViT layer returns a tuple in older transformers releases
         def __init__(self, layer: nn.Module) -> None:
@@ -48,8 +60,8 @@ def blocks(batch: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
             return out[0] if isinstance(out, tuple) else out
 
     return {
-        "ViT-B/16 encoder layer (197 tokens x 768)": (First(vit_layer), torch.randn(batch, 197, 768)),
-        "ResNet-50 bottleneck, stage 2 (512 ch, 28 x 28)": (bottleneck, torch.randn(batch, 512, 28, 28)),
+        f"ViT-B/16 encoder layer (197 tokens x 768){tag}": (First(vit_layer), torch.randn(batch, 197, 768)),
+        f"ResNet-50 bottleneck, stage 2 (512 ch, 28 x 28){resnet_tag}": (bottleneck, torch.randn(batch, 512, 28, 28)),
     }
 
 
@@ -103,7 +115,8 @@ def main() -> None:
         "floor h=1 / BP | floor h=2 / BP | floor h=5 / BP |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, (block, x) in blocks(opts.batch).items():
+    shapes = {**blocks(opts.batch, adapters=False), **blocks(opts.batch, adapters=True)}
+    for name, (block, x) in shapes.items():
         block.train()
         t = time_passes(block, x, opts.repeats)
         bp = t["F"] + t["AW"]

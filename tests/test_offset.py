@@ -335,3 +335,9 @@ def test_norm_cap_defaults_and_validation(tmp_path):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="offset_max_ratio"):
             args(offset_max_ratio=bad)
+    from transformers import HfArgumentParser
+
+    (cli,) = HfArgumentParser(BPModifiedTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", "--offset_max_ratio", "inf"]
+    )
+    assert cli.offset_max_ratio == float("inf")  # the command line's way to turn the cap off
