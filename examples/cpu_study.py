@@ -271,12 +271,13 @@ PAIRS = [
 
 def offset_effect(results: list[dict]) -> str:
     """Per model, optimizer and local method: the offset's effect on the final accuracy, seed by seed (only seeds
-    that both runs have), and the part of the local-to-BP gap it closes (BP: mean over its own seeds)."""
+    that both runs have), its mean with the standard error of a paired mean, and the part of the local-to-BP gap it
+    closes (BP: mean over its own seeds)."""
     final = {(r["model"], r["optimizer"], _label(r), r["seed"]): r["final"] for r in results}
     lines = [
-        "| model | optimizer | local -> modified | seeds | modified - local (per seed) | mean local | mean modified "
-        "| mean BP | gap closed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | optimizer | local -> modified | seeds | modified - local (per seed) | mean difference (s.e.) "
+        "| mean local | mean modified | mean BP | gap closed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     cells = sorted({(m, o) for m, o, _, _ in final})
     for model, optimizer in cells:
@@ -291,7 +292,9 @@ def offset_effect(results: list[dict]) -> str:
                 continue
             a = [final[(model, optimizer, local, s)] for s in seeds]
             b = [final[(model, optimizer, modified, s)] for s in seeds]
-            diffs = ", ".join(f"{y - x:+.3f}" for x, y in zip(a, b))
+            d = np.subtract(b, a)
+            diffs = ", ".join(f"{v:+.3f}" for v in d)
+            se = f" ({np.std(d, ddof=1) / np.sqrt(len(d)):.3f})" if len(d) > 1 else ""
             bp_mean = f"{np.mean(bp):.3f}" if bp else "-"
             gap = (
                 f"{(np.mean(b) - np.mean(a)) / (np.mean(bp) - np.mean(a)):+.0%}"
@@ -299,7 +302,8 @@ def offset_effect(results: list[dict]) -> str:
                 else "-"
             )
             lines.append(
-                f"| {model} | {optimizer} | {local} -> {modified} | {len(seeds)} | {diffs} | {np.mean(a):.3f} | "
+                f"| {model} | {optimizer} | {local} -> {modified} | {len(seeds)} | {diffs} | {d.mean():+.4f}{se} | "
+                f"{np.mean(a):.3f} | "
                 f"{np.mean(b):.3f} | {bp_mean} | {gap} |"
             )
     return "\n".join(lines)
