@@ -6,9 +6,18 @@ Per block, backprop does one forward ``F`` and one backward for the input and th
 block) and ``h - 1`` backwards for the input only (``A``: it carries the losses of the next ``h - 1`` blocks through
 to their targets below). Inside a block the weight-only pass still has to carry the cotangent through every
 operation to reach the first layer's weights, so ``W`` is close to ``AW``, not to ``AW - A``: that is why ``h = 2``
-costs more than backprop, not the same. The floor of a local step relative to BP, heads left out:
+costs more than backprop, not the same. The floor of a local step relative to BP, heads left out, per block:
 
     (F + W + (h - 1) A) / (F + AW)
+
+and for the whole model of ``T`` blocks, where the losses of the last ``h`` blocks share one walk back from the
+output (the final loss trains them all), so that ``(T - h + 1)(h - 1)`` input passes are needed instead of
+``T (h - 1)``:
+
+    (T (F + W) + (T - h + 1)(h - 1) A) / (T (F + AW))
+
+(``T = 12`` for ViT-B/16, 16 for ResNet-50 with the paper's split). The second is what ``memory_speed.py`` compares
+with.
 
 Measured on one encoder layer of ViT-B/16 and one bottleneck of ResNet-50 (stage 2), random init, 224 px input
 shapes, batch ``B``, fully trained and with the adapters of ``memory_speed.py`` (LoRA r=1 on ``q_proj``/``v_proj``,
@@ -112,8 +121,8 @@ def main() -> None:
         f"# The passes of one block and the step-time floor (B = {opts.batch}, CPU, {torch.get_num_threads()} threads)",
         "",
         "| block | F (ms) | A: input only (ms) | W: weights only (ms) | AW: both (ms) | W / AW | "
-        "floor h=1 / BP | floor h=2 / BP | floor h=5 / BP |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "floor h=1 / BP | floor h=2 / BP | floor h=5 / BP | T | model floor h=2 | model floor h=5 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     shapes = {**blocks(opts.batch, adapters=False), **blocks(opts.batch, adapters=True)}
     for name, (block, x) in shapes.items():
@@ -121,14 +130,19 @@ def main() -> None:
         t = time_passes(block, x, opts.repeats)
         bp = t["F"] + t["AW"]
         floor = {h: (t["F"] + t["W"] + (h - 1) * t["A"]) / bp for h in (1, 2, 5)}
+        T = 12 if name.startswith("ViT") else 16
+        model = {h: (T * (t["F"] + t["W"]) + (T - h + 1) * (h - 1) * t["A"]) / (T * bp) for h in (2, 5)}
         lines.append(
             f"| {name} | {1e3 * t['F']:.1f} | {1e3 * t['A']:.1f} | {1e3 * t['W']:.1f} | {1e3 * t['AW']:.1f} | "
-            f"{t['W'] / t['AW']:.2f} | {floor[1]:.2f} | {floor[2]:.2f} | {floor[5]:.2f} |"
+            f"{t['W'] / t['AW']:.2f} | {floor[1]:.2f} | {floor[2]:.2f} | {floor[5]:.2f} | {T} | {model[2]:.2f} | "
+            f"{model[5]:.2f} |"
         )
     lines += [
         "",
         "Floor = (F + W + (h - 1) A) / (F + AW): what horizon h costs per block relative to backprop when nothing "
-        "else (auxiliary heads, Python) is counted. Passes timed as forward + backward minus the forward.",
+        "else (auxiliary heads, Python) is counted. Model floor = (T (F + W) + (T - h + 1)(h - 1) A) / (T (F + AW)): "
+        "the same for T such blocks, the last h sharing the final loss's walk back. Passes timed as forward + "
+        "backward minus the forward; adapters: LoRA r=1 on q_proj/v_proj, LoKr r=1 on the convolutions, base frozen.",
         "",
         f"Command: `python benchmarks/vjp_floor.py --batch {opts.batch}`",
     ]

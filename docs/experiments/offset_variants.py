@@ -9,7 +9,9 @@ before it adopted corr; the JSON lines made before that change call it "base"), 
 linearly to 0 within each period), rho2 (lambda times reliability squared), random (the offset replaced by a random
 vector of the same norm: a control for "any push of that size"), tiny (offset times 1e-6: a control for chaos),
 corr (reliability = correlation of successive offsets, the rule the package adopted), corr2, gate, cap (the
-package's rule with the offset's norm capped at a quarter of the mean local gradient's).
+offset's norm capped at a quarter of the mean local gradient's, keeping the uncapped step factor c: the probe behind
+the package's offset_max_ratio=0.25, which the package now applies itself and follows with a recomputed c).
+Since the package caps by default, every variant here runs on top of the cap; base is the capped default.
 SCHED / CLIP: learning-rate schedule and gradient clipping (the Trainer's defaults are linear and 1.0).
 """
 
