@@ -303,8 +303,7 @@ def offset_effect(results: list[dict]) -> str:
             )
             lines.append(
                 f"| {model} | {optimizer} | {local} -> {modified} | {len(seeds)} | {diffs} | {d.mean():+.4f}{se} | "
-                f"{np.mean(a):.3f} | "
-                f"{np.mean(b):.3f} | {bp_mean} | {gap} |"
+                f"{np.mean(a):.3f} | {np.mean(b):.3f} | {bp_mean} | {gap} |"
             )
     return "\n".join(lines)
 

@@ -318,8 +318,9 @@ def block_offset(
         raise ValueError(f"Unknown offset scaling {scaling!r}.")
     delta = [m_T - a * m_h for m_h, m_T in zip(moments.mean_h, moments.mean_T)]
     rho = reliability(previous_delta, delta) if check_reliability else 1.0
+    delta_sq = _dot(delta, delta)
     lam_rule = lam * rho
-    lam = lam_rule if max_ratio is None else capped_lambda(lam_rule, a, moments.hh, _dot(delta, delta), max_ratio)
+    lam = lam_rule if max_ratio is None else capped_lambda(lam_rule, a, moments.hh, delta_sq, max_ratio)
     if scaling == "aligned" and (rho != 1.0 or lam != lam_rule):
         c = problem.aligned_step_factor(lam)
     cosine = moments.hT / math.sqrt(moments.hh * moments.TT) if moments.hh > 0 and moments.TT > 0 else 0.0
@@ -333,7 +334,7 @@ def block_offset(
         bias=problem.bias(a),
         var=problem.var(a),
         cosine=cosine,
-        offset_norm=abs(c * lam) * math.sqrt(_dot(delta, delta)),
+        offset_norm=abs(c * lam) * math.sqrt(delta_sq),
         reliability=rho,
         capped=lam < lam_rule,
     )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, OffsetStatistics, ScalingProblem, block_offset
+from hf_bpmod.offset import BlockMoments
 from hf_bpmod.offset_pass import OffsetSettings, compute_offsets, offset_sample
 from hf_bpmod.testing import SyntheticImages, tiny_vit
 
@@ -271,12 +272,17 @@ def test_reliability_is_the_clamped_correlation():
     assert reliability([torch.zeros(2)], b) == 0.0
 
 
-def test_reliability_scales_lambda_and_keeps_the_step_size():
+def _one_block_moments() -> BlockMoments:
+    """Moments of one 4-parameter block from 50 micro-batches of 4 Gaussian per-sample gradients."""
     g_h, g_T, *_ = _gaussian_gradients(200, 4, seed=5)
     stats = OffsetStatistics([[torch.Size([4])]])
     for i in range(0, 200, 4):
         stats.update([[g_h[i : i + 4].mean(0)]], [[g_T[i : i + 4].mean(0)]])
-    m = stats.moments(0, 4)
+    return stats.moments(0, 4)
+
+
+def test_reliability_scales_lambda_and_keeps_the_step_size():
+    m = _one_block_moments()
     free = block_offset(m, "aligned", batch_size=64, period=5)
     # a previous offset at 60 degrees to this one (in the plane of Delta and a vector orthogonal to it): cos = 1/2
     (d,) = free.delta
@@ -302,11 +308,7 @@ def test_reliability_defaults_follow_the_scaling_rule(tmp_path):
 
 
 def test_norm_cap_bounds_the_offsets_share_of_the_gradient():
-    g_h, g_T, *_ = _gaussian_gradients(200, 4, seed=5)
-    stats = OffsetStatistics([[torch.Size([4])]])
-    for i in range(0, 200, 4):
-        stats.update([[g_h[i : i + 4].mean(0)]], [[g_T[i : i + 4].mean(0)]])
-    m = stats.moments(0, 4)
+    m = _one_block_moments()
     free = block_offset(m, "aligned", batch_size=64, period=5)
     (d,) = free.delta
     share = free.lam * d.norm().item() / m.hh**0.5  # ||lam Delta|| / ||a m_h||, a = 1
