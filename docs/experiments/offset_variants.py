@@ -7,7 +7,11 @@ of the package). One run per call; one JSON line per run in docs/experiments/off
 VARIANT: regression (lambda times the clamped regression coefficient of successive offsets: the package's rule
 before it adopted corr; the JSON lines made before that change call it "base"), base (the package as it is), noc (no step factor c), decay (offset weight decays
 linearly to 0 within each period), rho2 (lambda times reliability squared), random (the offset replaced by a random
-vector of the same norm: a control for "any push of that size"), tiny (offset times 1e-6: a control for chaos),
+vector of the same norm when it is computed; the next refresh then measures its reliability against that random
+vector, so from the second refresh on it is mostly switched off: superseded by randdir), randdir (the offset's
+direction replaced, where it is applied, by a random one drawn afresh for every refresh and block, its norm, timing
+and weight kept, while the reliability and the cap see the real offsets: a control for "a push of that size that
+carries no information about the true gradient"), tiny (offset times 1e-6: a control for chaos),
 corr (reliability = correlation of successive offsets, the rule the package adopted), corr2, gate, cap (the
 offset's norm capped at a quarter of the mean local gradient's, keeping the uncapped step factor c: the probe behind
 the package's offset_max_ratio=0.25, which the package now applies itself and follows with a recomputed c).
@@ -100,6 +104,7 @@ def patched(moments, scaling, **kw):
 OP.block_offset = patched
 
 TR = {}
+RANDOM: dict = {}
 orig_apply = T.apply_block_offsets
 
 
@@ -113,6 +118,20 @@ def apply(chain, offsets, grad_scale=1.0):
         offsets = [dataclasses.replace(o, weight=o.weight * f) for o in offsets]
     if variant == "tiny":
         offsets = [dataclasses.replace(o, weight=o.weight * 1e-6, scale=1.0) for o in offsets]
+    if variant == "randdir":
+        period = TR["t"].offset_state.period_index
+        if RANDOM.get("period") != period:  # draw once per refresh and block, keep for the period
+            RANDOM.clear()
+            RANDOM["period"] = period
+            for t, o in enumerate(offsets):
+                if o.delta is None or o.weight == 0.0:
+                    continue
+                g = torch.Generator().manual_seed(1_000 * seed + 100 * period + t)
+                rnd = [torch.randn(d.shape, generator=g, dtype=torch.float64) for d in o.delta]
+                n0 = math.sqrt(sum(float((d.double() ** 2).sum()) for d in o.delta))
+                n1 = math.sqrt(sum(float((r**2).sum()) for r in rnd))
+                RANDOM[t] = [(r * (n0 / n1)).to(d.dtype) for r, d in zip(rnd, o.delta)]
+        offsets = [dataclasses.replace(o, delta=RANDOM[t]) if t in RANDOM else o for t, o in enumerate(offsets)]
     orig_apply(chain, offsets, grad_scale)
 
 
