@@ -115,22 +115,27 @@ def compute_offsets(
     before they enter the statistics, so everything returned (and ``previous``) is at true scale.
 
     Returns ``(offsets, record)``; ``offsets`` is ``None`` when a statistic is not finite (the caller keeps its
-    previous offsets). ``record`` holds the per-block diagnostics for logging.
+    previous offsets). ``record`` holds the per-block diagnostics for logging, the pass's seconds and the seconds of
+    each of this process's micro-batches.
     """
     start = time.perf_counter()
     b = settings.micro_batch_size
     micro = [indices[i : i + b] for i in range(0, len(indices), b)]
     device = chain.block_params[0][0].device if chain.block_params and chain.block_params[0] else "cpu"
     stats = OffsetStatistics([[p.shape for p in ps] for ps in chain.block_params], device=device)
+    micro_seconds: list[float] = []
     with preserved_state(preserve):
         for i, idx in enumerate(micro):
             if i % num_processes != process_index:
                 continue
+            micro_start = time.perf_counter()
             x0, loss_fn = fetch(idx)
             grads = local_gradients(
                 chain, x0, loss_fn, horizon, also_true=True, loss_scale=loss_scale, forward_context=forward_context
             )
             stats.update(_dense(chain, grads.local, loss_scale), _dense(chain, grads.true, loss_scale))
+            del grads
+            micro_seconds.append(time.perf_counter() - micro_start)
     if reduce_sum is not None and num_processes > 1:
         stats.all_reduce(reduce_sum)
     T = chain.num_blocks
@@ -164,6 +169,7 @@ def compute_offsets(
     finite = finite and all(math.isfinite(v) for o in offsets for v in o.log_record().values())
     record = {
         "seconds": time.perf_counter() - start,
+        "micro_batch_seconds": micro_seconds,  # this process's micro-batches, in order (the first pays warm-up)
         "offset_batch_size": len(indices),
         "period_steps": period,
         "blocks": [o.log_record() for o in offsets],

@@ -242,6 +242,24 @@ def test_offset_pass_leaves_buffers_rng_and_weights_untouched():
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert offsets is not None and not record["skipped"]
+    micro = record["micro_batch_seconds"]  # one per micro-batch of b' = 4, inside the pass's own time
+    assert len(micro) == 4 and all(m > 0 for m in micro) and sum(micro) <= record["seconds"]
+
+
+def test_benchmark_extrapolates_a_refresh_from_its_first_micro_batches():
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "memory_speed.py"
+    spec = importlib.util.spec_from_file_location("memory_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("memory_speed", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    # fixed part 0.5 s, a 3 s first micro-batch (warm-up), then 1 s each: 40 of them take 0.5 + 3 + 39 s
+    record = {"seconds": 0.5 + 3 + 1 + 1.2, "micro_batch_seconds": [3.0, 1.0, 1.2]}
+    assert bench.full_refresh_seconds(record, 40) == pytest.approx(0.5 + 3 + 39 * 1.1)
+    assert bench.full_refresh_seconds({"seconds": 2.5, "micro_batch_seconds": [2.0]}, 40) == pytest.approx(80.5)
 
 
 def test_non_finite_statistics_keep_the_previous_offset(tmp_path):
