@@ -24,16 +24,33 @@ def _dot(a: Vector, b: Vector) -> float:
     return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
 
 
+def _flat(vector: Vector) -> torch.Tensor:
+    """One block's tensors as one float64 vector."""
+    return torch.cat([g.reshape(-1) for g in vector]).double()
+
+
+def _views(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> Vector:
+    """``flat`` cut into tensors of ``shapes`` (views, no copy)."""
+    return [v.view(s) for v, s in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
+
+
 class OffsetStatistics:
     """Running sums over ``n`` micro-batch mean gradients ``m_i`` of every block (METHOD.md §4).
 
-    Per block it keeps ``S_h = sum m_i^h``, ``S_T = sum m_i^T`` (one tensor per parameter: ``O(#params)``
-    memory) and the scalars ``Q_h = sum ||m_i^h||^2``, ``Q_T = sum ||m_i^T||^2``, ``Q_hT = sum m_i^h . m_i^T``.
+    Per block it keeps ``S_h = sum m_i^h``, ``S_T = sum m_i^T`` (``O(#params)`` memory, float64) and the scalars
+    ``Q_h = sum ||m_i^h||^2``, ``Q_T = sum ||m_i^T||^2``, ``Q_hT = sum m_i^h . m_i^T``. Each block's sums are one
+    flat vector (``sum_h[t]`` / ``sum_T[t]`` are per-parameter views of it), so a micro-batch costs a few vector
+    operations per block, the scalars stay on the device (no synchronisation per micro-batch), and an all-reduce
+    sends one tensor per block and sum.
     """
 
     def __init__(self, shapes: Sequence[Sequence[torch.Size]], device: torch.device | str = "cpu") -> None:
-        self.sum_h = [[torch.zeros(s, dtype=torch.float64, device=device) for s in block] for block in shapes]
-        self.sum_T = [[torch.zeros(s, dtype=torch.float64, device=device) for s in block] for block in shapes]
+        sizes = [[math.prod(s) for s in block] for block in shapes]
+        self.flat_h = [torch.zeros(sum(n), dtype=torch.float64, device=device) for n in sizes]
+        self.flat_T = [torch.zeros(sum(n), dtype=torch.float64, device=device) for n in sizes]
+        self.sum_h = [_views(flat, block) for flat, block in zip(self.flat_h, shapes)]
+        self.sum_T = [_views(flat, block) for flat, block in zip(self.flat_T, shapes)]
+        self.shapes = [list(block) for block in shapes]
         self.squares = torch.zeros(len(shapes), 3, dtype=torch.float64, device=device)  # Q_h, Q_T, Q_hT
         self.count = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -44,27 +61,17 @@ class OffsetStatistics:
     def update(self, local: Sequence[Vector], true: Sequence[Vector]) -> None:
         """Add one micro-batch: ``local[t]`` = ``m^h`` and ``true[t]`` = ``m^T`` of block ``t``."""
         for t, (m_h, m_T) in enumerate(zip(local, true)):
-            m_h = [g.double() for g in m_h]
-            m_T = [g.double() for g in m_T]
-            for acc, g in zip(self.sum_h[t], m_h):
-                acc.add_(g)
-            for acc, g in zip(self.sum_T[t], m_T):
-                acc.add_(g)
-            self.squares[t, 0] += _dot(m_h, m_h)
-            self.squares[t, 1] += _dot(m_T, m_T)
-            self.squares[t, 2] += _dot(m_h, m_T)
+            if not m_h:
+                continue
+            h, T = _flat(m_h), _flat(m_T)
+            self.flat_h[t].add_(h)
+            self.flat_T[t].add_(T)
+            self.squares[t] += torch.stack((h @ h, T @ T, h @ T))
         self.count += 1
 
     def tensors(self) -> list[torch.Tensor]:
         """Every running sum, for an all-reduce (sum) across processes."""
-        return (
-            [x for block in self.sum_h for x in block]
-            + [x for block in self.sum_T for x in block]
-            + [
-                self.squares,
-                self.count,
-            ]
-        )
+        return [*self.flat_h, *self.flat_T, self.squares, self.count]
 
     def all_reduce(self, reduce_sum: Callable[[torch.Tensor], None]) -> None:
         """Sum the statistics over processes in place (``reduce_sum`` e.g. ``torch.distributed.all_reduce``)."""
@@ -81,9 +88,9 @@ class OffsetStatistics:
         n = float(self.count)
         if n < 2:
             raise ValueError(f"Offset statistics need at least 2 micro-batches, got {n:g}.")
-        mean_h = [s / n for s in self.sum_h[t]]
-        mean_T = [s / n for s in self.sum_T[t]]
-        hh, TT, hT = _dot(mean_h, mean_h), _dot(mean_T, mean_T), _dot(mean_h, mean_T)
+        flat_h, flat_T = self.flat_h[t] / n, self.flat_T[t] / n
+        hh, TT, hT = (float(v) for v in torch.stack((flat_h @ flat_h, flat_T @ flat_T, flat_h @ flat_T)))
+        mean_h, mean_T = _views(flat_h, self.shapes[t]), _views(flat_T, self.shapes[t])
         q_h, q_T, q_hT = (float(v) for v in self.squares[t])
         b = micro_batch_size
         return BlockMoments(
