@@ -369,11 +369,16 @@ def exact_block_offset() -> BlockOffset:
 
 def apply_offset(grads: Sequence[torch.Tensor | None], modification: BlockOffset, grad_scale: float = 1.0) -> None:
     """``g <- scale * g + weight * delta * grad_scale`` in place (eq. 5); ``grad_scale`` is the fp16 loss scale,
-    since ``grads`` are scaled gradients and the offset is not. A missing gradient is skipped."""
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
-        if modification.scale != 1.0:
-            g.mul_(modification.scale)
-        if modification.delta is not None and modification.weight != 0.0:
-            g.add_(modification.delta[i].to(device=g.device, dtype=g.dtype), alpha=modification.weight * grad_scale)
+    since ``grads`` are scaled gradients and the offset is not. A missing gradient is skipped.
+
+    One fused (``torch._foreach_*``) operation per block and term, not one per parameter: on a small model the
+    per-parameter calls cost 2% of a step."""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return
+    targets = [grads[i] for i in present]
+    if modification.scale != 1.0:
+        torch._foreach_mul_(targets, modification.scale)
+    if modification.delta is not None and modification.weight != 0.0:
+        deltas = [modification.delta[i].to(device=g.device, dtype=g.dtype) for i, g in zip(present, targets)]
+        torch._foreach_add_(targets, deltas, alpha=modification.weight * grad_scale)
