@@ -39,24 +39,22 @@ class OffsetStatistics:
 
     Per block it keeps ``S_h = sum m_i^h``, ``S_T = sum m_i^T`` (``O(#params)`` memory, float64) and the scalars
     ``Q_h = sum ||m_i^h||^2``, ``Q_T = sum ||m_i^T||^2``, ``Q_hT = sum m_i^h . m_i^T``. Each block's sums are one
-    flat vector (``sum_h[t]`` / ``sum_T[t]`` are per-parameter views of it), so a micro-batch costs a few vector
-    operations per block, the scalars stay on the device (no synchronisation per micro-batch), and an all-reduce
-    sends one tensor per block and sum.
+    flat vector (``flat_h[t]``, ``flat_T[t]``; :meth:`moments` cuts the means back into the parameters' shapes), so
+    a micro-batch costs a few vector operations per block, the scalars stay on the device (no synchronisation per
+    micro-batch), and an all-reduce sends one tensor per block and sum.
     """
 
     def __init__(self, shapes: Sequence[Sequence[torch.Size]], device: torch.device | str = "cpu") -> None:
-        sizes = [[math.prod(s) for s in block] for block in shapes]
-        self.flat_h = [torch.zeros(sum(n), dtype=torch.float64, device=device) for n in sizes]
-        self.flat_T = [torch.zeros(sum(n), dtype=torch.float64, device=device) for n in sizes]
-        self.sum_h = [_views(flat, block) for flat, block in zip(self.flat_h, shapes)]
-        self.sum_T = [_views(flat, block) for flat, block in zip(self.flat_T, shapes)]
         self.shapes = [list(block) for block in shapes]
+        sizes = [sum(math.prod(s) for s in block) for block in self.shapes]
+        self.flat_h = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
+        self.flat_T = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
         self.squares = torch.zeros(len(shapes), 3, dtype=torch.float64, device=device)  # Q_h, Q_T, Q_hT
         self.count = torch.zeros((), dtype=torch.float64, device=device)
 
     @property
     def num_blocks(self) -> int:
-        return len(self.sum_h)
+        return len(self.flat_h)
 
     def update(self, local: Sequence[Vector], true: Sequence[Vector]) -> None:
         """Add one micro-batch: ``local[t]`` = ``m^h`` and ``true[t]`` = ``m^T`` of block ``t``."""
