@@ -239,9 +239,12 @@ class ScalingProblem:
 
 @dataclass
 class BlockOffset:
-    """The modification of block ``t`` for one period: ``g^_t = scale * g_{h,t} + weight * delta``.
+    """The modification of block ``t`` for one period: ``g^_t = scale * g_{h,t} + weight * Delta``.
 
-    ``delta = m_T - a m_h`` is eq. 5's ``Delta`` before scaling; ``weight = c * lambda``.
+    ``Delta = m_T - a m_h`` is eq. 5's offset before scaling; ``weight = c * lambda``. ``delta`` holds
+    ``delta_factor * Delta``: ``delta_factor`` is 1 until :meth:`prepare` folds the step's constants into the stored
+    vector (in place, so that a step applies the offset in one pass over the gradients); :meth:`unscaled_delta`
+    gives ``Delta`` back.
     """
 
     scale: float
@@ -256,17 +259,51 @@ class BlockOffset:
     offset_norm: float
     reliability: float = 1.0
     capped: bool = False  # lambda was lowered by the norm cap (``max_ratio`` of :func:`block_offset`)
+    delta_factor: float = 1.0
 
     @property
     def offset(self) -> Vector | None:
-        """``weight * delta``, the vector added to the gradient (``None`` when there is none)."""
+        """``weight * Delta``, the vector added to the gradient (``None`` when there is none)."""
         if self.delta is None or self.weight == 0.0:
             return None
-        return [self.weight * d for d in self.delta]
+        return [(self.weight / self.delta_factor) * d for d in self.delta]
+
+    def unscaled_delta(self) -> Vector | None:
+        """``Delta`` itself (a new tensor when :meth:`prepare` scaled the stored vector)."""
+        if self.delta is None or self.delta_factor == 1.0:
+            return self.delta
+        return [d / self.delta_factor for d in self.delta]
+
+    @property
+    def lerp_weight(self) -> float | None:
+        """``1 - scale`` when :meth:`prepare` made ``delta`` the end point ``weight Delta / (1 - scale)`` of
+        ``g <- g + (1 - scale)(end - g) = scale g + weight Delta`` (one ``lerp``); ``None`` otherwise."""
+        if self.delta is None or self.weight == 0.0 or self.delta_factor == 1.0:
+            return None
+        w = 1.0 - self.scale
+        return w if self.delta_factor == self.weight / w else None
+
+    def prepare(self, min_lerp_weight: float = 1e-4) -> None:
+        """Store ``delta`` as the ``lerp`` end point ``weight Delta / (1 - scale)`` (in place, once per period),
+        so that :func:`apply_offset` costs one pass over the gradients where ``scale * g + weight * Delta`` costs
+        two (a multiply, then an add). Left as it is when there is nothing to combine (``scale == 1`` or
+        ``weight == 0``), when ``|1 - scale| < min_lerp_weight`` would blow the stored vector up, and in float16,
+        whose range the scaled vector could leave."""
+        if self.delta is None or self.weight == 0.0 or self.delta_factor != 1.0:
+            return
+        if any(d.dtype == torch.float16 for d in self.delta):
+            return
+        w = 1.0 - self.scale
+        if abs(w) < min_lerp_weight:
+            return
+        factor = self.weight / w
+        torch._foreach_mul_(self.delta, factor)
+        self.delta_factor = factor
 
     def log_record(self) -> dict[str, float]:
         record = asdict(self)
         record.pop("delta")
+        record.pop("delta_factor")  # a storage detail, not a statistic
         return record
 
 
@@ -366,17 +403,26 @@ def exact_block_offset() -> BlockOffset:
 
 
 def apply_offset(grads: Sequence[torch.Tensor | None], modification: BlockOffset, grad_scale: float = 1.0) -> None:
-    """``g <- scale * g + weight * delta * grad_scale`` in place (eq. 5); ``grad_scale`` is the fp16 loss scale,
+    """``g <- scale * g + weight * Delta * grad_scale`` in place (eq. 5); ``grad_scale`` is the fp16 loss scale,
     since ``grads`` are scaled gradients and the offset is not. A missing gradient is skipped.
 
-    One fused (``torch._foreach_*``) operation per block and term, not one per parameter: on a small model the
-    per-parameter calls cost 2% of a step."""
+    One fused (``torch._foreach_*``) operation per block, not one per parameter (on a small model the per-parameter
+    calls cost 2% of a step). With a prepared offset (:meth:`BlockOffset.prepare`) and no loss scale it is a single
+    ``lerp`` pass over the gradients; otherwise a multiply and an add (ResNet-50: 10 ms against 6 ms on 2 CPU
+    threads)."""
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
         return
     targets = [grads[i] for i in present]
+    if modification.delta is None or modification.weight == 0.0:
+        if modification.scale != 1.0:
+            torch._foreach_mul_(targets, modification.scale)
+        return
+    ends = [modification.delta[i].to(device=g.device, dtype=g.dtype) for i, g in zip(present, targets)]
+    w = modification.lerp_weight
+    if w is not None and grad_scale == 1.0:
+        torch._foreach_lerp_(targets, ends, w)
+        return
     if modification.scale != 1.0:
         torch._foreach_mul_(targets, modification.scale)
-    if modification.delta is not None and modification.weight != 0.0:
-        deltas = [modification.delta[i].to(device=g.device, dtype=g.dtype) for i, g in zip(present, targets)]
-        torch._foreach_add_(targets, deltas, alpha=modification.weight * grad_scale)
+    torch._foreach_add_(targets, ends, alpha=modification.weight * grad_scale / modification.delta_factor)

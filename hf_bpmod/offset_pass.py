@@ -158,7 +158,7 @@ def compute_offsets(
                 fixed_a=settings.fixed_a,
                 fixed_lambda=settings.fixed_lambda,
                 bias_correction=settings.bias_correction,
-                previous_delta=previous[t].delta if t < len(previous) else None,
+                previous_delta=previous[t].unscaled_delta() if t < len(previous) else None,
                 check_reliability=settings.check_reliability,
                 max_ratio=settings.max_ratio,
             )
@@ -166,6 +166,7 @@ def compute_offsets(
     for o, params in zip(offsets, chain.block_params):  # held for a period: in the parameters' dtype, not float64
         if o.delta is not None:
             o.delta = [d.to(p.dtype) for d, p in zip(o.delta, params)]
+            o.prepare()  # one pass per step instead of two (``apply_offset``)
     finite = finite and all(math.isfinite(v) for o in offsets for v in o.log_record().values())
     record = {
         "seconds": time.perf_counter() - start,

@@ -104,7 +104,7 @@ class RecordingTrainer(BPModifiedTrainer):
                         "weight": b.weight,
                         "a": b.a,
                         "lam": b.lam,
-                        "delta": None if b.delta is None else [d.detach().clone() for d in b.delta],
+                        "delta": None if b.delta is None else [d.detach().clone() for d in b.unscaled_delta()],
                     }
                     for b in self.offset_state.blocks
                 ],

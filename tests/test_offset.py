@@ -316,6 +316,97 @@ def test_reliability_scales_lambda_and_keeps_the_step_size():
     assert first.lam == 0.0 and first.offset is None  # nothing to compare with: no offset in the first period
 
 
+def _block(scale: float, weight: float, seed: int = 0):
+    from hf_bpmod.offset import BlockOffset
+
+    g = torch.Generator().manual_seed(seed)
+    delta = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    block = BlockOffset(scale=scale, weight=weight, delta=[d.clone() for d in delta], a=scale, lam=weight, c=1.0,
+                        bias=0.0, var=0.0, cosine=0.0, offset_norm=0.0)  # fmt: skip
+    return block, delta, [torch.randn(d.shape, generator=g) for d in delta]
+
+
+@pytest.mark.parametrize(
+    "scale, weight, one_pass",
+    [(0.3, 0.4, True), (1.7, 0.4, True), (-0.5, 2.0, True), (1.0, 0.4, True), (1.0 - 1e-6, 0.4, False),
+     (0.3, 0.0, True)],
+)  # fmt: skip
+def test_prepared_offset_is_applied_in_one_pass(monkeypatch, scale, weight, one_pass):
+    """``prepare`` folds ``weight / (1 - scale)`` into the stored vector so that ``scale g + weight Delta`` is one
+    ``lerp``; the result, ``Delta``, the offset and the loss-scaled path are those of the unprepared offset."""
+    from hf_bpmod.offset import apply_offset
+
+    block, delta, grads = _block(scale, weight)
+    block.prepare()
+    for d, d_ref in zip(block.unscaled_delta(), delta):
+        torch.testing.assert_close(d, d_ref)
+    if weight:
+        for o, d_ref in zip(block.offset, delta):
+            torch.testing.assert_close(o, weight * d_ref)
+    expected = [(scale * g.double() + weight * d.double()).float() for g, d in zip(grads, delta)]
+    passes = []
+    for name in ("_foreach_mul_", "_foreach_add_", "_foreach_lerp_"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _f=original, _n=name, **k: (passes.append(_n), _f(*a, **k)))
+    applied = [g.clone() for g in grads]
+    apply_offset(applied, block)
+    assert (len(passes) == 1) == one_pass, passes
+    for a, e in zip(applied, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    scaled = [1024.0 * g for g in grads]  # an fp16 loss scale: the two-pass path, same result
+    apply_offset(scaled, block, grad_scale=1024.0)
+    for a, e in zip(scaled, expected):
+        torch.testing.assert_close(a / 1024.0, e, rtol=1e-5, atol=1e-6)
+
+
+def test_prepared_offsets_survive_a_checkpoint():
+    from hf_bpmod.offset import apply_offset
+    from hf_bpmod.offset_pass import OffsetState
+
+    block, delta, grads = _block(1.7, 0.4)
+    block.prepare()
+    assert block.delta_factor == pytest.approx(0.4 / (1 - 1.7))
+    restored = OffsetState.from_state_dict(OffsetState(3, 9, [block]).state_dict()).blocks[0]
+    old = {k: v for k, v in vars(_block(1.7, 0.4)[0]).items() if k != "delta_factor"}
+    legacy = OffsetState.from_state_dict(  # a checkpoint written before offsets were prepared: Delta as it is
+        {"period_index": 3, "next_refresh_step": 9, "blocks": [old]}
+    ).blocks[0]
+    for b in (restored, legacy):
+        applied = [g.clone() for g in grads]
+        apply_offset(applied, b)
+        for a, g, d in zip(applied, grads, delta):
+            torch.testing.assert_close(a, 1.7 * g + 0.4 * d, rtol=1e-5, atol=1e-6)
+
+
+def test_reliability_reads_the_unscaled_previous_offset():
+    """A prepared offset with ``scale > 1`` stores ``-Delta``-like vectors; the next refresh's reliability must
+    compare the true ``Delta``s (comparing the stored ones would flip the sign and clamp it to 0)."""
+    from hf_bpmod import get_adapter
+    from hf_bpmod.offset import BlockOffset
+
+    model = tiny_vit(num_layers=3)
+    adapter = get_adapter(model)
+    chain = adapter.chain(model, adapter.aux_heads(model, 1))
+    data = SyntheticImages(32)
+
+    def fetch(idx):
+        x = torch.stack([data[i]["pixel_values"] for i in idx])
+        y = torch.stack([data[i]["labels"] for i in idx])
+        return x, lambda logits: F.cross_entropy(logits, y)
+
+    settings = OffsetSettings(micro_batch_size=4, scaling="fixed", fixed_a=1.5, fixed_lambda=0.5)
+    kw = dict(batch_size=8, period=5, preserve=[model])
+    first, _ = compute_offsets(chain, 1, list(range(16)), fetch, settings, **kw)
+    assert first[0].delta_factor == pytest.approx(-1.0)  # weight 0.5 / (1 - 1.5)
+    raw = [BlockOffset(**{**vars(b), "delta": b.unscaled_delta(), "delta_factor": 1.0}) for b in first]
+    settings.check_reliability = True
+    # the same sample again: the same Delta, reliability 1 (the stored vectors, at factor -1, would give 0)
+    second, _ = compute_offsets(chain, 1, list(range(16)), fetch, settings, previous=first, **kw)
+    reference, _ = compute_offsets(chain, 1, list(range(16)), fetch, settings, previous=raw, **kw)
+    assert [b.reliability for b in second] == [b.reliability for b in reference]
+    assert [b.reliability for b in second[:2]] == pytest.approx([1.0, 1.0])
+
+
 def test_reliability_defaults_follow_the_scaling_rule(tmp_path):
     def args(**kw):
         return BPModifiedTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kw)
