@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
@@ -59,3 +60,15 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
+
+
+def micro_batch_fetch(data: Dataset):
+    """The ``fetch`` of :func:`hf_bpmod.offset_pass.compute_offsets` over a dataset of ``pixel_values`` /
+    ``labels`` dicts: the stacked images and a cross-entropy loss on their labels."""
+
+    def fetch(indices: list[int]):
+        x = torch.stack([data[i]["pixel_values"] for i in indices])
+        y = torch.stack([data[i]["labels"] for i in indices])
+        return x, lambda logits: F.cross_entropy(logits, y)
+
+    return fetch

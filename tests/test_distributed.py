@@ -30,7 +30,7 @@ from transformers import Trainer
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
 from hf_bpmod.offset_pass import OffsetSettings, compute_offsets
-from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit
+from hf_bpmod.testing import SyntheticImages, micro_batch_fetch, tiny_resnet, tiny_vit
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_script as script  # noqa: E402
@@ -166,11 +166,7 @@ def _chain_and_fetch():
     adapter = get_adapter(model)
     chain = adapter.chain(model, adapter.aux_heads(model, 1))
     data = SyntheticImages(64)
-
-    def fetch(idx):
-        x = torch.stack([data[i]["pixel_values"] for i in idx])
-        y = torch.stack([data[i]["labels"] for i in idx])
-        return x, lambda logits: F.cross_entropy(logits, y)
+    fetch = micro_batch_fetch(data)
 
     return chain, fetch
 

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, OffsetStatistics, ScalingProblem, block_offset
 from hf_bpmod.offset import BlockMoments
 from hf_bpmod.offset_pass import OffsetSettings, compute_offsets, offset_sample
-from hf_bpmod.testing import SyntheticImages, tiny_vit
+from hf_bpmod.testing import SyntheticImages, micro_batch_fetch, tiny_vit
 
 
 def _gaussian_gradients(n_samples, dim, seed):
@@ -228,11 +228,7 @@ def test_offset_pass_leaves_buffers_rng_and_weights_untouched():
     torch.manual_seed(7)
     expected_next = torch.rand(3)
     torch.manual_seed(7)
-
-    def fetch(idx):
-        x = torch.stack([data[i]["pixel_values"] for i in idx])
-        y = torch.stack([data[i]["labels"] for i in idx])
-        return x, lambda logits: F.cross_entropy(logits, y)
+    fetch = micro_batch_fetch(data)
 
     offsets, record = compute_offsets(
         chain, 1, list(range(16)), fetch, OffsetSettings(micro_batch_size=4), batch_size=8, period=5,
@@ -378,6 +374,20 @@ def test_prepared_offsets_survive_a_checkpoint():
             torch.testing.assert_close(a, 1.7 * g + 0.4 * d, rtol=1e-5, atol=1e-6)
 
 
+def test_apply_benchmark_times_forms_that_agree():
+    """``benchmarks/apply_offset.py`` on a tiny shape: the one-pass and two-pass forms give the same gradients."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "apply_offset.py"
+    spec = importlib.util.spec_from_file_location("apply_offset_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.time_shape("tiny_resnet_full", reps=1, device=torch.device("cpu"))
+    assert row["params"] > 20_000 and row["worst_rel"] < 1e-6
+    assert set(row["ms"]) == {"two passes", "one lerp pass"}
+
+
 def test_reliability_reads_the_unscaled_previous_offset():
     """A prepared offset with ``scale > 1`` stores ``-Delta``-like vectors; the next refresh's reliability must
     compare the true ``Delta``s (comparing the stored ones would flip the sign and clamp it to 0)."""
@@ -388,11 +398,7 @@ def test_reliability_reads_the_unscaled_previous_offset():
     adapter = get_adapter(model)
     chain = adapter.chain(model, adapter.aux_heads(model, 1))
     data = SyntheticImages(32)
-
-    def fetch(idx):
-        x = torch.stack([data[i]["pixel_values"] for i in idx])
-        y = torch.stack([data[i]["labels"] for i in idx])
-        return x, lambda logits: F.cross_entropy(logits, y)
+    fetch = micro_batch_fetch(data)
 
     settings = OffsetSettings(micro_batch_size=4, scaling="fixed", fixed_a=1.5, fixed_lambda=0.5)
     kw = dict(batch_size=8, period=5, preserve=[model])
