@@ -16,7 +16,7 @@ backprop gradient ``g_{T,t}`` of every block from the same forward (used by the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -154,56 +154,73 @@ def _head_step(
 ) -> torch.Tensor:
     """``L(x_s)``: the head's own gradient, then its cotangent carried back to the blocks it trains.
 
-    A function of its own so that the loss's graph dies with its frame, not at the next block.
+    The head and the first block of the walk (``s - 1``, whose output the head reads) are differentiated in one
+    ``autograd.grad`` call: under ``h = 1`` that is the whole of a block's local gradient, one backward call per
+    block instead of two. A function of its own so that the loss's graph dies with its frame, not at the next block.
     """
     with forward_context():
         loss = loss_fn(chain.heads[s - 1](out))
-    hparams = chain.head_params[s - 1]
-    wrt = list(hparams) + ([out] if walk_to is not None else [])
+    hparams = list(chain.head_params[s - 1])
+    walk = _Walk(chain, set(targets), local, true if s == chain.num_blocks else None, chain.num_blocks - horizon)
+    j = s - 1
+    block_wrt = walk.wrt(graphs, j, walk_to) if walk_to is not None else []
+    wrt = hparams + block_wrt
     if wrt:
-        grads = torch.autograd.grad(loss * loss_scale, wrt, retain_graph=False, allow_unused=True)
+        grads = torch.autograd.grad(loss * loss_scale, wrt, retain_graph=bool(block_wrt), allow_unused=True)
         _sink(hparams, grads[: len(hparams)], None if heads is None else heads[s - 1])
-        if walk_to is not None:
-            final_true = true if s == chain.num_blocks else None
-            exact_from = chain.num_blocks - horizon
-            _walk_back(chain, graphs, grads[-1], s - 1, walk_to, set(targets), local, final_true, exact_from)
+        if block_wrt:
+            cotangent = walk.take(j, grads[len(hparams) :], walk_to)
+            if cotangent is not None:
+                walk.back(graphs, cotangent, j - 1, walk_to)
     return loss.detach()
 
 
-def _walk_back(
-    chain: BlockChain,
-    graphs: dict[int, tuple[torch.Tensor, torch.Tensor]],
-    cotangent: torch.Tensor,
-    start: int,
-    stop: int,
-    targets: set[int],
-    local: list[list[torch.Tensor]] | None,
-    true: list[list[torch.Tensor]] | None,
-    exact_from: int,
-) -> None:
-    """Carry ``cotangent`` (``dL/dx_{start+1}``) back from block ``start`` to block ``stop`` (eq. 4 by the chain rule).
+@dataclass
+class _Walk:
+    """One loss's cotangent carried back through the blocks (eq. 4 by the chain rule).
 
     Weight gradients are taken at the target blocks (into ``local``, or ``.grad`` when ``local is None``) and, when
-    ``true`` is given, at every block on the way (the final loss's backprop gradient); blocks ``>= exact_from``
-    get their exact gradient in both.
+    ``true`` is given (the final loss under ``also_true``), at every block on the way; blocks ``>= exact_from`` get
+    their exact gradient in both.
     """
-    for j in range(start, stop - 1, -1):
-        inp, out = graphs[j]
-        params = chain.block_params[j]
-        want_params = bool(params) and (j in targets or true is not None)
-        want_input = j > stop
-        wrt = (list(params) if want_params else []) + ([inp] if want_input else [])
-        if not wrt:
-            continue
-        grads = torch.autograd.grad(out, wrt, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
-        if want_params:
-            pgrads = grads[: len(params)]
-            if true is not None:
-                _sink(params, pgrads, true[j])
-            if j in targets:
-                if local is not None and true is not None and j >= exact_from:
-                    local[j] = list(true[j])
+
+    chain: BlockChain
+    targets: set[int]
+    local: list[list[torch.Tensor]] | None
+    true: list[list[torch.Tensor]] | None
+    exact_from: int
+
+    def wrt(self, graphs: dict[int, tuple[torch.Tensor, torch.Tensor]], j: int, stop: int) -> list[torch.Tensor]:
+        """What block ``j`` is differentiated for: its parameters where they get a gradient, its input where the
+        walk goes on past it."""
+        params = self.chain.block_params[j]
+        want_params = bool(params) and (j in self.targets or self.true is not None)
+        return (list(params) if want_params else []) + ([graphs[j][0]] if j > stop else [])
+
+    def take(self, j: int, grads: Sequence[torch.Tensor | None], stop: int) -> torch.Tensor | None:
+        """Sink block ``j``'s parameter gradients (``grads`` as :meth:`wrt` ordered them); the input cotangent, if
+        the walk goes on."""
+        params = self.chain.block_params[j]
+        n = len(grads) - (1 if j > stop else 0)
+        if n:
+            pgrads = grads[:n]
+            if self.true is not None:
+                _sink(params, pgrads, self.true[j])
+            if j in self.targets:
+                if self.local is not None and self.true is not None and j >= self.exact_from:
+                    self.local[j] = list(self.true[j])
                 else:
-                    _sink(params, pgrads, None if local is None else local[j])
-        if want_input:
-            cotangent = grads[-1]
+                    _sink(params, pgrads, None if self.local is None else self.local[j])
+        return grads[-1] if j > stop else None
+
+    def back(
+        self, graphs: dict[int, tuple[torch.Tensor, torch.Tensor]], cotangent: torch.Tensor, start: int, stop: int
+    ) -> None:
+        """Carry ``cotangent`` (``dL/dx_{start+1}``) back from block ``start`` to block ``stop``."""
+        for j in range(start, stop - 1, -1):
+            wrt = self.wrt(graphs, j, stop)
+            if not wrt:
+                continue
+            out = graphs[j][1]
+            grads = torch.autograd.grad(out, wrt, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
+            cotangent = self.take(j, grads, stop)
