@@ -408,8 +408,8 @@ def apply_offset(grads: Sequence[torch.Tensor | None], modification: BlockOffset
 
     One fused (``torch._foreach_*``) operation per block, not one per parameter (on a small model the per-parameter
     calls cost 2% of a step). With a prepared offset (:meth:`BlockOffset.prepare`) and no loss scale it is a single
-    ``lerp`` pass over the gradients; otherwise a multiply and an add (ResNet-50: 10 ms against 6 ms on 2 CPU
-    threads)."""
+    ``lerp`` pass over the gradients; otherwise a multiply and an add (ResNet-50 full: 12.2 ms against 7.6 ms on
+    2 CPU threads, ``benchmarks/apply_offset.py``)."""
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
         return
