@@ -216,7 +216,7 @@ def test_offset_statistics_split_over_processes_sum_to_one_process(num_micro, wo
         assert offsets is not None and reference is not None
         for o, o0, ref in zip(offsets, results[0][0], reference):
             assert (o.a, o.lam) == (o0.a, o0.lam) and (o.a, o.lam) == pytest.approx((ref.a, ref.lam), abs=1e-9)
-            for d, d0, dref in zip(o.delta or [], o0.delta or [], ref.delta or []):
+            for d, d0, dref in zip(o.unscaled_delta() or [], o0.unscaled_delta() or [], ref.unscaled_delta() or []):
                 assert torch.equal(d, d0)
                 torch.testing.assert_close(d, dref, rtol=0, atol=1e-9)
         assert [b["bias"] for b in record["blocks"]] == pytest.approx([b["bias"] for b in ref_record["blocks"]])

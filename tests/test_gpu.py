@@ -31,7 +31,9 @@ class _Capture(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.scales.append(self.trainer._grad_scale())
         if self.deltas is None:
-            self.deltas = [d.detach().float().cpu() for b in self.trainer.offset_state.blocks for d in (b.delta or [])]
+            self.deltas = [
+                d.detach().float().cpu() for b in self.trainer.offset_state.blocks for d in (b.unscaled_delta() or [])
+            ]
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         params = [p for ps in self.trainer.block_chain.block_params for p in ps]

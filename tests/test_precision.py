@@ -125,7 +125,7 @@ def test_fp16_loss_scaling_applies_the_offset_at_the_current_scale(tmp_path):
     # the offsets (second refresh: reliability of the first one) are those of the unscaled run
     for block, ref in zip(scaled.offset_state.blocks, plain.offset_state.blocks):
         assert block.log_record() == pytest.approx(ref.log_record(), rel=1e-6, abs=1e-9)
-        for d, d_ref in zip(block.delta or [], ref.delta or []):
+        for d, d_ref in zip(block.unscaled_delta() or [], ref.unscaled_delta() or []):
             torch.testing.assert_close(d, d_ref, rtol=1e-6, atol=1e-9)
     assert any(0.0 < b.reliability < 1.0 for b in plain.offset_state.blocks)
 
@@ -151,5 +151,5 @@ def test_an_overflowing_offset_pass_is_rerun_unscaled(tmp_path, monkeypatch):
     trainer._refresh_offset()
     assert calls == [(2.0**130, True), (1.0, False)]
     for block, ref in zip(trainer.offset_state.blocks, plain.offset_state.blocks):
-        for d, d_ref in zip(block.delta or [], ref.delta or []):
+        for d, d_ref in zip(block.unscaled_delta() or [], ref.unscaled_delta() or []):
             torch.testing.assert_close(d, d_ref)
