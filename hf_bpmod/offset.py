@@ -297,6 +297,8 @@ class BlockOffset:
         if abs(w) < min_lerp_weight:
             return
         factor = self.weight / w
+        if not math.isfinite(factor):
+            return
         torch._foreach_mul_(self.delta, factor)
         self.delta_factor = factor
 
