@@ -9,8 +9,9 @@ final loss). Block ``j`` is last needed by ``L(x_{min(j+h, T)})`` and is freed r
 graphs are alive at once. Every auxiliary head is trained by its own loss only (its gradient does not depend on
 whether its input is detached).
 
-With ``also_true=True`` every graph is kept and the final loss is carried back to block 0 as well, giving the true
-backprop gradient ``g_{T,t}`` of every block from the same forward (used by the offset, METHOD.md §3).
+With ``also_true=True`` (the offset's refresh, METHOD.md §3) the true backprop gradient ``g_{T,t}`` of every block
+comes from the same forward, which then keeps every block graph alive and connected: each loss is differentiated for
+its head and its target block in one call (autograd walks only that path), and the final loss for every block.
 """
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ def local_gradients(
         raise ValueError("`also_true` returns gradients; it cannot be combined with `accumulate`.")
     T = chain.num_blocks
     h = min(horizon, T)
+    if also_true:
+        return _local_and_true(chain, x0, loss_fn, h, loss_scale, forward_context)
     local = None if accumulate else [[None] * len(ps) for ps in chain.block_params]
     heads = None if accumulate else [[None] * len(ps) for ps in chain.head_params]
-    true = [[None] * len(ps) for ps in chain.block_params] if also_true else None
     graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     head_losses: dict[int, torch.Tensor] = {}
     x = x0
@@ -118,20 +120,73 @@ def local_gradients(
         x = out.detach()  # the next block starts from a leaf; only `graphs` keeps this block's graph alive
         s = t + 1
         targets = loss_targets(s, h, T)
-        walk_to = 0 if (also_true and s == T) else (min(targets) if targets else None)
         head = chain.heads[s - 1]
         if head is not None and (targets or chain.head_params[s - 1] or s == T):
-            loss = _head_step(
-                chain, graphs, s, out, loss_fn, loss_scale, forward_context, targets, walk_to, local, true, heads, h
-            )
+            loss = _head_step(chain, graphs, s, out, loss_fn, loss_scale, forward_context, targets, local, heads)
             head_losses[s] = loss
             if s == T:
                 final_loss = loss
         # Block j is last read by L(x_{min(j+h, T)}): free it.
-        if not also_true and s < T and s - h >= 0:
+        if s < T and s - h >= 0:
             graphs.pop(s - h, None)
         del inp, out
     graphs.clear()
+    if final_loss is None:  # pragma: no cover - the last head is never None
+        raise RuntimeError("The final head produced no loss.")
+    return ChainGradients(loss=final_loss, head_losses=head_losses, local=local, heads=heads)
+
+
+def _local_and_true(
+    chain: BlockChain,
+    x0: torch.Tensor,
+    loss_fn: LossFn,
+    h: int,
+    loss_scale: float,
+    forward_context: Callable[[], contextlib.AbstractContextManager],
+) -> ChainGradients:
+    """``also_true``: ``g_{h,t}`` and ``g_{T,t}`` of every block from one forward whose block graphs stay connected
+    (the true gradient keeps every one of them alive anyway).
+
+    Each ``L(x_s)`` is differentiated for its head and its one target block ``s - h`` in a single call: autograd
+    walks only the path to what is asked, so blocks ``s-h+1 .. s-1`` give input gradients only, which is eq. 4. The
+    final loss gives every block's true gradient in one call; blocks ``t >= T - h`` take it as their local gradient.
+    The same forward, in the same order (so the same dropout draws), as the streamed pass.
+    """
+    T = chain.num_blocks
+    local: list[list[torch.Tensor]] = [[None] * len(ps) for ps in chain.block_params]
+    heads: list[list[torch.Tensor]] = [[None] * len(ps) for ps in chain.head_params]
+    true: list[list[torch.Tensor]] = [[None] * len(ps) for ps in chain.block_params]
+    head_losses: dict[int, torch.Tensor] = {}
+    x = x0
+    final_loss = None
+    for t in range(T):
+        with forward_context():
+            x = chain.blocks[t](x)
+        s = t + 1
+        targets = loss_targets(s, h, T)
+        head = chain.heads[s - 1]
+        if head is None or not (targets or chain.head_params[s - 1] or s == T):
+            continue
+        with forward_context():
+            loss = loss_fn(head(x))
+        hparams = list(chain.head_params[s - 1])
+        blocks = range(T) if s == T else targets
+        wrt = hparams + [p for j in blocks for p in chain.block_params[j]]
+        if wrt:
+            grads = torch.autograd.grad(loss * loss_scale, wrt, retain_graph=s < T, allow_unused=True)
+            _sink(hparams, grads[: len(hparams)], heads[s - 1])
+            start = len(hparams)
+            for j in blocks:
+                params = chain.block_params[j]
+                block_grads = grads[start : start + len(params)]
+                start += len(params)
+                _sink(params, block_grads, true[j] if s == T else local[j])
+                if s == T and j in targets:
+                    local[j] = list(true[j])
+        head_losses[s] = loss.detach()
+        del loss  # the head's graph (kept by ``retain_graph``) dies here, before the next block's forward
+        if s == T:
+            final_loss = head_losses[s]
     if final_loss is None:  # pragma: no cover - the last head is never None
         raise RuntimeError("The final head produced no loss.")
     return ChainGradients(loss=final_loss, head_losses=head_losses, local=local, true=true, heads=heads)
@@ -146,11 +201,8 @@ def _head_step(
     loss_scale: float,
     forward_context: Callable[[], contextlib.AbstractContextManager],
     targets: list[int],
-    walk_to: int | None,
     local: list[list[torch.Tensor]] | None,
-    true: list[list[torch.Tensor]] | None,
     heads: list[list[torch.Tensor]] | None,
-    horizon: int,
 ) -> torch.Tensor:
     """``L(x_s)``: the head's own gradient, then its cotangent carried back to the blocks it trains.
 
@@ -161,7 +213,8 @@ def _head_step(
     with forward_context():
         loss = loss_fn(chain.heads[s - 1](out))
     hparams = list(chain.head_params[s - 1])
-    walk = _Walk(chain, set(targets), local, true if s == chain.num_blocks else None, chain.num_blocks - horizon)
+    walk = _Walk(chain, set(targets), local)
+    walk_to = min(targets) if targets else None
     j = s - 1
     block_wrt = walk.wrt(graphs, j, walk_to) if walk_to is not None else []
     wrt = hparams + block_wrt
@@ -177,40 +230,27 @@ def _head_step(
 
 @dataclass
 class _Walk:
-    """One loss's cotangent carried back through the blocks (eq. 4 by the chain rule).
-
-    Weight gradients are taken at the target blocks (into ``local``, or ``.grad`` when ``local is None``) and, when
-    ``true`` is given (the final loss under ``also_true``), at every block on the way; blocks ``>= exact_from`` get
-    their exact gradient in both.
+    """One loss's cotangent carried back through the blocks (eq. 4 by the chain rule): input gradients through the
+    blocks on the way, weight gradients at the target blocks (into ``local``, or ``.grad`` when ``local is None``).
     """
 
     chain: BlockChain
     targets: set[int]
     local: list[list[torch.Tensor]] | None
-    true: list[list[torch.Tensor]] | None
-    exact_from: int
 
     def wrt(self, graphs: dict[int, tuple[torch.Tensor, torch.Tensor]], j: int, stop: int) -> list[torch.Tensor]:
-        """What block ``j`` is differentiated for: its parameters where they get a gradient, its input where the
-        walk goes on past it."""
+        """What block ``j`` is differentiated for: its parameters if it is a target, its input where the walk goes
+        on past it."""
         params = self.chain.block_params[j]
-        want_params = bool(params) and (j in self.targets or self.true is not None)
+        want_params = bool(params) and j in self.targets
         return (list(params) if want_params else []) + ([graphs[j][0]] if j > stop else [])
 
     def take(self, j: int, grads: Sequence[torch.Tensor | None], stop: int) -> torch.Tensor | None:
         """Sink block ``j``'s parameter gradients (``grads`` as :meth:`wrt` ordered them); the input cotangent, if
         the walk goes on."""
-        params = self.chain.block_params[j]
         n = len(grads) - (1 if j > stop else 0)
         if n:
-            pgrads = grads[:n]
-            if self.true is not None:
-                _sink(params, pgrads, self.true[j])
-            if j in self.targets:
-                if self.local is not None and self.true is not None and j >= self.exact_from:
-                    self.local[j] = list(self.true[j])
-                else:
-                    _sink(params, pgrads, None if self.local is None else self.local[j])
+            _sink(self.chain.block_params[j], grads[:n], None if self.local is None else self.local[j])
         return grads[-1] if j > stop else None
 
     def back(
