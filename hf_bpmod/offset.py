@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -303,10 +303,9 @@ class BlockOffset:
         self.delta_factor = factor
 
     def log_record(self) -> dict[str, float]:
-        record = asdict(self)
-        record.pop("delta")
-        record.pop("delta_factor")  # a storage detail, not a statistic
-        return record
+        """The scalars of this block's refresh, for the logs (not ``delta``, nor ``delta_factor``, a storage
+        detail). Read field by field: ``dataclasses.asdict`` would deep-copy the offset tensors first."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("delta", "delta_factor")}
 
 
 def reliability(previous: Vector | None, current: Vector) -> float:

@@ -167,13 +167,14 @@ def compute_offsets(
         if o.delta is not None:
             o.delta = [d.to(p.dtype) for d, p in zip(o.delta, params)]
             o.prepare()  # one pass per step instead of two (``apply_offset``)
-    finite = finite and all(math.isfinite(v) for o in offsets for v in o.log_record().values())
+    blocks = [o.log_record() for o in offsets]
+    finite = finite and all(math.isfinite(v) for block in blocks for v in block.values())
     record = {
         "seconds": time.perf_counter() - start,
         "micro_batch_seconds": micro_seconds,  # this process's micro-batches, in order (the first pays warm-up)
         "offset_batch_size": len(indices),
         "period_steps": period,
-        "blocks": [o.log_record() for o in offsets],
+        "blocks": blocks,
         "skipped": not finite,
     }
     return (offsets if finite else None), record
