@@ -191,6 +191,11 @@ def main() -> None:
     for name in cli.configs.split(","):
         result = run(name, cli.out, world_size)
         torch.save(result, os.path.join(cli.out, f"{name}_rank{rank}.pt"))
+    if torch.distributed.is_initialized():
+        # left to interpreter exit, gloo's threads were sometimes destroyed still joinable: "terminate called
+        # without an active exception", exit code -6, after every result had been written
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
