@@ -281,7 +281,7 @@ class BlockOffset:
         if self.delta is None or self.weight == 0.0 or self.delta_factor == 1.0:
             return None
         w = 1.0 - self.scale
-        return w if self.delta_factor == self.weight / w else None
+        return w if w != 0.0 and self.delta_factor == self.weight / w else None
 
     def prepare(self, min_lerp_weight: float = 1e-4) -> None:
         """Store ``delta`` as the ``lerp`` end point ``weight Delta / (1 - scale)`` (in place, once per period),

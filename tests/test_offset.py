@@ -374,6 +374,25 @@ def test_prepared_offsets_survive_a_checkpoint():
             torch.testing.assert_close(a, 1.7 * g + 0.4 * d, rtol=1e-5, atol=1e-6)
 
 
+def test_prepared_offset_with_a_changed_scale_takes_the_two_pass_path():
+    """A prepared offset copied with other constants (``dataclasses.replace``, as a research patch does) no longer
+    matches its folded factor: it is applied in two passes with the new constants, also where ``scale`` became 1
+    (``1 - scale = 0`` must not be divided by)."""
+    import dataclasses
+
+    from hf_bpmod.offset import apply_offset
+
+    block, delta, grads = _block(0.3, 0.4)
+    block.prepare()
+    for scale, weight in ((1.0, 0.2), (0.5, 0.4)):
+        changed = dataclasses.replace(block, scale=scale, weight=weight)
+        assert changed.lerp_weight is None
+        applied = [g.clone() for g in grads]
+        apply_offset(applied, changed)
+        for a, g, d in zip(applied, grads, delta):
+            torch.testing.assert_close(a, scale * g + weight * d, rtol=1e-5, atol=1e-6)
+
+
 def test_apply_benchmark_times_forms_that_agree():
     """``benchmarks/apply_offset.py`` on a tiny shape: the one-pass and two-pass forms give the same gradients."""
     import importlib.util
