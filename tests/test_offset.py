@@ -242,6 +242,39 @@ def test_offset_pass_leaves_buffers_rng_and_weights_untouched():
     assert len(micro) == 4 and all(m > 0 for m in micro) and sum(micro) <= record["seconds"]
 
 
+@pytest.mark.parametrize("kind", ["vit_dropout", "resnet"])
+def test_refreshes_with_zero_offsets_leave_training_bitwise_unchanged(tmp_path, kind):
+    """The refresh is a measurement: a run that refreshes before every step but applies nothing (``a = 1``,
+    ``lambda = 0``) ends with exactly the weights, BatchNorm statistics and auxiliary heads of the same local run
+    without the offset. Dropout (ViT) and BatchNorm (ResNet) are where a pass over extra examples would leak."""
+    from hf_bpmod.testing import tiny_resnet
+
+    data = SyntheticImages(64)
+    states = []
+    for modified in (False, True):
+        model = tiny_vit(num_layers=3) if kind == "vit_dropout" else tiny_resnet()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.2
+        args = BPModifiedTrainingArguments(
+            output_dir=str(tmp_path / str(modified)), report_to="none", use_cpu=True, save_strategy="no",
+            disable_tqdm=True, learning_rate=1e-2, seed=0, data_seed=0, max_steps=4, per_device_train_batch_size=16,
+            bp_modified=modified, offset_batch_size=16, offset_micro_batch_size=8, offset_period="1",
+            offset_scaling="fixed", offset_fixed_a=1.0, offset_fixed_lambda=0.0,
+        )  # fmt: skip
+        trainer = BPModifiedTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        if modified:
+            assert trainer.offset_state.period_index == 4  # it did refresh before every step
+        states.append({**model.state_dict(), **{f"aux.{k}": v for k, v in trainer.aux_heads.state_dict().items()}})
+    plain, refreshed = states
+    assert plain.keys() == refreshed.keys()
+    if kind == "resnet":
+        assert any("running_mean" in k for k in plain)
+    for key, value in plain.items():
+        assert torch.equal(value, refreshed[key]), key
+
+
 def test_benchmark_extrapolates_a_refresh_from_its_first_micro_batches():
     import importlib.util
     import pathlib
