@@ -17,6 +17,9 @@ offset's norm capped at a quarter of the mean local gradient's, keeping the unca
 the package's offset_max_ratio=0.25, which the package now applies itself and follows with a recomputed c).
 Since the package caps by default, every variant here runs on top of the cap; base is the capped default.
 SCHED / CLIP: learning-rate schedule and gradient clipping (the Trainer's defaults are linear and 1.0).
+SETTING: scratch (default) or finetune (the backbone pretrained with BP on classes 0-4 that
+`examples/cpu_study.py --setting finetune` caches under docs/cpu_study_finetune/pretrained/, pretraining it here
+if it is missing; classes 5-9, the fine-tuning learning rates; pass EPOCHS 4 as that study does).
 """
 
 import dataclasses
@@ -160,8 +163,17 @@ cpu_study.BPModifiedTrainingArguments = args
 
 # keep full offset logs
 data = cpu_study.load_animal_shape_mnist()
-train, test = cpu_study.TensorImages(data["train"]), cpu_study.TensorImages(data["test"])
-run = cpu_study.Run(model, method, opt, seed, epochs, {})
+setting = os.environ.get("SETTING", "scratch")
+if setting == "finetune":  # the backbones pretrained by `cpu_study.py --setting finetune` (cached there)
+    out = os.path.join(HERE, "..", "cpu_study_finetune")
+    classes = cpu_study.FINETUNE_CLASSES
+    if not os.path.exists(cpu_study.pretrained_path(out, model, seed)):
+        pretrain_set = cpu_study.TensorImages(data["train"], cpu_study.PRETRAIN_CLASSES)
+        cpu_study.pretrain(model, seed, pretrain_set, out)
+else:
+    out, classes = HERE, None
+train, test = cpu_study.TensorImages(data["train"], classes), cpu_study.TensorImages(data["test"], classes)
+run = cpu_study.Run(model, method, opt, seed, epochs, {}, setting=setting)
 wd = os.path.join(HERE, f"work-{os.getpid()}")
 orig_remove = os.remove
 logs = []
@@ -174,10 +186,11 @@ def keep(path):
 
 
 os.remove = keep
-res = cpu_study.train_one(run, train, test, wd, HERE)
+res = cpu_study.train_one(run, train, test, wd, out)
 os.remove = orig_remove
 rec = {
     "variant": variant,
+    "setting": setting,
     "sched": sched,
     "clip": os.environ.get("CLIP", "0"),
     "model": model,
