@@ -202,7 +202,11 @@ rec = {
     "offsets": [
         {
             "step": r["step"],
-            **{k: [b.get(k) for b in r["blocks"]] for k in ("lam", "c", "reliability", "offset_norm", "cosine")},
+            "period_steps": r.get("period_steps"),
+            **{
+                k: [b.get(k) for b in r["blocks"]]
+                for k in ("lam", "c", "reliability", "offset_norm", "cosine", "bias", "var")
+            },
         }
         for r in logs
     ],
