@@ -1,0 +1,115 @@
+"""Tables of the offset controls in ``docs/offset_study.md`` ("Is it the offset's information?"), from the study's
+``runs.jsonl`` files and ``docs/experiments/offset_variants.jsonl``. Reads only; prints markdown.
+
+    python docs/experiments/controls.py
+
+Per cell (setting, model, optimizer; FF-modified against FF on the same seeds): the default's gain, the gain of a
+push of the default's size in a random direction (``randdir``), that of the default offset times 1e-6 (``tiny``, a
+perturbation that carries nothing), and the default minus ``randdir`` paired by seed, each as a mean and its
+standard error. "The default" is the harness's ``base`` runs where they cover every ``randdir`` seed (they ran under
+the same code as the controls), else the study's ``ff_mod`` runs. Then, per refresh after the first, how much of
+``||Delta||^2`` the sampling noise of the B' examples explains (``var / (K bias)``: ``var`` carries the factor K/B'),
+the measured reliability, and the reliability an unchanged ``Delta`` would have shown under that noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STUDIES = {"scratch": "cpu_study", "finetune": "cpu_study_finetune"}
+
+
+def _load(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _mean_se(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{statistics.mean(values):+.4f}" if values else "-"
+    return f"{statistics.mean(values):+.4f} ({statistics.stdev(values) / len(values) ** 0.5:.4f})"
+
+
+def control_table(variants: list[dict]) -> list[str]:
+    lines = [
+        "| setting | model / optimizer | seeds | default - FF | randdir - FF | tiny - FF | default - randdir | "
+        "default from |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    cells = sorted(
+        {(v.get("setting", "scratch"), v["model"], v["opt"]) for v in variants if v["variant"] == "randdir"}
+    )
+    for setting, model, opt in cells:
+        study = _load(os.path.join(HERE, "..", STUDIES[setting], "runs.jsonl"))
+        finals = {
+            method: {
+                r["seed"]: r["final"]
+                for r in study
+                if (r["model"], r["optimizer"], r["method"]) == (model, opt, method) and not r["extra"]
+            }  # fmt: skip
+            for method in ("ff", "ff_mod")
+        }
+
+        def harness(name, setting=setting, model=model, opt=opt):
+            return {v["seed"]: v["acc"][-1] for v in variants if v["variant"] == name and v["sched"] == "linear"
+                    and (v.get("setting", "scratch"), v["model"], v["opt"], v["method"]) == (setting, model, opt, "ff_mod")}  # fmt: skip
+
+        randdir, tiny, base = harness("randdir"), harness("tiny"), harness("base")
+        use_base = set(randdir) <= set(base)
+        default = base if use_base else finals["ff_mod"]
+        ff = finals["ff"]
+        seeds = sorted(s for s in randdir if s in ff and s in default)
+        minus_ff = {
+            n: [d[s] - ff[s] for s in seeds if s in d] for n, d in (("d", default), ("r", randdir), ("t", tiny))
+        }
+        paired = [default[s] - randdir[s] for s in seeds]
+        lines.append(
+            f"| {setting} | {model} / {opt} | {', '.join(map(str, seeds))} | {_mean_se(minus_ff['d'])} | "
+            f"{_mean_se(minus_ff['r'])} | {_mean_se(minus_ff['t'])} | **{_mean_se(paired)}** | "
+            f"{'harness base' if use_base else 'study ff_mod'} |"
+        )
+    return lines
+
+
+def noise_table(variants: list[dict]) -> list[str]:
+    lines = [
+        "| setting | model / optimizer | seeds | noise share of the offset, median (quartiles) | reliability, median "
+        "| reliability of an unchanged offset, median |",
+        "|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, dict[str, list]] = {}
+    for v in variants:
+        if v["variant"] != "base" or not v["offsets"] or "bias" not in v["offsets"][0]:
+            continue
+        g = groups.setdefault((v.get("setting", "scratch"), v["model"], v["opt"]), {"seeds": [], "share": [],
+                                                                                        "rho": [], "pred": []})  # fmt: skip
+        g["seeds"].append(v["seed"])
+        for refresh in v["offsets"][1:]:  # the first refresh applies no offset and has no reliability
+            for bias, var, rho in zip(refresh["bias"], refresh["var"], refresh["reliability"]):
+                if var == 0 or bias <= 0:  # an exact block
+                    continue
+                share = min(var / refresh["period_steps"] / bias, 1.0)
+                g["share"].append(share)
+                g["rho"].append(rho)
+                g["pred"].append(1.0 - share)  # E corr of two estimates of one Delta: signal / (signal + noise)
+    for (setting, model, opt), g in sorted(groups.items()):
+        q1, q2, q3 = statistics.quantiles(g["share"], n=4)
+        lines.append(
+            f"| {setting} | {model} / {opt} | {', '.join(map(str, sorted(g['seeds'])))} | {q2:.2f} ({q1:.2f}-{q3:.2f})"
+            f" | {statistics.median(g['rho']):.2f} | {statistics.median(g['pred']):.2f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    variants = _load(os.path.join(HERE, "offset_variants.jsonl"))
+    print("\n".join(control_table(variants)))
+    print()
+    print("\n".join(noise_table(variants)))
+
+
+if __name__ == "__main__":
+    main()

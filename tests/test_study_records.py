@@ -1,0 +1,34 @@
+"""The offset study's committed records reproduce the figures the README and ``docs/offset_study.md`` quote."""
+
+import importlib.util
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _controls():
+    spec = importlib.util.spec_from_file_location("controls", ROOT / "docs" / "experiments" / "controls.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = ROOT / "docs" / "experiments" / "offset_variants.jsonl"
+    return module, [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_control_table_gives_the_quoted_differences():
+    module, variants = _controls()
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in module.control_table(variants)}
+    assert "**+0.0033 (0.0009)**" in rows[("finetune", "resnet / sgd")]
+    assert "**+0.0044 (0.0020)**" in rows[("finetune", "vit / adamw")]
+    assert "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11" in rows[("finetune", "vit / adamw")]
+    scratch = rows[("scratch", "resnet / sgd")]
+    assert "+0.0039 (0.0020) | +0.0043 (0.0022) | +0.0034 (0.0016)" in scratch
+
+
+def test_noise_table_separates_noise_from_drift():
+    module, variants = _controls()
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in module.noise_table(variants)}
+    resnet = rows[("scratch", "resnet / sgd")].split("|")
+    vit = rows[("scratch", "vit / sgd")].split("|")
+    assert float(resnet[4].split()[0]) > 0.6 and float(vit[4].split()[0]) < 0.2  # noise share of ||Delta||^2
+    assert float(vit[6]) > 0.8 and float(vit[5]) < 0.1  # an unchanged offset would have persisted; it did not
