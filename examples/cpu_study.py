@@ -364,6 +364,19 @@ def _plots(groups: dict[tuple, list[dict]], out: str) -> None:
     plt.close(fig)
 
 
+def _extra_value(name: str, text: str):
+    """``--extra name=text`` as the type of the argument's default; a number where the default is ``None``."""
+    default = getattr(BPModifiedTrainingArguments, name, text)
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true")
+    if default is None:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return type(default)(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit", "resnet"])
@@ -386,11 +399,7 @@ def main() -> None:
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
-    extra = {}
-    for item in filter(None, opts.extra.split(",")):
-        k, v = item.split("=")
-        extra[k] = type(getattr(BPModifiedTrainingArguments, k, v))(v) if not isinstance(
-            getattr(BPModifiedTrainingArguments, k, None), bool) else v.lower() in ("1", "true")  # fmt: skip
+    extra = {item.split("=")[0]: _extra_value(*item.split("=")) for item in filter(None, opts.extra.split(","))}
     os.makedirs(opts.out, exist_ok=True)
     results_path = os.path.join(opts.out, "runs.jsonl")
     done = set()
