@@ -498,7 +498,7 @@ def test_norm_cap_defaults_and_validation(tmp_path):
     def args(**kw):
         return BPModifiedTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kw)
 
-    assert args().offset_max_ratio == 0.25  # aligned, the default rule
+    assert args().offset_max_ratio == 0.1  # aligned, the default rule
     assert args(offset_scaling="optimal").offset_max_ratio == float("inf")  # the paper's rule as written
     assert args(offset_scaling="fixed", offset_max_ratio=0.5).offset_max_ratio == 0.5
     for bad in (0.0, -1.0, float("nan")):

@@ -32,3 +32,12 @@ def test_noise_table_separates_noise_from_drift():
     vit = rows[("scratch", "vit / sgd")].split("|")
     assert float(resnet[4].split()[0]) > 0.6 and float(vit[4].split()[0]) < 0.2  # noise share of ||Delta||^2
     assert float(vit[6]) > 0.8 and float(vit[5]) < 0.1  # an unchanged offset would have persisted; it did not
+
+
+def test_cap_table_gives_the_figures_behind_the_default_cap():
+    """The 0.1 cap replaced 0.25 on these numbers (``docs/offset_study.md`` item 8)."""
+    module, _ = _controls()
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in module.cap_table()}
+    vit_adamw = rows[("scratch", "vit / adamw", "ff -> ff_mod")]
+    assert "| 24 | -0.0055 (0.0029) | **-0.0010 (0.0017)** | -0.0270 | +0.0045 (0.0021) |" in vit_adamw
+    assert "**+0.0037 (0.0011)**" in rows[("finetune", "vit / adamw", "ff -> ff_mod")]
