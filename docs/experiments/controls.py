@@ -34,6 +34,15 @@ def _mean_se(values: list[float]) -> str:
     return f"{statistics.mean(values):+.4f} ({statistics.stdev(values) / len(values) ** 0.5:.4f})"
 
 
+def _finals(study: list[dict], model: str, opt: str, method: str, extra: dict) -> dict[int, float]:
+    """Final accuracy per seed of one study cell run with exactly ``extra``."""
+    return {
+        r["seed"]: r["final"]
+        for r in study
+        if (r["model"], r["optimizer"], r["method"]) == (model, opt, method) and r["extra"] == extra
+    }
+
+
 def control_table(variants: list[dict]) -> list[str]:
     lines = [
         "| setting | model / optimizer | seeds | default - FF | randdir - FF | tiny - FF | default - randdir | "
@@ -43,16 +52,9 @@ def control_table(variants: list[dict]) -> list[str]:
     cells = sorted(
         {(v.get("setting", "scratch"), v["model"], v["opt"]) for v in variants if v["variant"] == "randdir"}
     )
+    studies = {setting: _load(os.path.join(HERE, "..", d, "runs.jsonl")) for setting, d in STUDIES.items()}
     for setting, model, opt in cells:
-        study = _load(os.path.join(HERE, "..", STUDIES[setting], "runs.jsonl"))
-        finals = {
-            method: {
-                r["seed"]: r["final"]
-                for r in study
-                if (r["model"], r["optimizer"], r["method"]) == (model, opt, method) and not r["extra"]
-            }  # fmt: skip
-            for method in ("ff", "ff_mod")
-        }
+        finals = {method: _finals(studies[setting], model, opt, method, {}) for method in ("ff", "ff_mod")}
 
         def harness(name, setting=setting, model=model, opt=opt):
             return {v["seed"]: v["acc"][-1] for v in variants if v["variant"] == name and v["sched"] == "linear"
@@ -120,11 +122,8 @@ def cap_table(extra: dict | None = None) -> list[str]:
         for model, opt, method in cells:
             local = method.removesuffix("_mod")
 
-            def finals(m, x, model=model, opt=opt, study=study):
-                return {r["seed"]: r["final"] for r in study if (r["model"], r["optimizer"], r["method"]) == (model, opt, m)
-                        and r["extra"] == x}  # fmt: skip
-
-            base, default, variant = finals(local, {}), finals(method, {}), finals(method, extra)
+            base, default, variant = (_finals(study, model, opt, m, x) for m, x in ((local, {}), (method, {}),
+                                                                                      (method, extra)))  # fmt: skip
             seeds = sorted(set(base) & set(default) & set(variant))
             d = [default[s] - base[s] for s in seeds]
             v = [variant[s] - base[s] for s in seeds]
