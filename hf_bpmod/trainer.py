@@ -480,22 +480,34 @@ class BPModifiedTrainer(Trainer):
         self.load_bpmod_state_dict(state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Load the model weights of a checkpoint with ``from_pretrained``'s key conversion.
+        """Load the model weights of a checkpoint to resume from (see `_reload_full_model`)."""
+        if not self._reload_full_model(resume_from_checkpoint, model if model is not None else self.model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """Load the best checkpoint at the end of training (`load_best_model_at_end`; see `_reload_full_model`)."""
+        checkpoint = self.state.best_model_checkpoint
+        logger.info(f"Loading best model from {checkpoint} (score: {self.state.best_metric}).")
+        if not self._reload_full_model(checkpoint, self.model):
+            super()._load_best_model()
+
+    def _reload_full_model(self, checkpoint: str, model: nn.Module) -> bool:
+        """Copy a checkpoint's weights into a full (non-peft) model through ``from_pretrained``'s key conversion.
 
         transformers 5.24 saves ViT checkpoints under the legacy key names (``vit.encoder.layer...``) but its
-        ``Trainer`` reloads them with a plain ``load_state_dict``, which silently drops every encoder weight. A full
-        (non-peft) model is therefore reloaded through ``from_pretrained`` and copied in, strictly.
+        ``Trainer`` reloads them, to resume and for ``load_best_model_at_end``, with a plain ``load_state_dict``,
+        which silently drops every encoder weight. A full model is therefore reloaded with ``from_pretrained`` and
+        copied in, strictly. Returns False for peft models, whose adapters the ``Trainer``'s own path loads.
         """
-        wrapped = model if model is not None else self.model
-        target = unwrap_model(wrapped)
-        if hasattr(wrapped, "peft_config") or hasattr(self.model, "peft_config"):  # adapters: the Trainer's path
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            return
-        if not os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
-            raise FileNotFoundError(f"{resume_from_checkpoint} has no config.json: it is not a model checkpoint.")
-        reloaded = type(target).from_pretrained(resume_from_checkpoint)
+        if hasattr(model, "peft_config") or hasattr(self.model, "peft_config"):
+            return False
+        if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+            raise FileNotFoundError(f"{checkpoint} has no config.json: it is not a model checkpoint.")
+        target = unwrap_model(model)
+        reloaded = type(target).from_pretrained(checkpoint)
         target.load_state_dict(reloaded.state_dict(), strict=True)
         del reloaded
+        return True
 
     # ------------------------------------------------------------------ model card
     def method_description(self) -> dict[str, Any]:

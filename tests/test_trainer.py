@@ -221,3 +221,28 @@ def test_vit_reload_identical_logits(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_vit(num_layers=4), lambda: tiny_resnet(depths=(2, 2))])
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path, factory):
+    """The best checkpoint (here the first of three, by a scripted metric) is the model at the end, every weight and
+    buffer of it: transformers 5.24's own reload drops the ViT's encoder weights (legacy key names on disk)."""
+    scores = iter([0.9, 0.5, 0.1])
+    model = factory()
+    args = _args(
+        tmp_path, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+        metric_for_best_model="score", local_horizon=1, offset_batch_size=32,
+    )  # fmt: skip
+    trainer = BPModifiedTrainer(
+        model=model, args=args, train_dataset=SyntheticImages(96), eval_dataset=SyntheticImages(32),
+        compute_metrics=lambda _: {"score": next(scores)},
+    )  # fmt: skip
+    trainer.train()
+    out = tmp_path / "out"
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-6")
+    best = type(model).from_pretrained(out / "checkpoint-6").state_dict()
+    last = type(model).from_pretrained(out / "checkpoint-18").state_dict()
+    state = model.state_dict()
+    assert set(state) == set(best)
+    assert all(torch.equal(state[k], best[k]) for k in state)
+    assert any(not torch.equal(state[k], last[k]) for k in state if k.startswith(("vit.layers", "resnet.encoder")))
