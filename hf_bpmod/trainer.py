@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
 
 from .adapters import get_adapter, unwrap_model
@@ -69,12 +70,15 @@ class BPModifiedTrainer(Trainer):
             raise ValueError("BPModifiedTrainer needs a `model` (model_init is not supported).")
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by BPModifiedTrainer: pass an instantiated `model`.")
-        if kwargs.get("compute_loss_func") is not None:
-            raise ValueError(
-                "`compute_loss_func` is not supported by BPModifiedTrainer: every block's loss is the model's own "
-                "loss applied to a head's logits. Use the model's `problem_type` or `label_smoothing_factor`."
-            )
         self.adapter = get_adapter(model)  # fails here, before any work, for unsupported models
+        if type(self).compute_loss is not BPModifiedTrainer.compute_loss:
+            warnings.warn(
+                f"{type(self).__name__} overrides `compute_loss`, which BPModifiedTrainer calls in evaluation only: "
+                "training computes the loss of every block's head itself. To change the training loss, pass "
+                "`compute_loss_func(outputs, labels, num_items_in_batch)` (it gets each head's logits as "
+                "`outputs.logits`) or set `label_smoothing_factor`.",
+                stacklevel=2,
+            )
         super().__init__(model=model, args=args, **kwargs)
         self._reject_unsupported_backends()
         base = unwrap_model(self.model)
@@ -174,28 +178,38 @@ class BPModifiedTrainer(Trainer):
         return optimizer
 
     # ------------------------------------------------------------------ losses
-    def _head_loss_fn(self, labels: torch.Tensor, num_items_in_batch: Any):
-        """``L``: the loss the Trainer would compute from a head's logits, scaled as ``training_step`` scales it."""
+    def _logits_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        """``L`` on one head's logits, chosen as the Trainer's ``compute_loss`` chooses it: the user's
+        ``compute_loss_func`` (given the logits as an ``ImageClassifierOutput``), else the label smoother
+        (``label_smoothing_factor``), else the model's own loss (its ``problem_type``)."""
+        if self.compute_loss_func is not None:
+            outputs = ImageClassifierOutput(logits=logits)
+            return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        if self.label_smoother is not None:
+            return self.label_smoother({"logits": logits}, labels, num_items_in_batch=num_items_in_batch)
         base = unwrap_model(self.model)
-        use_items = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            return base.loss_function(labels, logits, base.config, num_items_in_batch=num_items_in_batch)
+        return base.loss_function(labels, logits, base.config)
+
+    def _head_loss_fn(self, labels: torch.Tensor, num_items_in_batch: Any):
+        """``L`` of a training micro-batch, scaled as the Trainer's ``training_step`` scales its loss (gradient
+        accumulation, ``average_tokens_across_devices``)."""
+        counts_items = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled_for_ga is None:
-            scaled_for_ga = use_items
+            scaled_for_ga = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
         factor = 1.0
-        if self.args.average_tokens_across_devices and use_items:
+        if self.args.average_tokens_across_devices and counts_items and num_items_in_batch is not None:
             tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             factor *= self.accelerator.num_processes // tp_size
         if not scaled_for_ga:
             factor /= getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
         def loss_fn(logits: torch.Tensor) -> torch.Tensor:
-            if self.label_smoother is not None:
-                loss = self.label_smoother({"logits": logits}, labels, num_items_in_batch=num_items_in_batch)
-            elif use_items:
-                loss = base.loss_function(labels, logits, base.config, num_items_in_batch=num_items_in_batch)
-            else:
-                loss = base.loss_function(labels, logits, base.config)
-            return loss * factor
+            return self._logits_loss(logits, labels, num_items_in_batch) * factor
 
         return loss_fn
 
@@ -347,14 +361,13 @@ class BPModifiedTrainer(Trainer):
                 collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
         except ImportError:  # pragma: no cover
             collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
-        base = unwrap_model(self.model)
 
         def fetch(indices: list[int]):
             batch = self._prepare_inputs(collator([dataset[i] for i in indices]))
             pixel_values, labels = self._split_inputs(batch)
 
-            def loss_fn(logits: torch.Tensor) -> torch.Tensor:
-                return base.loss_function(labels, logits, base.config)
+            def loss_fn(logits: torch.Tensor) -> torch.Tensor:  # the training loss, as a micro-batch mean
+                return self._logits_loss(logits, labels)
 
             return pixel_values, loss_fn
 

@@ -141,30 +141,53 @@ class _GradCapture(TrainerCallback):
         self.grads.append([p.grad.detach().clone() for p in self.params])
 
 
-def _trainer(tmp_path, data, **kw):
+def _trainer(tmp_path, data, compute_loss_func=None, **kw):
     args = BPModifiedTrainingArguments(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
         learning_rate=1e-3, max_grad_norm=0.0, seed=0, data_seed=0, **kw,
     )  # fmt: skip
     model = tiny_vit(num_layers=4)
-    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=data)
+    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=data, compute_loss_func=compute_loss_func)
     capture = _GradCapture([p for ps in trainer.block_chain.block_params for p in ps])
     trainer.add_callback(capture)
     return trainer, capture
 
 
-def test_a0_lambda1_gives_the_bp_gradient_of_the_offset_batch(tmp_path):
+_CLASS_WEIGHTS = torch.tensor([0.5, 1.0, 2.0, 1.5, 3.0])
+
+
+def _weighted_loss(outputs, labels, num_items_in_batch=None):
+    """A user's ``compute_loss_func``: class-weighted cross-entropy, summed over the accumulated batch when given."""
+    loss = F.cross_entropy(outputs.logits, labels, weight=_CLASS_WEIGHTS, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else len(labels))
+
+
+@pytest.mark.parametrize("loss", ["model", "label_smoothing", "compute_loss_func"])
+def test_a0_lambda1_gives_the_bp_gradient_of_the_offset_batch(tmp_path, loss):
+    """The offset's true gradient is that of the loss being trained: the model's, the label-smoothed one, or the
+    user's ``compute_loss_func``."""
     data = SyntheticImages(64)
+    kw = {
+        "model": {},
+        "label_smoothing": dict(label_smoothing_factor=0.2),
+        "compute_loss_func": dict(compute_loss_func=_weighted_loss),
+    }[loss]
     trainer, capture = _trainer(
         tmp_path, data, max_steps=1, per_device_train_batch_size=16, offset_batch_size=32, offset_micro_batch_size=8,
-        offset_period="1", offset_scaling="fixed", offset_fixed_a=0.0, offset_fixed_lambda=1.0,
+        offset_period="1", offset_scaling="fixed", offset_fixed_a=0.0, offset_fixed_lambda=1.0, **kw,
     )  # fmt: skip
     reference = tiny_vit(num_layers=4)
     reference.train()
     idx = offset_sample(len(data), 32, seed=0, period_index=0)
     x = torch.stack([data[i]["pixel_values"] for i in idx])
     y = torch.stack([data[i]["labels"] for i in idx])
-    F.cross_entropy(reference(pixel_values=x).logits, y).backward()
+    logits = reference(pixel_values=x).logits
+    if loss == "compute_loss_func":  # the pass averages micro-batch means: the weighted loss of each 8, averaged
+        micro = [F.cross_entropy(lg, yy, weight=_CLASS_WEIGHTS, reduction="sum") / 8 for lg, yy in
+                 zip(logits.split(8), y.split(8))]  # fmt: skip
+        torch.stack(micro).mean().backward()
+    else:
+        F.cross_entropy(logits, y, label_smoothing=kw.get("label_smoothing_factor", 0.0)).backward()
     trainer.train()
     chain_params = trainer.block_chain.block_params
     names = {id(p): n for n, p in trainer.model.named_parameters()}

@@ -53,6 +53,65 @@ def test_full_horizon_equals_plain_trainer(tmp_path, factory, accumulation):
     assert _max_diff(model, reference) <= 1e-6
 
 
+def _weighted_loss(outputs, labels, num_items_in_batch=None):
+    """A user's ``compute_loss_func``: class-weighted cross-entropy over the accumulated batch (``num_items_in_batch``)."""
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5, 3.0])
+    loss = torch.nn.functional.cross_entropy(outputs.logits, labels, weight=weight, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else len(labels))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_compute_loss_func_full_horizon_equals_plain_trainer(tmp_path, accumulation):
+    """A ``compute_loss_func`` trains as in the Trainer, normalised by ``num_items_in_batch`` (no extra division by
+    the accumulation steps)."""
+    data = SyntheticImages(96)
+    kw = dict(max_steps=3, gradient_accumulation_steps=accumulation, per_device_train_batch_size=16 // accumulation)
+    reference = tiny_vit(num_layers=4)
+    plain = Trainer(model=reference, args=_args(tmp_path, TrainingArguments, **kw), train_dataset=data,
+                    compute_loss_func=_weighted_loss)  # fmt: skip
+    plain.train()
+    model = tiny_vit(num_layers=4)
+    trainer = BPModifiedTrainer(model=model, args=_args(tmp_path, local_horizon=99, **kw), train_dataset=data,
+                                compute_loss_func=_weighted_loss)  # fmt: skip
+    trainer.train()
+    assert _max_diff(model, tiny_vit(num_layers=4)) > 1e-3
+    assert _max_diff(model, reference) <= 1e-6
+    losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (plain, trainer)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_compute_loss_func_is_every_blocks_loss(tmp_path):
+    """Local training with ``compute_loss_func`` = 2 x the model's loss under plain SGD equals the model's loss at twice
+    the learning rate: the function reaches every block's head, the auxiliary heads included."""
+    data = SyntheticImages(64)
+    kw = dict(max_steps=3, local_horizon=1, bp_modified=False, optim="sgd", max_grad_norm=0.0, weight_decay=0.0)
+
+    def doubled(outputs, labels, num_items_in_batch=None):
+        return 2 * torch.nn.functional.cross_entropy(outputs.logits, labels)
+
+    models = [tiny_vit(num_layers=4), tiny_vit(num_layers=4)]
+    trainers = [
+        BPModifiedTrainer(model=models[0], args=_args(tmp_path / "a", learning_rate=1e-2, **kw), train_dataset=data,
+                          compute_loss_func=doubled),
+        BPModifiedTrainer(model=models[1], args=_args(tmp_path / "b", learning_rate=2e-2, **kw), train_dataset=data),
+    ]  # fmt: skip
+    for trainer in trainers:
+        trainer.train()
+    assert _max_diff(models[0], tiny_vit(num_layers=4)) > 1e-3
+    assert _max_diff(models[0], models[1]) <= 1e-6
+    heads = [list(t.aux_heads.parameters()) for t in trainers]
+    assert max((a - b).abs().max().item() for a, b in zip(*heads, strict=True)) <= 1e-6
+
+
+def test_a_compute_loss_override_is_flagged(tmp_path):
+    class Weighted(BPModifiedTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    with pytest.warns(UserWarning, match="overrides `compute_loss`.*pass `compute_loss_func"):
+        Weighted(model=tiny_vit(), args=_args(tmp_path, bp_modified=False))
+
+
 def test_local_training_trains_blocks_and_aux_heads(tmp_path):
     data = SyntheticImages(64)
     model = tiny_vit(num_layers=4)
@@ -190,8 +249,6 @@ def test_trainer_level_errors(tmp_path):
         BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path, TrainingArguments))
     with pytest.raises(ValueError, match=r"`offset_batch_size` \(320\) is larger than the training set \(64"):
         BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path), train_dataset=SyntheticImages(64))
-    with pytest.raises(ValueError, match="compute_loss_func"):
-        BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path), compute_loss_func=lambda *a, **k: 0)
 
 
 def test_flags_parse_from_the_command_line(tmp_path):
