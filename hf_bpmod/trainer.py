@@ -100,16 +100,27 @@ class BPModifiedTrainer(Trainer):
             max_ratio=args.offset_max_ratio if math.isfinite(args.offset_max_ratio) else None,
             seed=args.seed if args.offset_seed is None else args.offset_seed,
         )
-        if self.uses_offset and self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
-            n = len(self.train_dataset)
-            if args.offset_batch_size > n:
-                raise ValueError(
-                    f"`offset_batch_size` ({args.offset_batch_size}) is larger than the training set ({n} examples); "
-                    f"lower it (e.g. `offset_batch_size={max(2 * args.offset_micro_batch_size, n // 10)}`) or set "
-                    "`bp_modified=False`."
-                )
+        if self.uses_offset and self.train_dataset is not None:
+            self._check_offset_dataset(self.train_dataset)
 
     # ------------------------------------------------------------------ set-up
+    def _check_offset_dataset(self, dataset: Any) -> None:
+        """The offset sampler draws ``B'`` examples at random (Algorithm 1, line 4): it needs a map-style training set
+        (``len`` and indexing) of at least ``B'`` examples."""
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                f"The BP offset draws `offset_batch_size` examples at random from the training set, which needs a "
+                f"map-style dataset (with `len` and indexing); got {type(dataset).__name__}. Load the data without "
+                "streaming (a `datasets.Dataset`, not an `IterableDataset`), or set `bp_modified=False`."
+            )
+        n = len(dataset)
+        if self.args.offset_batch_size > n:
+            raise ValueError(
+                f"`offset_batch_size` ({self.args.offset_batch_size}) is larger than the training set ({n} examples); "
+                f"lower it (e.g. `offset_batch_size={max(2 * self.args.offset_micro_batch_size, n // 10)}`) or set "
+                "`bp_modified=False`."
+            )
+
     @property
     def uses_offset(self) -> bool:
         """Whether the BP offset is on (``bp_modified`` and some block's local gradient is not already exact)."""
@@ -351,6 +362,7 @@ class BPModifiedTrainer(Trainer):
 
     def _offset_fetch(self):
         dataset = self.train_dataset
+        self._check_offset_dataset(dataset)  # it may have been replaced since __init__
         collator = self.data_collator
         try:
             import datasets

@@ -251,6 +251,23 @@ def test_trainer_level_errors(tmp_path):
         BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path), train_dataset=SyntheticImages(64))
 
 
+def test_a_streamed_training_set_is_rejected_for_the_offset_only(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            data = SyntheticImages(64)
+            return (data[i] for i in range(len(data)))
+
+    with pytest.raises(ValueError, match="needs a map-style dataset .* got Stream.*bp_modified=False"):
+        BPModifiedTrainer(
+            model=tiny_vit(), args=_args(tmp_path, offset_batch_size=32, max_steps=2), train_dataset=Stream()
+        )
+    model = tiny_vit(num_layers=4)
+    BPModifiedTrainer(
+        model=model, args=_args(tmp_path, bp_modified=False, max_steps=2), train_dataset=Stream()
+    ).train()
+    assert _max_diff(model, tiny_vit(num_layers=4)) > 1e-4  # without the offset it trains
+
+
 def test_flags_parse_from_the_command_line(tmp_path):
     (args,) = HfArgumentParser(BPModifiedTrainingArguments).parse_args_into_dataclasses(
         [
