@@ -522,12 +522,14 @@ class BPModifiedTrainer(Trainer):
         transformers 5.24 saves ViT checkpoints under the legacy key names (``vit.encoder.layer...``) but its
         ``Trainer`` reloads them, to resume and for ``load_best_model_at_end``, with a plain ``load_state_dict``,
         which silently drops every encoder weight. A full model is therefore reloaded with ``from_pretrained`` and
-        copied in, strictly. Returns False for peft models, whose adapters the ``Trainer``'s own path loads.
+        copied in, strictly. Returns False, leaving it to the ``Trainer``'s own path, for peft models (their adapters)
+        and where the folder holds no saved model (the ``Trainer`` then raises, or for the best model on another node's
+        disk, warns).
         """
         if hasattr(model, "peft_config") or hasattr(self.model, "peft_config"):
             return False
         if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-            raise FileNotFoundError(f"{checkpoint} has no config.json: it is not a model checkpoint.")
+            return False
         target = unwrap_model(model)
         reloaded = type(target).from_pretrained(checkpoint)
         target.load_state_dict(reloaded.state_dict(), strict=True)
