@@ -37,6 +37,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         args=dict(local_horizon=2, offset_batch_size=32, offset_period="2", offset_seed=0),
     ),
     "vit_bp": dict(model="vit", batches={2: (16, 1), 1: (32, 1)}, args=dict(local_horizon=99)),
+    # a user's `compute_loss_func`, normalised by `num_items_in_batch` (counted over both processes), with accumulation
+    "vit_h1_weighted": dict(
+        model="vit",
+        batches={2: (8, 2), 1: (16, 2)},
+        weighted_loss=True,
+        args=dict(local_horizon=1, offset_batch_size=24, offset_period="2"),
+    ),
     "resnet_h1": dict(
         model="resnet",
         batches={2: (16, 1), 1: (16, 2)},
@@ -112,6 +119,13 @@ class RecordingTrainer(BPModifiedTrainer):
         )
 
 
+def weighted_loss(outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+    """A ``compute_loss_func``: class-weighted cross-entropy summed over the accumulated (global) batch."""
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5, 3.0])
+    loss = torch.nn.functional.cross_entropy(outputs.logits, labels, weight=weight, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else len(labels))
+
+
 def _key(pixels: torch.Tensor) -> tuple[float, ...]:
     return tuple(round(v, 5) for v in pixels.flatten()[:4].tolist())
 
@@ -151,7 +165,14 @@ def run(name: str, out_dir: str, world_size: int) -> dict[str, Any]:
         **config["args"],
     )
     model = _model(config["model"])
-    trainer = RecordingTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, example_keys=keys)
+    trainer = RecordingTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        example_keys=keys,
+        compute_loss_func=weighted_loss if config.get("weighted_loss") else None,
+    )
     aux_init = {k: v.detach().clone() for k, v in trainer.aux_heads.state_dict().items()}
     _DDPForwardCounter.install()
     start = time.perf_counter()
