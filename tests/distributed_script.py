@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
-from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit
+from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit, weighted_cross_entropy
 
 # Per configuration: the model, the trainer arguments, and {world size: (per-device batch, accumulation steps)} so
 # that both runs see the same global batch at every micro-step. ResNet's one-process reference accumulates two
@@ -119,13 +119,6 @@ class RecordingTrainer(BPModifiedTrainer):
         )
 
 
-def weighted_loss(outputs, labels, num_items_in_batch=None) -> torch.Tensor:
-    """A ``compute_loss_func``: class-weighted cross-entropy summed over the accumulated (global) batch."""
-    weight = torch.tensor([0.5, 1.0, 2.0, 1.5, 3.0])
-    loss = torch.nn.functional.cross_entropy(outputs.logits, labels, weight=weight, reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else len(labels))
-
-
 def _key(pixels: torch.Tensor) -> tuple[float, ...]:
     return tuple(round(v, 5) for v in pixels.flatten()[:4].tolist())
 
@@ -171,7 +164,7 @@ def run(name: str, out_dir: str, world_size: int) -> dict[str, Any]:
         train_dataset=train,
         eval_dataset=evaluation,
         example_keys=keys,
-        compute_loss_func=weighted_loss if config.get("weighted_loss") else None,
+        compute_loss_func=weighted_cross_entropy if config.get("weighted_loss") else None,
     )
     aux_init = {k: v.detach().clone() for k, v in trainer.aux_heads.state_dict().items()}
     _DDPForwardCounter.install()

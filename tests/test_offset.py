@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, OffsetStatistics, ScalingProblem, block_offset
 from hf_bpmod.offset import BlockMoments
 from hf_bpmod.offset_pass import OffsetSettings, compute_offsets, offset_sample
-from hf_bpmod.testing import SyntheticImages, micro_batch_fetch, tiny_vit
+from hf_bpmod.testing import CLASS_WEIGHTS, SyntheticImages, micro_batch_fetch, tiny_vit, weighted_cross_entropy
 
 
 def _gaussian_gradients(n_samples, dim, seed):
@@ -153,15 +153,6 @@ def _trainer(tmp_path, data, compute_loss_func=None, **kw):
     return trainer, capture
 
 
-_CLASS_WEIGHTS = torch.tensor([0.5, 1.0, 2.0, 1.5, 3.0])
-
-
-def _weighted_loss(outputs, labels, num_items_in_batch=None):
-    """A user's ``compute_loss_func``: class-weighted cross-entropy, summed over the accumulated batch when given."""
-    loss = F.cross_entropy(outputs.logits, labels, weight=_CLASS_WEIGHTS, reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else len(labels))
-
-
 @pytest.mark.parametrize("loss", ["model", "label_smoothing", "compute_loss_func"])
 def test_a0_lambda1_gives_the_bp_gradient_of_the_offset_batch(tmp_path, loss):
     """The offset's true gradient is that of the loss being trained: the model's, the label-smoothed one, or the
@@ -170,7 +161,7 @@ def test_a0_lambda1_gives_the_bp_gradient_of_the_offset_batch(tmp_path, loss):
     kw = {
         "model": {},
         "label_smoothing": dict(label_smoothing_factor=0.2),
-        "compute_loss_func": dict(compute_loss_func=_weighted_loss),
+        "compute_loss_func": dict(compute_loss_func=weighted_cross_entropy),
     }[loss]
     trainer, capture = _trainer(
         tmp_path, data, max_steps=1, per_device_train_batch_size=16, offset_batch_size=32, offset_micro_batch_size=8,
@@ -183,7 +174,7 @@ def test_a0_lambda1_gives_the_bp_gradient_of_the_offset_batch(tmp_path, loss):
     y = torch.stack([data[i]["labels"] for i in idx])
     logits = reference(pixel_values=x).logits
     if loss == "compute_loss_func":  # the pass averages micro-batch means: the weighted loss of each 8, averaged
-        micro = [F.cross_entropy(lg, yy, weight=_CLASS_WEIGHTS, reduction="sum") / 8 for lg, yy in
+        micro = [F.cross_entropy(lg, yy, weight=torch.tensor(CLASS_WEIGHTS), reduction="sum") / 8 for lg, yy in
                  zip(logits.split(8), y.split(8))]  # fmt: skip
         torch.stack(micro).mean().backward()
     else:

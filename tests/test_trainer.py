@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
-from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit
+from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit, weighted_cross_entropy
 
 COMMON = dict(
     per_device_train_batch_size=16,
@@ -53,13 +53,6 @@ def test_full_horizon_equals_plain_trainer(tmp_path, factory, accumulation):
     assert _max_diff(model, reference) <= 1e-6
 
 
-def _weighted_loss(outputs, labels, num_items_in_batch=None):
-    """A user's ``compute_loss_func``: class-weighted cross-entropy over the accumulated batch (``num_items_in_batch``)."""
-    weight = torch.tensor([0.5, 1.0, 2.0, 1.5, 3.0])
-    loss = torch.nn.functional.cross_entropy(outputs.logits, labels, weight=weight, reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else len(labels))
-
-
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_compute_loss_func_full_horizon_equals_plain_trainer(tmp_path, accumulation):
     """A ``compute_loss_func`` trains as in the Trainer, normalised by ``num_items_in_batch`` (no extra division by
@@ -68,11 +61,11 @@ def test_compute_loss_func_full_horizon_equals_plain_trainer(tmp_path, accumulat
     kw = dict(max_steps=3, gradient_accumulation_steps=accumulation, per_device_train_batch_size=16 // accumulation)
     reference = tiny_vit(num_layers=4)
     plain = Trainer(model=reference, args=_args(tmp_path, TrainingArguments, **kw), train_dataset=data,
-                    compute_loss_func=_weighted_loss)  # fmt: skip
+                    compute_loss_func=weighted_cross_entropy)  # fmt: skip
     plain.train()
     model = tiny_vit(num_layers=4)
     trainer = BPModifiedTrainer(model=model, args=_args(tmp_path, local_horizon=99, **kw), train_dataset=data,
-                                compute_loss_func=_weighted_loss)  # fmt: skip
+                                compute_loss_func=weighted_cross_entropy)  # fmt: skip
     trainer.train()
     assert _max_diff(model, tiny_vit(num_layers=4)) > 1e-3
     assert _max_diff(model, reference) <= 1e-6
