@@ -170,6 +170,35 @@ def fresh_table() -> list[str]:
     return lines
 
 
+def fresh_control_table(variants: list[dict]) -> list[str]:
+    """The controls of :func:`control_table` on the fresh seeds (``plan_vit_adamw_seeds.md``, fourth addendum): the
+    harness's ``randdir`` and ``tiny`` under the default cap of 0.1, against the study's FF and default runs."""
+    study = _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
+    lines = [
+        "| model / optimizer | seeds | default - FF | randdir - FF | tiny - FF | default - randdir |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (model, opt), wanted in FRESH_SEEDS.items():
+        ff = {r["seed"]: r["final"] for r in study if (r["model"], r["optimizer"], r["method"]) == (model, opt, "ff")}
+        default = _finals(study, model, opt, "ff_mod", {"offset_max_ratio": 0.1})
+        runs = {
+            name: {v["seed"]: v["acc"][-1] for v in variants if v["variant"] == name and v["sched"] == "linear"
+                   and (v.get("setting", "scratch"), v["model"], v["opt"], v["method"]) == ("scratch", model, opt, "ff_mod")}
+            for name in ("randdir", "tiny")
+        }  # fmt: skip
+        seeds = [s for s in wanted if s in ff and s in default and s in runs["randdir"] and s in runs["tiny"]]
+        if len(seeds) < 2:
+            continue
+        cols = [[d[s] - ff[s] for s in seeds] for d in (default, runs["randdir"], runs["tiny"])]
+        paired = [default[s] - runs["randdir"][s] for s in seeds]
+        lines.append(
+            f"| {model} / {opt} | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | "
+            + " | ".join(_mean_se(c) for c in cols)
+            + f" | **{_mean_se(paired)}** |"
+        )
+    return lines
+
+
 def epoch_table() -> list[str]:
     """Test accuracy of the default minus FF after each epoch, mean (s.e.) over the fresh seeds of each cell: where in
     training the difference arises."""
@@ -210,6 +239,8 @@ def main() -> None:
     print("\n".join(fresh_table()))
     print()
     print("\n".join(epoch_table()))
+    print()
+    print("\n".join(fresh_control_table(variants)))
 
 
 if __name__ == "__main__":
