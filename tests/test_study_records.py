@@ -49,3 +49,10 @@ def test_fresh_seeds_give_the_quoted_verdict():
     module, _ = _controls()
     rows = {line.split("|")[1].strip(): line for line in module.fresh_table()}
     assert "| 24-55 (32) | -0.0045 (0.0015) | -0.0075 to -0.0016 | -0.0335 | 22 of 32 | fails |" in rows["vit / adamw"]
+
+
+def test_fresh_controls_attribute_the_loss_to_the_direction():
+    """``docs/offset_study.md`` item 9: on fresh ViT/AdamW seeds the default is below a random push of its size."""
+    module, variants = _controls()
+    (row,) = module.fresh_control_table(variants)[2:]
+    assert "| 24-50 (27) | -0.0038 (0.0016) | +0.0084 (0.0027) | +0.0020 (0.0009) | **-0.0123 (0.0032)** |" in row
