@@ -35,12 +35,23 @@ def _mean_se(values: list[float]) -> str:
     return f"{statistics.mean(values):+.4f} ({statistics.stdev(values) / len(values) ** 0.5:.4f})"
 
 
-def _finals(study: list[dict], model: str, opt: str, method: str, extra: dict) -> dict[int, float]:
-    """Final accuracy per seed of one study cell run with exactly ``extra``."""
+def _finals(study: list[dict], model: str, opt: str, method: str, extra: dict | None) -> dict[int, float]:
+    """Final accuracy per seed of one study cell run with exactly ``extra`` (``None``: whatever its ``extra``)."""
     return {
         r["seed"]: r["final"]
         for r in study
-        if (r["model"], r["optimizer"], r["method"]) == (model, opt, method) and r["extra"] == extra
+        if (r["model"], r["optimizer"], r["method"]) == (model, opt, method) and extra in (None, r["extra"])
+    }
+
+
+def _harness_finals(variants: list[dict], name: str, setting: str, model: str, opt: str) -> dict[int, float]:
+    """Final accuracy per seed of the harness's ``name`` runs of FF-modified in one cell (the Trainer's schedule)."""
+    return {
+        v["seed"]: v["acc"][-1]
+        for v in variants
+        if v["variant"] == name
+        and v["sched"] == "linear"
+        and (v.get("setting", "scratch"), v["model"], v["opt"], v["method"]) == (setting, model, opt, "ff_mod")
     }
 
 
@@ -57,11 +68,7 @@ def control_table(variants: list[dict]) -> list[str]:
     for setting, model, opt in cells:
         finals = {method: _finals(studies[setting], model, opt, method, {}) for method in ("ff", "ff_mod")}
 
-        def harness(name, setting=setting, model=model, opt=opt):
-            return {v["seed"]: v["acc"][-1] for v in variants if v["variant"] == name and v["sched"] == "linear"
-                    and (v.get("setting", "scratch"), v["model"], v["opt"], v["method"]) == (setting, model, opt, "ff_mod")}  # fmt: skip
-
-        randdir, tiny, base = harness("randdir"), harness("tiny"), harness("base")
+        randdir, tiny, base = (_harness_finals(variants, n, setting, model, opt) for n in ("randdir", "tiny", "base"))
         use_base = set(randdir) <= set(base)
         default = base if use_base else finals["ff_mod"]
         ff = finals["ff"]
@@ -111,7 +118,7 @@ def noise_table(variants: list[dict]) -> list[str]:
 def cap_table(extra: dict | None = None) -> list[str]:
     """FF -> FF-modified (and LoCo -> LoCo-modified) with ``extra`` (the cap at 0.1) against the package default,
     paired by seed, over the seeds where all three ran: the session-7 test of ``plan_vit_adamw_seeds.md``."""
-    extra = extra or {"offset_max_ratio": 0.1}
+    extra = extra or CAP
     lines = [
         "| setting | model / optimizer | method | seeds | default - local | variant - local | worst seed (variant) "
         "| variant - default |",
@@ -137,6 +144,8 @@ def cap_table(extra: dict | None = None) -> list[str]:
     return lines
 
 
+CAP = {"offset_max_ratio": 0.1}  # the study's label of the default since session 7
+
 # Seeds that played no part in choosing the cap of 0.1 (planned in ``plan_vit_adamw_seeds.md``, second and third
 # addenda), per from-scratch cell.
 FRESH_SEEDS = {("vit", "adamw"): range(24, 56), ("vit", "sgd"): range(12, 24)}
@@ -147,14 +156,12 @@ def fresh_table() -> list[str]:
     s.e. below zero, no seed below -0.05), the mean's 95% interval (t quantile), and how many seeds lost. FF's runs
     are taken whatever their ``extra`` (seeds 32 and up carry the cap in their key, which FF does not use)."""
     study = _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
-    cap = {"offset_max_ratio": 0.1}
     lines = [
         "| model / optimizer | fresh seeds | default - FF | 95% interval | worst seed | seeds below FF | test |",
         "|---|---|---|---|---|---|---|",
     ]
     for (model, opt), wanted in FRESH_SEEDS.items():
-        ff = {r["seed"]: r["final"] for r in study if (r["model"], r["optimizer"], r["method"]) == (model, opt, "ff")}
-        mod = _finals(study, model, opt, "ff_mod", cap)
+        ff, mod = _finals(study, model, opt, "ff", None), _finals(study, model, opt, "ff_mod", CAP)
         seeds = [s for s in wanted if s in ff and s in mod]
         if len(seeds) < 2:
             continue
@@ -179,13 +186,8 @@ def fresh_control_table(variants: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for (model, opt), wanted in FRESH_SEEDS.items():
-        ff = {r["seed"]: r["final"] for r in study if (r["model"], r["optimizer"], r["method"]) == (model, opt, "ff")}
-        default = _finals(study, model, opt, "ff_mod", {"offset_max_ratio": 0.1})
-        runs = {
-            name: {v["seed"]: v["acc"][-1] for v in variants if v["variant"] == name and v["sched"] == "linear"
-                   and (v.get("setting", "scratch"), v["model"], v["opt"], v["method"]) == ("scratch", model, opt, "ff_mod")}
-            for name in ("randdir", "tiny")
-        }  # fmt: skip
+        ff, default = _finals(study, model, opt, "ff", None), _finals(study, model, opt, "ff_mod", CAP)
+        runs = {name: _harness_finals(variants, name, "scratch", model, opt) for name in ("randdir", "tiny")}
         seeds = [s for s in wanted if s in ff and s in default and s in runs["randdir"] and s in runs["tiny"]]
         if len(seeds) < 2:
             continue
@@ -207,9 +209,7 @@ def epoch_table() -> list[str]:
     for (model, opt), wanted in FRESH_SEEDS.items():
         cell = [r for r in study if (r["model"], r["optimizer"]) == (model, opt) and r["seed"] in wanted]
         ff = {r["seed"]: r["acc"] for r in cell if r["method"] == "ff"}
-        mod = {
-            r["seed"]: r["acc"] for r in cell if r["method"] == "ff_mod" and r["extra"] == {"offset_max_ratio": 0.1}
-        }
+        mod = {r["seed"]: r["acc"] for r in cell if r["method"] == "ff_mod" and r["extra"] == CAP}
         seeds = [s for s in wanted if s in ff and s in mod]
         if len(seeds) < 2:
             continue
