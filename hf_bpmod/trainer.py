@@ -512,8 +512,9 @@ class BPModifiedTrainer(Trainer):
     def _load_best_model(self) -> None:
         """Load the best checkpoint at the end of training (`load_best_model_at_end`; see `_reload_full_model`)."""
         checkpoint = self.state.best_model_checkpoint
-        logger.info(f"Loading best model from {checkpoint} (score: {self.state.best_metric}).")
-        if not self._reload_full_model(checkpoint, self.model):
+        if self._reload_full_model(checkpoint, self.model):
+            logger.info(f"Loaded the best model from {checkpoint} (score: {self.state.best_metric}).")
+        else:  # the Trainer's path logs it itself
             super()._load_best_model()
 
     def _reload_full_model(self, checkpoint: str, model: nn.Module) -> bool:
