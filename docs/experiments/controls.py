@@ -11,7 +11,8 @@ the same code as the controls), else the study's ``ff_mod`` runs. Then, per refr
 ``||Delta||^2`` the sampling noise of the B' examples explains (``var / (K bias)``: ``var`` carries the factor K/B'),
 the measured reliability, and the reliability an unchanged ``Delta`` would have shown under that noise. Last, the
 norm cap at 0.1 against the default's 0.25 (:func:`cap_table`), and the cap of 0.1 (the default since) against FF
-on seeds that played no part in choosing it (:func:`fresh_table`, :func:`epoch_table`).
+on seeds that played no part in choosing it (:func:`fresh_table`, :func:`epoch_table`), the controls on those seeds
+(:func:`fresh_control_table`), and the default with a ten times shorter period (:func:`short_period_table`).
 """
 
 from __future__ import annotations
@@ -218,6 +219,50 @@ def epoch_table() -> list[str]:
     return lines
 
 
+SHORT = {**CAP, "offset_period": "0.1epoch"}  # the fifth addendum's variant: the default with K = 12 steps
+
+
+def short_period_table() -> list[str]:
+    """The default with a ten times shorter period (``SHORT``) on ViT/AdamW seeds 24-39 (``plan_vit_adamw_seeds.md``,
+    fifth addendum), against the study's FF and default runs on the same seeds, with the seconds per run."""
+    study = _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
+    ff, default = _finals(study, "vit", "adamw", "ff", None), _finals(study, "vit", "adamw", "ff_mod", CAP)
+    short = _finals(study, "vit", "adamw", "ff_mod", SHORT)
+    seeds = [s for s in range(24, 40) if s in ff and s in default and s in short]
+    if len(seeds) < 2:
+        return []
+    seconds = {
+        name: statistics.mean(
+            r["seconds"]
+            for r in study
+            if (r["model"], r["optimizer"], r["method"], r["extra"]) == ("vit", "adamw", "ff_mod", extra)
+            and r["seed"] in seeds
+        )
+        for name, extra in (("short", SHORT), ("default", CAP))
+    }
+    d_ff = [short[s] - ff[s] for s in seeds]
+    acc = {
+        (r["method"], r["seed"]): r["acc"]
+        for r in study
+        if (r["model"], r["optimizer"]) == ("vit", "adamw")
+        and r["seed"] in seeds
+        and (r["method"] == "ff" or r["extra"] == SHORT)
+    }
+    per_epoch = [_mean_se([acc["ff_mod", s][e] - acc["ff", s][e] for s in seeds]) for e in range(8)]
+    return [
+        "| short K - FF after epoch | " + " | ".join(str(e) for e in range(1, 9)) + " |",
+        "|---|" + "---|" * 8,
+        "| vit / adamw | " + " | ".join(per_epoch) + " |",
+        "",
+        "| model / optimizer | seeds | short K - FF | worst seed | seeds below FF | short K - default | default - FF "
+        "| seconds per run, short K / default |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| vit / adamw | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d_ff)} | {min(d_ff):+.4f} | "
+        f"{sum(x < 0 for x in d_ff)} of {len(d_ff)} | **{_mean_se([short[s] - default[s] for s in seeds])}** | "
+        f"{_mean_se([default[s] - ff[s] for s in seeds])} | {seconds['short']:.0f} / {seconds['default']:.0f} |",
+    ]
+
+
 def _t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (Cornish-Fisher expansion: within 1e-3 for
     df >= 7, 0.03 at df = 3)."""
@@ -241,6 +286,8 @@ def main() -> None:
     print("\n".join(epoch_table()))
     print()
     print("\n".join(fresh_control_table(variants)))
+    print()
+    print("\n".join(short_period_table()))
 
 
 if __name__ == "__main__":
