@@ -209,6 +209,26 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, bp_modified):
         assert [r["step"] for r in log] == [0, 4]
 
 
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
+    """``gradient_checkpointing=True`` (the Trainer enables it on the model) recomputes each layer in its backward,
+    in the training steps and in the offset pass alike, and gives the same weights as without it."""
+    data = SyntheticImages(96)
+    kw = dict(max_steps=4, local_horizon=1, offset_batch_size=32, offset_micro_batch_size=8, offset_period="2")
+    models, forwards = {}, {}
+    for checkpointing in (False, True):
+        model = tiny_vit(num_layers=4)
+        calls = []
+        model.vit.layers[1].attention.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        args = _args(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, **kw)
+        BPModifiedTrainer(model=model, args=args, train_dataset=data).train()
+        models[checkpointing], forwards[checkpointing] = model, len(calls)
+    # 4 steps + 2 refreshes of 4 micro-batches; recomputed: once per training backward, twice per micro-batch
+    # (its local and its true gradient)
+    assert (forwards[False], forwards[True]) == (12, 32)
+    assert _max_diff(models[True], tiny_vit(num_layers=4)) > 1e-3
+    assert _max_diff(models[True], models[False]) <= 1e-6
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
