@@ -104,11 +104,20 @@ def patched(moments, scaling, **kw):
     if os.environ.get("DIAG") and off.delta is not None and off.weight > 0:
         # the offset's share of the local gradient, per parameter tensor: ||w Delta_p|| / ||scale m_h,p||
         ratios = [
-            (tuple(d.shape), off.weight * float(d.double().norm()) / max(abs(off.scale) * float(m.double().norm()), 1e-30))
+            (
+                tuple(d.shape),
+                off.weight * float(d.double().norm()) / max(abs(off.scale) * float(m.double().norm()), 1e-30),
+            )
             for d, m in zip(off.delta, moments.mean_h)
         ]
         top = sorted(ratios, key=lambda r: -r[1])[:4]
-        print("DIAG", len(off.delta), f"block_ratio={off.offset_norm:.3g}", [(s, round(r, 3)) for s, r in top], file=sys.stderr)
+        print(
+            "DIAG",
+            len(off.delta),
+            f"block_ratio={off.offset_norm:.3g}",
+            [(s, round(r, 3)) for s, r in top],
+            file=sys.stderr,
+        )
     return off
 
 
