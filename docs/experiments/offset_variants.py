@@ -12,8 +12,9 @@ vector, so from the second refresh on it is mostly switched off: superseded by r
 direction replaced, where it is applied, by a random one drawn afresh for every refresh and block, its norm, timing
 and weight kept, while the reliability and the cap see the real offsets: a control for "a push of that size that
 carries no information about the true gradient"), tiny (offset times 1e-6: a control for chaos),
-corr (reliability = correlation of successive offsets, the rule the package adopted), corr2, gate, cap (the
-offset's norm capped at a quarter of the mean local gradient's, keeping the uncapped step factor c: the probe behind
+no0 (block 0, which holds the ViT's embeddings, gets no offset; the others as in the default: the sixth addendum of
+plan_vit_adamw_seeds.md), corr (reliability = correlation of successive offsets, the rule the package adopted),
+corr2, gate, cap (the offset's norm capped at a quarter of the mean local gradient's, keeping the uncapped step factor c: the probe behind
 the package's offset_max_ratio=0.25, which the package now applies itself and follows with a recomputed c).
 Since the package caps by default, every variant here runs on top of the cap; base is the capped default.
 SCHED / CLIP: learning-rate schedule and gradient clipping (the Trainer's defaults are linear and 1.0).
@@ -138,6 +139,8 @@ def apply(chain, offsets, grad_scale=1.0):
         offsets = [dataclasses.replace(o, weight=o.weight * f) for o in offsets]
     if variant == "tiny":
         offsets = [dataclasses.replace(o, weight=o.weight * 1e-6, scale=1.0) for o in offsets]
+    if variant == "no0":  # block 0 trains on its plain local gradient; every other block as in the default
+        offsets = [dataclasses.replace(offsets[0], weight=0.0, scale=1.0), *offsets[1:]]
     if variant == "randdir":
         period = TR["t"].offset_state.period_index
         if RANDOM.get("period") != period:  # draw once per refresh and block, keep for the period
