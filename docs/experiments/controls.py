@@ -12,7 +12,8 @@ the same code as the controls), else the study's ``ff_mod`` runs. Then, per refr
 the measured reliability, and the reliability an unchanged ``Delta`` would have shown under that noise. Last, the
 norm cap at 0.1 against the default's 0.25 (:func:`cap_table`), and the cap of 0.1 (the default since) against FF
 on seeds that played no part in choosing it (:func:`fresh_table`, :func:`epoch_table`), the controls on those seeds
-(:func:`fresh_control_table`), and the default with a ten times shorter period (:func:`short_period_table`).
+(:func:`fresh_control_table`), the default with a ten times shorter period (:func:`short_period_table`), and the
+default without block 0's offset (:func:`block0_table`).
 """
 
 from __future__ import annotations
@@ -263,6 +264,25 @@ def short_period_table() -> list[str]:
     ]
 
 
+def block0_table(variants: list[dict]) -> list[str]:
+    """The default without block 0's offset (the harness's ``no0``) on fresh ViT/AdamW seeds 56 and up
+    (``plan_vit_adamw_seeds.md``, sixth addendum), against the study's FF and default runs on the same seeds."""
+    study = _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
+    ff, default = _finals(study, "vit", "adamw", "ff", None), _finals(study, "vit", "adamw", "ff_mod", CAP)
+    no0 = _harness_finals(variants, "no0", "scratch", "vit", "adamw")
+    seeds = sorted(s for s in no0 if s >= 56 and s in ff and s in default)
+    if len(seeds) < 2:
+        return []
+    d_ff = [no0[s] - ff[s] for s in seeds]
+    return [
+        "| model / optimizer | seeds | no0 - FF | worst seed | seeds below FF | no0 - default | default - FF |",
+        "|---|---|---|---|---|---|---|",
+        f"| vit / adamw | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d_ff)} | {min(d_ff):+.4f} | "
+        f"{sum(x < 0 for x in d_ff)} of {len(d_ff)} | **{_mean_se([no0[s] - default[s] for s in seeds])}** | "
+        f"{_mean_se([default[s] - ff[s] for s in seeds])} |",
+    ]
+
+
 def _t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (Cornish-Fisher expansion: within 1e-3 for
     df >= 7, 0.03 at df = 3)."""
@@ -288,6 +308,8 @@ def main() -> None:
     print("\n".join(fresh_control_table(variants)))
     print()
     print("\n".join(short_period_table()))
+    print()
+    print("\n".join(block0_table(variants)))
 
 
 if __name__ == "__main__":
