@@ -153,17 +153,45 @@ CAP = {"offset_max_ratio": 0.1}  # the study's label of the default since sessio
 FRESH_SEEDS = {("vit", "adamw"): range(24, 56), ("vit", "sgd"): range(12, 24)}
 
 
+def _scratch_study() -> list[dict]:
+    """The from-scratch study's runs (``docs/cpu_study/runs.jsonl``)."""
+    return _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
+
+
+def _ff_and_default(study: list[dict], model: str, opt: str) -> tuple[dict[int, float], dict[int, float]]:
+    """Final accuracy per seed of FF (whatever its ``extra``: FF does not use the cap) and of the default (cap 0.1)."""
+    return _finals(study, model, opt, "ff", None), _finals(study, model, opt, "ff_mod", CAP)
+
+
+def _variant_table(
+    name: str, variant: dict[int, float], ff: dict, default: dict, seeds: list[int], *extra
+) -> list[str]:
+    """One ViT/AdamW row of a variant of the default against FF and the default on ``seeds``; ``extra``: a further
+    (column title, cell) pair."""
+    d_ff = [variant[s] - ff[s] for s in seeds]
+    titles = "".join(f" {title} |" for title, _ in extra)
+    cells = "".join(f" {cell} |" for _, cell in extra)
+    return [
+        f"| model / optimizer | seeds | {name} - FF | worst seed | seeds below FF | {name} - default | default - FF |"
+        + titles,
+        "|---|---|---|---|---|---|---|" + "---|" * len(extra),
+        f"| vit / adamw | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d_ff)} | {min(d_ff):+.4f} | "
+        f"{sum(x < 0 for x in d_ff)} of {len(d_ff)} | **{_mean_se([variant[s] - default[s] for s in seeds])}** | "
+        f"{_mean_se([default[s] - ff[s] for s in seeds])} |" + cells,
+    ]
+
+
 def fresh_table() -> list[str]:
     """The default (cap 0.1) against FF on the fresh seeds of ``FRESH_SEEDS``: the session-5 test (mean not 2 or more
     s.e. below zero, no seed below -0.05), the mean's 95% interval (t quantile), and how many seeds lost. FF's runs
     are taken whatever their ``extra`` (seeds 32 and up carry the cap in their key, which FF does not use)."""
-    study = _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
+    study = _scratch_study()
     lines = [
         "| model / optimizer | fresh seeds | default - FF | 95% interval | worst seed | seeds below FF | test |",
         "|---|---|---|---|---|---|---|",
     ]
     for (model, opt), wanted in FRESH_SEEDS.items():
-        ff, mod = _finals(study, model, opt, "ff", None), _finals(study, model, opt, "ff_mod", CAP)
+        ff, mod = _ff_and_default(study, model, opt)
         seeds = [s for s in wanted if s in ff and s in mod]
         if len(seeds) < 2:
             continue
@@ -182,13 +210,13 @@ def fresh_table() -> list[str]:
 def fresh_control_table(variants: list[dict]) -> list[str]:
     """The controls of :func:`control_table` on the fresh seeds (``plan_vit_adamw_seeds.md``, fourth addendum): the
     harness's ``randdir`` and ``tiny`` under the default cap of 0.1, against the study's FF and default runs."""
-    study = _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
+    study = _scratch_study()
     lines = [
         "| model / optimizer | seeds | default - FF | randdir - FF | tiny - FF | default - randdir |",
         "|---|---|---|---|---|---|",
     ]
     for (model, opt), wanted in FRESH_SEEDS.items():
-        ff, default = _finals(study, model, opt, "ff", None), _finals(study, model, opt, "ff_mod", CAP)
+        ff, default = _ff_and_default(study, model, opt)
         runs = {name: _harness_finals(variants, name, "scratch", model, opt) for name in ("randdir", "tiny")}
         seeds = [s for s in wanted if s in ff and s in default and s in runs["randdir"] and s in runs["tiny"]]
         if len(seeds) < 2:
@@ -206,7 +234,7 @@ def fresh_control_table(variants: list[dict]) -> list[str]:
 def epoch_table() -> list[str]:
     """Test accuracy of the default minus FF after each epoch, mean (s.e.) over the fresh seeds of each cell: where in
     training the difference arises."""
-    study = _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
+    study = _scratch_study()
     lines = ["| model / optimizer | " + " | ".join(f"epoch {e}" for e in range(1, 9)) + " |", "|---|" + "---|" * 8]
     for (model, opt), wanted in FRESH_SEEDS.items():
         cell = [r for r in study if (r["model"], r["optimizer"]) == (model, opt) and r["seed"] in wanted]
@@ -226,8 +254,8 @@ SHORT = {**CAP, "offset_period": "0.1epoch"}  # the fifth addendum's variant: th
 def short_period_table() -> list[str]:
     """The default with a ten times shorter period (``SHORT``) on ViT/AdamW seeds 24-39 (``plan_vit_adamw_seeds.md``,
     fifth addendum), against the study's FF and default runs on the same seeds, with the seconds per run."""
-    study = _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
-    ff, default = _finals(study, "vit", "adamw", "ff", None), _finals(study, "vit", "adamw", "ff_mod", CAP)
+    study = _scratch_study()
+    ff, default = _ff_and_default(study, "vit", "adamw")
     short = _finals(study, "vit", "adamw", "ff_mod", SHORT)
     seeds = [s for s in range(24, 40) if s in ff and s in default and s in short]
     if len(seeds) < 2:
@@ -241,7 +269,6 @@ def short_period_table() -> list[str]:
         )
         for name, extra in (("short", SHORT), ("default", CAP))
     }
-    d_ff = [short[s] - ff[s] for s in seeds]
     acc = {
         (r["method"], r["seed"]): r["acc"]
         for r in study
@@ -250,37 +277,26 @@ def short_period_table() -> list[str]:
         and (r["method"] == "ff" or r["extra"] == SHORT)
     }
     per_epoch = [_mean_se([acc["ff_mod", s][e] - acc["ff", s][e] for s in seeds]) for e in range(8)]
+    cost = ("seconds per run, short K / default", f"{seconds['short']:.0f} / {seconds['default']:.0f}")
     return [
         "| short K - FF after epoch | " + " | ".join(str(e) for e in range(1, 9)) + " |",
         "|---|" + "---|" * 8,
         "| vit / adamw | " + " | ".join(per_epoch) + " |",
         "",
-        "| model / optimizer | seeds | short K - FF | worst seed | seeds below FF | short K - default | default - FF "
-        "| seconds per run, short K / default |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| vit / adamw | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d_ff)} | {min(d_ff):+.4f} | "
-        f"{sum(x < 0 for x in d_ff)} of {len(d_ff)} | **{_mean_se([short[s] - default[s] for s in seeds])}** | "
-        f"{_mean_se([default[s] - ff[s] for s in seeds])} | {seconds['short']:.0f} / {seconds['default']:.0f} |",
+        *_variant_table("short K", short, ff, default, seeds, cost),
     ]
 
 
 def block0_table(variants: list[dict]) -> list[str]:
     """The default without block 0's offset (the harness's ``no0``) on fresh ViT/AdamW seeds 56 and up
     (``plan_vit_adamw_seeds.md``, sixth addendum), against the study's FF and default runs on the same seeds."""
-    study = _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
-    ff, default = _finals(study, "vit", "adamw", "ff", None), _finals(study, "vit", "adamw", "ff_mod", CAP)
+    study = _scratch_study()
+    ff, default = _ff_and_default(study, "vit", "adamw")
     no0 = _harness_finals(variants, "no0", "scratch", "vit", "adamw")
     seeds = sorted(s for s in no0 if s >= 56 and s in ff and s in default)
     if len(seeds) < 2:
         return []
-    d_ff = [no0[s] - ff[s] for s in seeds]
-    return [
-        "| model / optimizer | seeds | no0 - FF | worst seed | seeds below FF | no0 - default | default - FF |",
-        "|---|---|---|---|---|---|---|",
-        f"| vit / adamw | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d_ff)} | {min(d_ff):+.4f} | "
-        f"{sum(x < 0 for x in d_ff)} of {len(d_ff)} | **{_mean_se([no0[s] - default[s] for s in seeds])}** | "
-        f"{_mean_se([default[s] - ff[s] for s in seeds])} |",
-    ]
+    return _variant_table("no0", no0, ff, default, seeds)
 
 
 def _t975(df: int) -> float:
