@@ -13,7 +13,8 @@ the measured reliability, and the reliability an unchanged ``Delta`` would have 
 norm cap at 0.1 against the default's 0.25 (:func:`cap_table`), and the cap of 0.1 (the default since) against FF
 on seeds that played no part in choosing it (:func:`fresh_table`, :func:`epoch_table`), the controls on those seeds
 (:func:`fresh_control_table`), the default with a ten times shorter period (:func:`short_period_table`), and the
-default without block 0's offset (:func:`block0_table`).
+default without block 0's offset (:func:`block0_table`; in every cell, :func:`block0_cells_table`; the refresh
+statistics of each block, :func:`block0_statistics_table`).
 """
 
 from __future__ import annotations
@@ -355,6 +356,33 @@ def block0_cells_table(variants: list[dict]) -> list[str]:
     return lines
 
 
+def block0_statistics_table() -> list[str]:
+    """Per block of the ViT, the refreshes after the first where the default (cap 0.1) applied an offset
+    (``lambda > 0``), over every seed of the study: their share and the medians of ``lambda``, the reliability and
+    the cosine between mean local and mean true gradient, from scratch and fine-tuning."""
+    lines = [
+        "| setting | optimizer | block | refreshes with an offset | lambda | reliability | cosine |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for setting, study_dir in STUDIES.items():
+        study = _load(os.path.join(HERE, "..", study_dir, "runs.jsonl"))
+        for opt in ("adamw", "sgd"):
+            runs = [
+                r
+                for r in study
+                if (r["model"], r["optimizer"], r["method"]) == ("vit", opt, "ff_mod") and r["extra"] == CAP
+            ]
+            refreshes = [o for r in runs for o in r["offsets"][1:]]
+            for b in range(len(refreshes[0]["lam"]) - 1):  # the last block is exact
+                applied = [o for o in refreshes if o["lam"][b] > 0]
+                med = {k: statistics.median(o[k][b] for o in applied) for k in ("lam", "reliability", "cosine")}
+                lines.append(
+                    f"| {setting} ({len(runs)} seeds) | {opt} | {b} | {len(applied)} of {len(refreshes)} | "
+                    f"{med['lam']:.3f} | {med['reliability']:.2f} | {med['cosine']:.2f} |"
+                )
+    return lines
+
+
 def _t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (Cornish-Fisher expansion: within 1e-3 for
     df >= 7, 0.03 at df = 3)."""
@@ -384,6 +412,8 @@ def main() -> None:
     print("\n".join(block0_table(variants)))
     print()
     print("\n".join(block0_cells_table(variants)))
+    print()
+    print("\n".join(block0_statistics_table()))
 
 
 if __name__ == "__main__":
