@@ -565,6 +565,12 @@ class BPModifiedTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        # transformers takes `finetuned_from` from the config's `_name_or_path`, which is "" for a model built from a
+        # config, and then links an empty base model; say what it is instead.
+        unnamed_base = "This model is a fine-tuned version of [](https://huggingface.co/) on "
+        card = card.replace(unnamed_base, "This model was trained from scratch on ", 1)
         lines = ["", "## Training method (hf_bpmod)", ""]
         lines.append(
             "Trained with [hf_bpmod](https://pypi.org/project/hf-bpmod/): each block learns from the loss of an "
@@ -573,5 +579,7 @@ class BPModifiedTrainer(Trainer):
         )
         lines.append("")
         lines += [f"- {key}: {value}" for key, value in self.method_description().items()]
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+        tmp = f"{path}.tmp-{os.getpid()}"  # the card is replaced whole, never left half-written
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(card + "\n".join(lines) + "\n")
+        os.replace(tmp, path)

@@ -138,6 +138,65 @@ def test_save_model_is_plain_transformers_model(tmp_path):
         torch.testing.assert_close(reloaded.eval()(pixel_values=x).logits, model(pixel_values=x).logits)
     card = (out / "README.md").read_text()
     assert "hf_bpmod" in card and "local_horizon: 1" in card and "offset_scaling" in card
+    # built from a config: no base model to link (transformers would write "a fine-tuned version of []()")
+    assert "This model was trained from scratch on " in card and "[](https://huggingface.co/)" not in card
+
+
+class _FakeHub:
+    """Stands in for ``huggingface_hub.HfApi`` in ``transformers.trainer``: records what each upload would send (a copy
+    of the folder, with the patterns the Trainer ignores left out) and finishes at once."""
+
+    def __init__(self, root):
+        self.root, self.uploads, self.repos = root, [], []
+
+    def create_repo(self, repo_id, **kw):
+        self.repos.append(repo_id)
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, ignore_patterns=None, **kw):
+        import concurrent.futures
+        import fnmatch
+        import shutil
+
+        copy = self.root / f"upload-{len(self.uploads)}"
+        ignored = ignore_patterns or []
+        shutil.copytree(folder_path, copy, ignore=lambda d, names: [n for n in names if any(
+            fnmatch.fnmatch(n, p) for p in ignored)])  # fmt: skip
+        self.uploads.append((path_in_repo, copy))
+        done = concurrent.futures.Future()
+        done.set_result(None)
+        return done
+
+
+def test_push_to_hub_sends_the_plain_model_and_resumable_checkpoints(tmp_path, monkeypatch):
+    """Offline, with the Hub client replaced: what ``push_to_hub`` uploads is the model alone (it reloads with
+    ``from_pretrained``, no missing or unexpected keys, same logits) with its card, and ``hub_strategy="checkpoint"``
+    also sends the last checkpoint with the auxiliary heads and the offset state, so a run can resume from the Hub."""
+    import transformers.trainer
+
+    hub = _FakeHub(tmp_path)
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    model = tiny_vit(num_layers=4)
+    args = _args(
+        tmp_path, max_steps=4, save_strategy="steps", save_steps=2, offset_batch_size=32, offset_period="2",
+        push_to_hub=True, hub_model_id="someone/tiny-bpmod", hub_strategy="checkpoint",
+    )  # fmt: skip
+    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=SyntheticImages(64))
+    trainer.train()
+    trainer.push_to_hub()
+    assert hub.repos == ["someone/tiny-bpmod"]
+    checkpoints = [folder for where, folder in hub.uploads if where == "last-checkpoint"]
+    assert len(checkpoints) == 2  # at steps 2 and 4
+    assert (checkpoints[-1] / "bpmod_state.pt").is_file() and (checkpoints[-1] / "optimizer.pt").is_file()
+    final = hub.uploads[-1][1]
+    assert hub.uploads[-1][0] is None and not any(n.startswith("checkpoint-") for n in os.listdir(final))
+    reloaded, info = ViTForImageClassification.from_pretrained(final, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
+    card = (final / "README.md").read_text()
+    assert "## Training method (hf_bpmod)" in card and "- bp_modified: True" in card
 
 
 def test_peft_model_saves_as_adapter(tmp_path):
