@@ -133,10 +133,11 @@ def build_model(shape: Shape) -> nn.Module:
         return model
     from peft import LoKrConfig, LoraConfig, get_peft_model
 
+    targets = get_adapter(model).peft_target_modules(model)  # q_proj/v_proj (query/value before 5.9); convolution
     if shape.peft == "lora":
-        config = LoraConfig(r=1, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+        config = LoraConfig(r=1, lora_alpha=4, target_modules=targets, modules_to_save=["classifier"])
     else:
-        config = LoKrConfig(r=1, alpha=4, target_modules=["convolution"], modules_to_save=["classifier"])
+        config = LoKrConfig(r=1, alpha=4, target_modules=targets, modules_to_save=["classifier"])
     return get_peft_model(model, config)
 
 

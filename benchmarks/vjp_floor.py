@@ -44,15 +44,18 @@ def blocks(batch: int, adapters: bool) -> dict[str, tuple[nn.Module, torch.Tenso
     """One ViT-B/16 layer and one ResNet-50 bottleneck; with ``adapters``, taken from the peft-wrapped models."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
+    from hf_bpmod import get_adapter
+
     torch.manual_seed(0)
     vit = ViTForImageClassification(ViTConfig(num_labels=100))
     resnet = ResNetForImageClassification(ResNetConfig(num_labels=100))
     if adapters:
         from peft import LoKrConfig, LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=1, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+        lora = LoraConfig(r=1, lora_alpha=4, target_modules=get_adapter(vit).peft_target_modules(vit))
+        lokr = LoKrConfig(r=1, alpha=4, target_modules=get_adapter(resnet).peft_target_modules(resnet))
         vit = get_peft_model(vit, lora).base_model.model
-        resnet = get_peft_model(resnet, LoKrConfig(r=1, alpha=4, target_modules=["convolution"])).base_model.model
+        resnet = get_peft_model(resnet, lokr).base_model.model
     layers = vit.vit.layers if hasattr(vit.vit, "layers") else vit.vit.encoder.layer
     bottleneck = resnet.resnet.encoder.stages[1].layers[1]
     vit_layer = layers[0]

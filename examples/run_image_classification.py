@@ -69,10 +69,10 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 try:
-    from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+    from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+    from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
 
 from hf_bpmod.data import EMBEDDED_DATASET_NAME, collate_fn, load_animal_shape_mnist, with_pixel_values
 from hf_bpmod.metrics import compute_accuracy_metrics
@@ -450,26 +450,12 @@ def build_model(
 
 
 def peft_target_modules(model: torch.nn.Module) -> list[str]:
-    """Adapter targets, found by module name: attention query/value projections, else the convolutions.
-
-    ViT names them ``q_proj``/``v_proj`` in transformers >= 5.9 and ``query``/``value`` before; ResNet's conv
-    layers are ``...convolution``.
-    """
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for pair in (("q_proj", "v_proj"), ("query", "value")):
-        if set(pair) <= leaf_names:
-            return list(pair)
-    if any(
-        name.rsplit(".", 1)[-1] == "convolution" and isinstance(module, torch.nn.Conv2d)
-        for name, module in model.named_modules()
-    ):
-        return ["convolution"]
-    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    raise ValueError(
-        f"Found no attention projections (q_proj/v_proj or query/value) nor 'convolution' layers in "
-        f"{type(model).__name__}, so the PEFT targets are unknown. Its Linear modules are named {linear_names}; use "
-        "--peft none or a ViT/ResNet model."
-    )
+    """Adapter targets: the architecture adapter's default (ViT: the attention's query/value projections, named
+    ``q_proj``/``v_proj`` in transformers >= 5.9 and ``query``/``value`` before; ResNet: every convolution)."""
+    try:
+        return get_adapter(model).peft_target_modules(model)
+    except (NotImplementedError, ValueError) as err:
+        raise ValueError(f"{err} Or use --peft none.") from err
 
 
 def apply_peft(model: torch.nn.Module, model_args: ModelArguments) -> torch.nn.Module:

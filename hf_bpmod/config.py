@@ -144,7 +144,20 @@ class BPModifiedTrainingArguments(TrainingArguments):
                 "`deepspeed` is not supported by BPModifiedTrainer: its engine owns the backward pass, which local "
                 "losses replace. Use plain data parallelism (torchrun / accelerate launch without a DeepSpeed config)."
             )
-        super().__post_init__()
+        # Every check comes before TrainingArguments' own, which exports some settings to accelerate through
+        # environment variables (transformers < 5: all of them) that would outlive rejected arguments in this process.
+        if self.torch_compile or self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+            raise ValueError(
+                "`torch_compile` is not supported by BPModifiedTrainer: local gradients call the model's blocks one by "
+                "one, outside the compiled forward. Leave `torch_compile`, `torch_compile_backend` and "
+                "`torch_compile_mode` unset."
+            )
+        if self.fsdp:
+            raise ValueError(
+                f"`fsdp` ({self.fsdp!r}) is not supported by BPModifiedTrainer: sharded parameters cannot be "
+                "differentiated block by block. Use plain data parallelism (DDP via torchrun / accelerate launch); "
+                "local losses already keep activation memory at O(h) blocks."
+            )
         self._check_int("local_horizon", 1, "use 1 (Forward-Forward), 2 (LoCo), 5 (MPC) or more")
         if self.block_granularity not in ("layer", "layer+stem", "stage"):
             raise ValueError(
@@ -178,17 +191,20 @@ class BPModifiedTrainingArguments(TrainingArguments):
             )
         if not 0.0 <= self.offset_fixed_lambda <= 1.0:
             raise ValueError(f"`offset_fixed_lambda` ({self.offset_fixed_lambda}) must lie in [0, 1].")
-        if self.torch_compile:
-            raise ValueError(
-                "`torch_compile=True` is not supported by BPModifiedTrainer: local gradients call the model's blocks "
-                "one by one, outside the compiled forward. Leave `torch_compile` off."
-            )
-        if self.fsdp:
-            raise ValueError(
-                f"`fsdp` ({self.fsdp!r}) is not supported by BPModifiedTrainer: sharded parameters cannot be "
-                "differentiated block by block. Use plain data parallelism (DDP via torchrun / accelerate launch); "
-                "local losses already keep activation memory at O(h) blocks."
-            )
+        super().__post_init__()
+        if self.gradient_checkpointing:  # after TrainingArguments, which parses the kwargs and resolves their aliases
+            kwargs = dict(self.gradient_checkpointing_kwargs or {})
+            if kwargs.get("use_reentrant", False):
+                raise ValueError(
+                    "`gradient_checkpointing_kwargs={'use_reentrant': True}` is not supported by BPModifiedTrainer: "
+                    "reentrant checkpointing cannot be differentiated with `torch.autograd.grad`, which local "
+                    "gradients use. Leave `use_reentrant` unset (hf_bpmod sets it to False) or set it to False."
+                )
+            if "use_reentrant" not in kwargs:  # transformers < 5 would default to the reentrant variant
+                kwargs["use_reentrant"] = False
+                self.gradient_checkpointing_kwargs = kwargs
+                if hasattr(self, "activation_checkpointing_kwargs"):  # its name since transformers 5
+                    self.activation_checkpointing_kwargs = kwargs
 
     def _check_int(self, name: str, minimum: int, hint: str) -> None:
         value = getattr(self, name)

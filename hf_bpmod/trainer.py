@@ -10,6 +10,7 @@ that is saved or pushed is the user's model alone.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.trainer_pt_utils import LabelSmoother
 from transformers.utils import logging
 
 from .adapters import get_adapter, unwrap_model
@@ -31,6 +33,9 @@ from .offset_pass import OffsetSettings, OffsetState, apply_block_offsets, compu
 logger = logging.get_logger(__name__)
 
 BPMOD_STATE_NAME = "bpmod_state.pt"
+# transformers >= 5 normalises the label-smoothed loss by `num_items_in_batch` as the Trainer passes it; before, by
+# the batch. Training follows whichever the installed Trainer does.
+_LABEL_SMOOTHER_COUNTS_ITEMS = "num_items_in_batch" in inspect.signature(LabelSmoother.__call__).parameters
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
@@ -178,6 +183,21 @@ class BPModifiedTrainer(Trainer):
                 stacklevel=3,
             )
 
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, dict[str, Any]]:
+        """The Trainer's optimizer class and arguments, with ``optim_args`` honoured for ``optim="sgd"`` (``momentum``,
+        ``dampening``, ``weight_decay``, ``nesterov``) as transformers >= 5 honours them: before 5 they were silently
+        dropped, which would train the paper's recipes (SGD with momentum 0.9) without momentum."""
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if optimizer_cls is torch.optim.SGD and args.optim_args:
+            given = dict(item.split("=", 1) for item in args.optim_args.replace(" ", "").split(",") if "=" in item)
+            for key in ("momentum", "dampening", "weight_decay"):
+                if key in given and key not in optimizer_kwargs:
+                    optimizer_kwargs[key] = float(given[key])
+            if "nesterov" in given and "nesterov" not in optimizer_kwargs:
+                optimizer_kwargs["nesterov"] = given["nesterov"].lower() in ("true", "1", "yes")
+        return optimizer_cls, optimizer_kwargs
+
     def create_optimizer(self, *args, **kwargs):
         """The Trainer's optimizer, plus one parameter group with the auxiliary heads (they are not part of the
         model, so the Trainer would not see them)."""
@@ -197,7 +217,9 @@ class BPModifiedTrainer(Trainer):
             outputs = ImageClassifierOutput(logits=logits)
             return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         if self.label_smoother is not None:
-            return self.label_smoother({"logits": logits}, labels, num_items_in_batch=num_items_in_batch)
+            if _LABEL_SMOOTHER_COUNTS_ITEMS:
+                return self.label_smoother({"logits": logits}, labels, num_items_in_batch=num_items_in_batch)
+            return self.label_smoother({"logits": logits}, labels)  # transformers < 5: the batch mean
         base = unwrap_model(self.model)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             return base.loss_function(labels, logits, base.config, num_items_in_batch=num_items_in_batch)

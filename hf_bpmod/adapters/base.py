@@ -76,6 +76,14 @@ class ArchitectureAdapter(ABC):
     def aux_head(self, model: nn.Module, block_index: int, granularity: BlockGranularity = "layer") -> nn.Module:
         """A freshly initialised head of the model head's structure for the output of block ``block_index``."""
 
+    def peft_target_modules(self, model: nn.Module) -> list[str]:
+        """The module names a peft adapter (LoRA, LoKr) targets on this architecture by default, under the names of
+        the installed transformers release. The paper (§6: LoRA on ViT-B/16, LoKr on ResNet-50, r = 1, alpha = 4)
+        does not name its targets; these are LoRA's usual ones."""
+        raise NotImplementedError(
+            f"{type(self).__name__} names no default peft targets; pass `target_modules` to the peft config yourself."
+        )
+
     def aux_heads(self, model: nn.Module, horizon: int, granularity: BlockGranularity = "layer") -> nn.ModuleDict:
         """The auxiliary heads a horizon needs: one per block output ``x_s`` with ``h <= s < T``, keyed ``str(s)``.
 

@@ -52,6 +52,10 @@ class ResNetAdapter(ArchitectureAdapter):
     def head(self, model: nn.Module) -> nn.Module:
         return Sequence_(model.resnet.pooler, model.classifier)
 
+    def peft_target_modules(self, model: nn.Module) -> list[str]:
+        """Every convolution of the backbone (transformers names them ``convolution``)."""
+        return ["convolution"]
+
     def aux_head(self, model: nn.Module, block_index: int, granularity: BlockGranularity = "layer") -> nn.Module:
         config = model.config
         stage = _block_stages(model, granularity)[block_index]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..chain import Sequence_
-from .base import ArchitectureAdapter, BlockGranularity, register_adapter
+from .base import ArchitectureAdapter, BlockGranularity, register_adapter, unwrap_model
 
 
 class ViTHead(nn.Module):
@@ -60,6 +60,18 @@ class ViTAdapter(ArchitectureAdapter):
 
     def head(self, model: nn.Module) -> nn.Module:
         return ViTHead(self._backbone(model).layernorm, model.classifier)
+
+    def peft_target_modules(self, model: nn.Module) -> list[str]:
+        """The attention's query and value projections: ``q_proj``/``v_proj`` in transformers >= 5.9, ``query``/
+        ``value`` before (found by name in the model, not by version)."""
+        leaf_names = {name.rsplit(".", 1)[-1] for name, _ in unwrap_model(model).named_modules()}
+        for pair in (["q_proj", "v_proj"], ["query", "value"]):
+            if set(pair) <= leaf_names:
+                return pair
+        raise ValueError(
+            f"Found neither q_proj/v_proj nor query/value in {type(model).__name__}: pass `target_modules` to the "
+            "peft config yourself."
+        )
 
     def aux_head(self, model: nn.Module, block_index: int, granularity: BlockGranularity = "layer") -> nn.Module:
         config = model.config
