@@ -37,8 +37,11 @@ def tiny_resnet(depths: tuple[int, ...] = (2, 2), num_labels: int = 5, seed: int
 
 def emulate_legacy_vit_layout(model: nn.Module) -> nn.Module:
     """Move ``vit.layers`` to ``vit.encoder.layer`` as in transformers < 5.9 (the model's own forward no longer
-    runs; only the block chain, which finds layers by structure, does)."""
+    runs; only the block chain, which finds layers by structure, does). A model of transformers < 5.9 already has
+    that layout and is returned as it is."""
     vit = model.vit
+    if not hasattr(vit, "layers"):
+        return model
     layers = vit.layers
     del vit.layers
     vit.encoder = nn.Module()

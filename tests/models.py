@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peft import LoKrConfig, LoraConfig, get_peft_model
 
+from hf_bpmod import get_adapter
 from hf_bpmod.testing import emulate_legacy_vit_layout, tiny_resnet, tiny_vit
 
 KINDS = ["vit", "vit_legacy", "resnet", "resnet_stem", "resnet_stage", "vit_lora", "resnet_lokr"]
@@ -11,8 +12,9 @@ KINDS = ["vit", "vit_legacy", "resnet", "resnet_stem", "resnet_stage", "vit_lora
 
 def lora_vit(num_layers: int = 4, **kw):
     model = tiny_vit(num_layers=num_layers, **kw)
+    targets = get_adapter(model).peft_target_modules(model)  # q_proj/v_proj, or query/value before transformers 5.9
     config = LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], init_lora_weights=False
+        r=2, lora_alpha=4, target_modules=targets, modules_to_save=["classifier"], init_lora_weights=False
     )
     return get_peft_model(model, config)
 

@@ -303,7 +303,7 @@ def test_sync_batchnorm_is_rejected(tmp_path):
     [
         (
             dict(torch_compile=True),
-            r"`torch_compile=True` is not supported by BPModifiedTrainer.*Leave `torch_compile`",
+            r"`torch_compile` is not supported by BPModifiedTrainer.*Leave `torch_compile`",
         ),
         (dict(fsdp="full_shard"), r"`fsdp` \(.*\) is not supported by .*Use plain data parallelism \(DDP"),
     ],

@@ -14,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.adapters.vit import find_layer_list
 from hf_bpmod.testing import SyntheticImages, tiny_vit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -53,7 +54,9 @@ def _run(tmp_path, precision: str | None, use_cpu: bool = False):
     capture = _Capture(trainer)
     trainer.add_callback(capture)
     dtypes: list[torch.dtype] = []
-    hook = model.vit.layers[2].mlp.fc1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    layer = find_layer_list(model.vit, model.config.num_hidden_layers)[2]
+    linear = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))  # named differently across releases
+    hook = linear.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     trainer.train()
     hook.remove()
     update = torch.cat([(p.detach().float().cpu() - p0).flatten() for p, p0 in zip(model.parameters(), initial)])

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 import hf_bpmod.trainer as trainer_module
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.adapters.vit import find_layer_list
 from hf_bpmod.offset import BlockOffset
 from hf_bpmod.offset_pass import apply_block_offsets
 from hf_bpmod.testing import SyntheticImages, tiny_vit
@@ -60,7 +61,8 @@ def test_bf16_runs_the_blocks_under_cpu_autocast_and_stays_close_to_fp32(tmp_pat
     with trainer._forward_context():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     dtypes: list[torch.dtype] = []
-    query = trainer.model.vit.layers[1].attention.q_proj
+    layer = find_layer_list(trainer.model.vit, trainer.model.config.num_hidden_layers)[1]
+    query = next(m for name, m in layer.named_modules() if name.endswith(("q_proj", "query")))
     hook = query.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     trainer.train()
     hook.remove()

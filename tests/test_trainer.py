@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.adapters.vit import find_layer_list
 from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit, weighted_cross_entropy
 
 COMMON = dict(
@@ -175,7 +176,11 @@ def test_push_to_hub_sends_the_plain_model_and_resumable_checkpoints(tmp_path, m
     import transformers.trainer
 
     hub = _FakeHub(tmp_path)
-    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    if hasattr(transformers.trainer, "hf_api"):
+        monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    else:  # transformers < 5 calls huggingface_hub's functions directly
+        monkeypatch.setattr(transformers.trainer, "create_repo", hub.create_repo)
+        monkeypatch.setattr(transformers.trainer, "upload_folder", hub.upload_folder)
     model = tiny_vit(num_layers=4)
     args = _args(
         tmp_path, max_steps=4, save_strategy="steps", save_steps=2, offset_batch_size=32, offset_period="2",
@@ -277,7 +282,8 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
     for checkpointing in (False, True):
         model = tiny_vit(num_layers=4)
         calls = []
-        model.vit.layers[1].attention.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        layer = find_layer_list(model.vit, model.config.num_hidden_layers)[1]
+        layer.attention.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         args = _args(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, **kw)
         BPModifiedTrainer(model=model, args=args, train_dataset=data).train()
         models[checkpointing], forwards[checkpointing] = model, len(calls)
@@ -301,12 +307,17 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
         (dict(offset_scaling="best"), r"`offset_scaling` \('best'\) must be one of"),
         (dict(offset_fixed_lambda=2.0), r"`offset_fixed_lambda` \(2.0\) must lie in \[0, 1\]"),
         (dict(torch_compile=True), "torch_compile"),
+        (dict(torch_compile_backend="inductor"), "torch_compile"),
         (dict(fsdp="full_shard"), "not supported by BPModifiedTrainer"),
     ],
 )
 def test_bad_arguments_are_rejected(tmp_path, kwargs, message):
+    environment = dict(os.environ)
     with pytest.raises(ValueError, match=message):
         _args(tmp_path, **kwargs)
+    # rejected arguments leave nothing behind (TrainingArguments exports fsdp and compile settings to accelerate
+    # through the environment, which would change every later Trainer of this process)
+    assert dict(os.environ) == environment
 
 
 def test_trainer_level_errors(tmp_path):
@@ -391,4 +402,8 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path, factory):
     state = model.state_dict()
     assert set(state) == set(best)
     assert all(torch.equal(state[k], best[k]) for k in state)
-    assert any(not torch.equal(state[k], last[k]) for k in state if k.startswith(("vit.layers", "resnet.encoder")))
+    assert any(
+        not torch.equal(state[k], last[k])
+        for k in state
+        if k.startswith(("vit.layers", "vit.encoder", "resnet.encoder"))
+    )
