@@ -320,6 +320,28 @@ def test_bad_arguments_are_rejected(tmp_path, kwargs, message):
     assert dict(os.environ) == environment
 
 
+def test_gradient_checkpointing_is_non_reentrant(tmp_path):
+    """Local gradients use ``torch.autograd.grad``, which reentrant checkpointing (transformers 4.x's default) cannot
+    differentiate: unset, ``use_reentrant`` becomes False; set to True, the arguments are rejected."""
+    args = _args(tmp_path, gradient_checkpointing=True)
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    kept = _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"preserve_rng_state": False})
+    assert kept.gradient_checkpointing_kwargs == {"preserve_rng_state": False, "use_reentrant": False}
+    with pytest.raises(ValueError, match="use_reentrant.*not supported by BPModifiedTrainer"):
+        _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_sgd_takes_its_optim_args(tmp_path):
+    """``optim="sgd"`` with ``optim_args`` (the paper recipes: momentum 0.9) gets them, whichever transformers is
+    installed (4.x dropped them)."""
+    args = _args(tmp_path, optim="sgd", optim_args="momentum=0.9, nesterov=True", learning_rate=0.05)
+    optimizer_cls, kwargs = BPModifiedTrainer.get_optimizer_cls_and_kwargs(args, tiny_vit())
+    assert optimizer_cls is torch.optim.SGD
+    assert kwargs["lr"] == 0.05 and kwargs["momentum"] == 0.9 and kwargs["nesterov"] is True
+    trainer = BPModifiedTrainer(model=tiny_vit(), args=args, train_dataset=SyntheticImages(320))
+    assert all(group["momentum"] == 0.9 for group in trainer.create_optimizer().param_groups)
+
+
 def test_trainer_level_errors(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
