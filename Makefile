@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-all test-slow quality style bench study clean
+.PHONY: install train test test-compat test-all test-slow quality style bench study clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,18 @@ train: install
 
 test: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -W ignore::FutureWarning
+
+# The same suite against the oldest transformers we support (pyproject.toml), in a virtual environment of its own:
+# before 4.52 a ViT's `loss_function` is not its image-classification loss.
+COMPAT_VENV ?= .venv-compat
+COMPAT_SPEC ?= transformers==4.52.4
+test-compat:
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	echo "$(COMPAT_SPEC)" > $(COMPAT_VENV)/constraints.txt
+	$(COMPAT_VENV)/bin/python -m pip install -q -c $(COMPAT_VENV)/constraints.txt -e ".[dev]"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(COMPAT_VENV)/bin/python -m pytest -q -W ignore::FutureWarning
 
 test-slow: install
 	$(PY) -m pytest -q -W ignore::FutureWarning -m slow

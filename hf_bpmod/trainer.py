@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import transformers
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import ImageClassifierOutput
@@ -42,6 +43,27 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _check_layer_checkpointing(model: nn.Module) -> None:
+    """Local gradients call a model's layers one by one. Before transformers 4.53 a ViT checkpointed its layers in
+    the encoder's loop, which those calls bypass, so ``gradient_checkpointing=True`` would silently do nothing; since,
+    each layer (a ``GradientCheckpointingLayer``) checkpoints itself. Models that do not support checkpointing at all
+    are left to the Trainer, which says so."""
+    base = unwrap_model(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        return
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        GradientCheckpointingLayer = ()  # noqa: N806
+    if not any(isinstance(m, GradientCheckpointingLayer) for m in base.modules()):
+        raise ValueError(
+            f"`gradient_checkpointing=True` would have no effect on this {type(base).__name__} under local losses: "
+            f"transformers {transformers.__version__} checkpoints its layers in the encoder's loop, which "
+            "BPModifiedTrainer bypasses (it calls the layers one by one). Upgrade to transformers >= 4.53, where each "
+            "layer checkpoints itself, or leave `gradient_checkpointing` off."
+        )
 
 
 class _OffsetLogStart(TrainerCallback):
@@ -76,6 +98,8 @@ class BPModifiedTrainer(Trainer):
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by BPModifiedTrainer: pass an instantiated `model`.")
         self.adapter = get_adapter(model)  # fails here, before any work, for unsupported models
+        if args is not None and args.gradient_checkpointing:
+            _check_layer_checkpointing(model)
         if type(self).compute_loss is not BPModifiedTrainer.compute_loss:
             warnings.warn(
                 f"{type(self).__name__} overrides `compute_loss`, which BPModifiedTrainer calls in evaluation only: "

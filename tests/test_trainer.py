@@ -275,9 +275,19 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, bp_modified):
 
 def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
     """``gradient_checkpointing=True`` (the Trainer enables it on the model) recomputes each layer in its backward,
-    in the training steps and in the offset pass alike, and gives the same weights as without it."""
+    in the training steps and in the offset pass alike, and gives the same weights as without it. Before transformers
+    4.53 (layers that do not checkpoint themselves) it is refused, since it would do nothing."""
     data = SyntheticImages(96)
     kw = dict(max_steps=4, local_horizon=1, offset_batch_size=32, offset_micro_batch_size=8, offset_period="2")
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        GradientCheckpointingLayer = ()  # noqa: N806
+    probe = tiny_vit(num_layers=4)
+    if not isinstance(find_layer_list(probe.vit, 4)[1], GradientCheckpointingLayer):
+        with pytest.raises(ValueError, match="would have no effect.*transformers >= 4.53"):
+            BPModifiedTrainer(model=probe, args=_args(tmp_path, gradient_checkpointing=True, **kw), train_dataset=data)
+        return
     models, forwards = {}, {}
     for checkpointing in (False, True):
         model = tiny_vit(num_layers=4)
