@@ -28,16 +28,14 @@ train: install
 test: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -W ignore::FutureWarning
 
-# The same suite against the oldest transformers we support (pyproject.toml), in a virtual environment of its own:
-# before 4.52 a ViT's `loss_function` is not its image-classification loss.
+# The same suite against the oldest releases we support (the floors of pyproject.toml, pinned in
+# tests/constraints-oldest.txt), in a virtual environment of its own.
 COMPAT_VENV ?= .venv-compat
-COMPAT_SPEC ?= transformers==4.52.4
 test-compat:
 	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
 	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	echo "$(COMPAT_SPEC)" > $(COMPAT_VENV)/constraints.txt
-	$(COMPAT_VENV)/bin/python -m pip install -q -c $(COMPAT_VENV)/constraints.txt -e ".[dev]"
+	$(COMPAT_VENV)/bin/python -m pip install -q -c tests/constraints-oldest.txt -e ".[dev]"
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(COMPAT_VENV)/bin/python -m pytest -q -W ignore::FutureWarning
 
 test-slow: install
