@@ -1,6 +1,7 @@
 """BPModifiedTrainer against plain Trainer, saving, the Hub format, resuming, and argument errors."""
 
 import json
+import math
 import os
 
 import pytest
@@ -52,6 +53,56 @@ def test_full_horizon_equals_plain_trainer(tmp_path, factory, accumulation):
     trainer.train()
     assert _max_diff(model, factory()) > 1e-3  # it did train
     assert _max_diff(model, reference) <= 1e-6
+
+
+class _MultiLabel(SyntheticImages):
+    """Two classes per image, as multi-hot float labels."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        labels = torch.zeros(5)
+        labels[[int(item["labels"]), (int(item["labels"]) + 1) % 5]] = 1.0
+        return {"pixel_values": item["pixel_values"], "labels": labels}
+
+
+class _Regression(SyntheticImages):
+    """One float target per image."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        return {"pixel_values": item["pixel_values"], "labels": 10 * item["pixel_values"].mean().reshape(1)}
+
+
+@pytest.mark.parametrize(
+    "problem, factory, data",
+    [
+        ("multi_label_classification", lambda: tiny_vit(num_layers=4), _MultiLabel),
+        ("multi_label_classification", lambda: tiny_resnet(depths=(2, 2)), _MultiLabel),
+        ("regression", lambda: tiny_vit(num_layers=4, num_labels=1), _Regression),
+    ],
+)
+def test_the_models_problem_type_is_the_loss(tmp_path, problem, factory, data):
+    """Every head's loss is the model's own for its ``problem_type`` (BCE with logits for multi-label, MSE for
+    regression): the full horizon equals plain ``Trainer``, and FF with the offset trains on the same loss."""
+    data = data(96)
+
+    def model():
+        m = factory()
+        m.config.problem_type = problem
+        return m
+
+    reference, full = model(), model()
+    Trainer(model=reference, args=_args(tmp_path / "ref", TrainingArguments, max_steps=4), train_dataset=data).train()
+    BPModifiedTrainer(
+        model=full, args=_args(tmp_path / "full", local_horizon=99, max_steps=4), train_dataset=data
+    ).train()
+    assert _max_diff(full, factory()) > 1e-4
+    assert _max_diff(full, reference) <= 1e-6
+    args = _args(tmp_path / "ff", max_steps=4, offset_batch_size=32, offset_period="2")
+    trainer = BPModifiedTrainer(model=model(), args=args, train_dataset=data)
+    trainer.train()
+    assert len(trainer.offset_state.blocks) == trainer.block_chain.num_blocks  # the offset pass ran on that loss
+    assert math.isfinite(trainer.evaluate(data)["eval_loss"])
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
