@@ -524,13 +524,21 @@ class BPModifiedTrainer(Trainer):
         }
 
     def load_bpmod_state_dict(self, state: dict) -> None:
-        if state.get("local_horizon") != self.args.local_horizon:
-            raise ValueError(
-                f"The checkpoint was trained with `local_horizon={state.get('local_horizon')}`, this run has "
-                f"`local_horizon={self.args.local_horizon}`: resume with the same horizon."
-            )
+        self._check_bpmod_state(state)
         self.aux_heads.load_state_dict(state["aux_heads"])
         self.offset_state = OffsetState.from_state_dict(state["offset"])
+
+    def _check_bpmod_state(self, state: dict) -> None:
+        """A checkpoint resumes only under the block split and horizon it was trained with: others have other
+        auxiliary heads (and so other optimizer parameter groups)."""
+        for name in ("local_horizon", "block_granularity"):
+            saved, now = state.get(name), getattr(self.args, name)
+            if saved != now:
+                raise ValueError(
+                    f"The checkpoint was trained with `{name}={saved!r}`, this run has `{name}={now!r}`: resume with "
+                    f"`{name}={saved!r}`, or start a new run from the checkpoint's weights (`from_pretrained`) "
+                    "instead of resuming."
+                )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -538,8 +546,8 @@ class BPModifiedTrainer(Trainer):
             _atomic_torch_save(self.bpmod_state_dict(), os.path.join(output_dir, BPMOD_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
+            super()._load_optimizer_and_scheduler(checkpoint)
             return
         path = os.path.join(checkpoint, BPMOD_STATE_NAME)
         if not os.path.isfile(path):
@@ -548,6 +556,8 @@ class BPModifiedTrainer(Trainer):
                 "BPModifiedTrainer. Start a new run instead of resuming from it."
             )
         state = torch.load(path, map_location=self.args.device, weights_only=False)
+        self._check_bpmod_state(state)  # before the optimizer's state, which would fail on other parameter groups
+        super()._load_optimizer_and_scheduler(checkpoint)
         self.load_bpmod_state_dict(state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

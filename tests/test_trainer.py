@@ -324,6 +324,25 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, bp_modified):
         assert [r["step"] for r in log] == [0, 4]
 
 
+@pytest.mark.parametrize(
+    "changed, message",
+    [
+        (dict(local_horizon=2), r"trained with `local_horizon=1`, this run has `local_horizon=2`"),
+        (dict(block_granularity="stage"), r"trained with `block_granularity='layer'`, this run has .*'stage'"),
+    ],
+)
+def test_resuming_under_another_block_split_fails_clearly(tmp_path, changed, message):
+    """Another horizon or block split has other auxiliary heads: the error says which setting to restore, before
+    the optimizer's state (whose parameter groups would not match) is touched."""
+    data = SyntheticImages(96)
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=2, offset_batch_size=32, offset_period="2")
+    BPModifiedTrainer(model=tiny_resnet(depths=(2, 2)), args=_args(tmp_path, **kw), train_dataset=data).train()
+    args = _args(tmp_path / "again", **{**kw, "max_steps": 4, **changed})
+    trainer = BPModifiedTrainer(model=tiny_resnet(depths=(2, 2)), args=args, train_dataset=data)
+    with pytest.raises(ValueError, match=message):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
 def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
     """``gradient_checkpointing=True`` (the Trainer enables it on the model) recomputes each layer in its backward,
     in the training steps and in the offset pass alike, and gives the same weights as without it. Before transformers
