@@ -551,6 +551,13 @@ class BPModifiedTrainer(Trainer):
             return
         path = os.path.join(checkpoint, BPMOD_STATE_NAME)
         if not os.path.isfile(path):
+            saved = set(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else set()
+            if not any(name.startswith("optimizer") for name in saved):
+                raise FileNotFoundError(
+                    f"{checkpoint} holds no training state (no optimizer state, no {BPMOD_STATE_NAME} with the "
+                    "auxiliary heads and offsets), as `save_only_model=True` writes, so it cannot be resumed. Start a "
+                    "new run from its weights (`from_pretrained`), or save full checkpoints to resume from."
+                )
             raise FileNotFoundError(
                 f"{checkpoint} has no {BPMOD_STATE_NAME} (auxiliary heads and offset state): it was not written by "
                 "BPModifiedTrainer. Start a new run instead of resuming from it."

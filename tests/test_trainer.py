@@ -343,6 +343,29 @@ def test_resuming_under_another_block_split_fails_clearly(tmp_path, changed, mes
         trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
 
 
+@pytest.mark.parametrize(
+    "writer, message",
+    [
+        ("model_only", r"holds no training state .* as `save_only_model=True` writes"),
+        ("plain_trainer", r"has no bpmod_state.pt .* not written by BPModifiedTrainer"),
+    ],
+)
+def test_resuming_from_a_checkpoint_without_our_state_fails_clearly(tmp_path, writer, message):
+    data = SyntheticImages(96)
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=2)
+    if writer == "model_only":
+        args = _args(tmp_path, save_only_model=True, offset_batch_size=32, **kw)
+        BPModifiedTrainer(model=tiny_vit(num_layers=4), args=args, train_dataset=data).train()
+    else:
+        Trainer(
+            model=tiny_vit(num_layers=4), args=_args(tmp_path, TrainingArguments, **kw), train_dataset=data
+        ).train()
+    args = _args(tmp_path / "again", max_steps=4, offset_batch_size=32)
+    trainer = BPModifiedTrainer(model=tiny_vit(num_layers=4), args=args, train_dataset=data)
+    with pytest.raises(FileNotFoundError, match=message):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
 def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
     """``gradient_checkpointing=True`` (the Trainer enables it on the model) recomputes each layer in its backward,
     in the training steps and in the offset pass alike, and gives the same weights as without it. Before transformers
