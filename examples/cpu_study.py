@@ -100,21 +100,26 @@ FINETUNE_OPTIMIZERS = {
     "sgd": dict(optim="sgd", learning_rate=0.0125, optim_args="momentum=0.9"),
 }
 PRETRAIN_CLASSES, FINETUNE_CLASSES = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+# (pretraining classes, fine-tuning classes) of each fine-tuning setting; `finetune_reverse` swaps the halves
+SPLITS = {"finetune": (PRETRAIN_CLASSES, FINETUNE_CLASSES), "finetune_reverse": (FINETUNE_CLASSES, PRETRAIN_CLASSES)}
 PRETRAIN_EPOCHS = 4
 
 
-def pretrained_path(out: str, kind: str, seed: int) -> str:
-    return os.path.join(out, "pretrained", f"{kind}-seed{seed}.pt")
+def pretrained_path(out: str, kind: str, seed: int, setting: str = "finetune") -> str:
+    suffix = "" if setting == "finetune" else "-reverse"
+    return os.path.join(out, "pretrained", f"{kind}-seed{seed}{suffix}.pt")
 
 
-def pretrain(kind: str, seed: int, train: Dataset, out: str) -> str:
-    """Backprop (AdamW 2e-3, 4 epochs) on classes 0-4: the backbone the ``finetune`` setting starts from. Cached."""
-    path = pretrained_path(out, kind, seed)
+def pretrain(kind: str, seed: int, train: Dataset, out: str, setting: str = "finetune") -> str:
+    """Backprop (AdamW 2e-3, 4 epochs) on the pretraining classes of ``setting`` (0-4 for ``finetune``, 5-9 for
+    ``finetune_reverse``): the backbone that setting starts from. Cached."""
+    path = pretrained_path(out, kind, seed, setting)
     if os.path.exists(path):
         return path
     run = Run(kind, "bp", "adamw", seed, PRETRAIN_EPOCHS)
     args = training_arguments(run, os.path.join(out, "work-pretrain"), eval_strategy="no", logging_strategy="no")
-    trainer = BPModifiedTrainer(model=build_model(kind, len(PRETRAIN_CLASSES), seed), args=args, train_dataset=train)
+    model = build_model(kind, len(SPLITS[setting][0]), seed)
+    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=train)
     trainer.train()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(trainer.model.state_dict(), path + ".tmp")
@@ -126,8 +131,8 @@ def initial_model(run: Run, out: str) -> torch.nn.Module:
     """From scratch, or (``finetune``) the pretrained backbone with a freshly initialised classifier."""
     if run.setting == "scratch":
         return build_model(run.model, seed=run.seed)
-    model = build_model(run.model, len(FINETUNE_CLASSES), seed=run.seed + 1000)  # the new head's init
-    state = torch.load(pretrained_path(out, run.model, run.seed), weights_only=True)
+    model = build_model(run.model, len(SPLITS[run.setting][1]), seed=run.seed + 1000)  # the new head's init
+    state = torch.load(pretrained_path(out, run.model, run.seed, run.setting), weights_only=True)
     backbone = {k: v for k, v in state.items() if not k.startswith("classifier")}
     missing, unexpected = model.load_state_dict(backbone, strict=False)
     assert not unexpected and all(k.startswith("classifier") for k in missing), (missing, unexpected)
@@ -144,7 +149,8 @@ class Run:
     extra: dict = field(default_factory=dict)
     lr_scheduler_type: str = "linear"  # the Trainer's defaults
     max_grad_norm: float = 1.0
-    setting: str = "scratch"  # or "finetune": a BP-pretrained backbone (classes 0-4), new head, classes 5-9
+    setting: str = "scratch"  # or "finetune": a BP-pretrained backbone (classes 0-4), new head, classes 5-9;
+    # or "finetune_reverse": the same with the halves swapped
 
     @property
     def key(self) -> str:
@@ -163,7 +169,7 @@ def training_arguments(run: Run, workdir: str, **overrides) -> BPModifiedTrainin
         logging_strategy="epoch", disable_tqdm=True, dataloader_drop_last=True, offset_batch_size=320,
         offset_micro_batch_size=8,
     )  # fmt: skip
-    optimizer = (FINETUNE_OPTIMIZERS if run.setting == "finetune" else OPTIMIZERS)[run.optimizer]
+    optimizer = (OPTIMIZERS if run.setting == "scratch" else FINETUNE_OPTIMIZERS)[run.optimizer]
     return BPModifiedTrainingArguments(**{**settings, **METHODS[run.method], **optimizer, **run.extra, **overrides})
 
 
@@ -388,9 +394,10 @@ def main() -> None:
     parser.add_argument("--lr_scheduler_type", default="linear", help="the Trainer's default; docs/cpu_study_constant_lr "
                         "used constant")  # fmt: skip
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="the Trainer's default; 0 disables clipping")
-    parser.add_argument("--setting", choices=["scratch", "finetune"], default="scratch",
+    parser.add_argument("--setting", choices=["scratch", *SPLITS], default="scratch",
                         help="finetune: BP-pretrain on classes 0-4 (cached under <out>/pretrained), then train every "
-                        "method from that backbone with a new head on classes 5-9 (the paper's setting)")  # fmt: skip
+                        "method from that backbone with a new head on classes 5-9 (the paper's setting); "
+                        "finetune_reverse: the same with the halves swapped")  # fmt: skip
     parser.add_argument("--out", default="runs/cpu_study")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
@@ -432,10 +439,11 @@ def main() -> None:
         for method in opts.methods
     ]
     runs = [run for run in runs if run.key not in done]
-    if opts.setting == "finetune":
-        pretrain_set = TensorImages(load_animal_shape_mnist()["train"], PRETRAIN_CLASSES)
+    if opts.setting in SPLITS:
+        pretrain_set = TensorImages(load_animal_shape_mnist()["train"], SPLITS[opts.setting][0])
         for model, seed in sorted({(run.model, run.seed) for run in runs}):
-            print(f"pretrained backbone: {pretrain(model, seed, pretrain_set, opts.out)}", flush=True)
+            path = pretrain(model, seed, pretrain_set, opts.out, opts.setting)
+            print(f"pretrained backbone: {path}", flush=True)
     if opts.jobs == 1:
         _init_worker(opts.threads)
         results = map(_run_in_worker, runs, [opts.out] * len(runs))
@@ -458,12 +466,13 @@ def _init_worker(threads: int) -> None:
     hf_logging.set_verbosity_error()
     data = load_animal_shape_mnist()
     _DATA["train"], _DATA["test"] = TensorImages(data["train"]), TensorImages(data["test"])
-    _DATA["finetune-train"] = TensorImages(data["train"], FINETUNE_CLASSES)
-    _DATA["finetune-test"] = TensorImages(data["test"], FINETUNE_CLASSES)
+    for setting, (_, classes) in SPLITS.items():
+        _DATA[f"{setting}-train"] = TensorImages(data["train"], classes)
+        _DATA[f"{setting}-test"] = TensorImages(data["test"], classes)
 
 
 def _run_in_worker(run: Run, out: str) -> dict:
-    prefix = "finetune-" if run.setting == "finetune" else ""
+    prefix = "" if run.setting == "scratch" else f"{run.setting}-"
     train, test = _DATA[prefix + "train"], _DATA[prefix + "test"]
     return train_one(run, train, test, os.path.join(out, f"work-{os.getpid()}"), out)
 
