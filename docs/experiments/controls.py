@@ -14,7 +14,8 @@ norm cap at 0.1 against the default's 0.25 (:func:`cap_table`), and the cap of 0
 on seeds that played no part in choosing it (:func:`fresh_table`, :func:`epoch_table`), the controls on those seeds
 (:func:`fresh_control_table`), the default with a ten times shorter period (:func:`short_period_table`), and the
 default without block 0's offset (:func:`block0_table`; in every cell, :func:`block0_cells_table`; the refresh
-statistics of each block, :func:`block0_statistics_table`).
+statistics of each block, :func:`block0_statistics_table`), and fine-tuning on the other class split
+(:func:`reverse_table`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STUDIES = {"scratch": "cpu_study", "finetune": "cpu_study_finetune"}
+REVERSE_STUDY = "cpu_study_finetune_reverse"  # pretrained on classes 5-9, fine-tuned on 0-4
 
 
 def _load(path: str) -> list[dict]:
@@ -383,6 +385,38 @@ def block0_statistics_table() -> list[str]:
     return lines
 
 
+def reverse_table() -> list[str]:
+    """The default minus FF in fine-tuning on both class splits (``plan_finetune_reverse.md``): pretrained on 0-4 and
+    fine-tuned on 5-9 (the study), and the other way round; the planned reading is 2 s.e. above zero."""
+    lines = [
+        "| split (pretrain -> fine-tune) | model / optimizer | seeds | default - FF | worst seed | seeds below FF "
+        "| 2 s.e. above zero | gap to BP closed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for split, study_dir in (("0-4 -> 5-9", STUDIES["finetune"]), ("5-9 -> 0-4", REVERSE_STUDY)):
+        path = os.path.join(HERE, "..", study_dir, "runs.jsonl")
+        if not os.path.exists(path):
+            continue
+        study = _load(path)
+        for model, opt in (("vit", "adamw"), ("resnet", "sgd")):
+            ff, bp = _finals(study, model, opt, "ff", None), _finals(study, model, opt, "bp", None)
+            default = _finals(study, model, opt, "ff_mod", CAP if split == "0-4 -> 5-9" else {})
+            seeds = sorted(set(ff) & set(default))
+            if len(seeds) < 2:
+                continue
+            d = [default[s] - ff[s] for s in seeds]
+            mean, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
+            gap = "-"
+            if all(s in bp for s in seeds):
+                g = statistics.mean(bp[s] - ff[s] for s in seeds)
+                gap = f"{mean / g:.1%} of {g:.3f}" if g > 0 else "-"
+            lines.append(
+                f"| {split} | {model} / {opt} | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d)} | {min(d):+.4f} "
+                f"| {sum(x < 0 for x in d)} of {len(d)} | {'yes' if mean >= 2 * se else 'no'} | {gap} |"
+            )
+    return lines
+
+
 def _t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (Cornish-Fisher expansion: within 1e-3 for
     df >= 7, 0.03 at df = 3)."""
@@ -414,6 +448,8 @@ def main() -> None:
     print("\n".join(block0_cells_table(variants)))
     print()
     print("\n".join(block0_statistics_table()))
+    print()
+    print("\n".join(reverse_table()))
 
 
 if __name__ == "__main__":
