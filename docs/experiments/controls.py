@@ -398,7 +398,7 @@ def reverse_table() -> list[str]:
         if not os.path.exists(path):
             continue
         study = _load(path)
-        for model, opt in (("vit", "adamw"), ("resnet", "sgd")):
+        for model, opt in (("vit", "adamw"), ("resnet", "sgd"), ("vit", "sgd"), ("resnet", "adamw")):
             ff, bp = _finals(study, model, opt, "ff", None), _finals(study, model, opt, "bp", None)
             default = _finals(study, model, opt, "ff_mod", CAP if split == "0-4 -> 5-9" else {})
             seeds = sorted(set(ff) & set(default))
