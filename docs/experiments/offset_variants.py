@@ -21,7 +21,8 @@ Since the package caps by default, every variant here runs on top of the cap; ba
 SCHED / CLIP: learning-rate schedule and gradient clipping (the Trainer's defaults are linear and 1.0).
 SETTING: scratch (default) or finetune (the backbone pretrained with BP on classes 0-4 that
 `examples/cpu_study.py --setting finetune` caches under docs/cpu_study_finetune/pretrained/, pretraining it here
-if it is missing; classes 5-9, the fine-tuning learning rates; pass EPOCHS 4 as that study does).
+if it is missing; classes 5-9, the fine-tuning learning rates; pass EPOCHS 4 as that study does), or
+finetune_reverse (the same with the halves swapped, cached under docs/cpu_study_finetune_reverse/pretrained/).
 """
 
 import dataclasses
@@ -185,12 +186,12 @@ cpu_study.BPModifiedTrainingArguments = args
 # keep full offset logs
 data = cpu_study.load_animal_shape_mnist()
 setting = os.environ.get("SETTING", "scratch")
-if setting == "finetune":  # the backbones pretrained by `cpu_study.py --setting finetune` (cached there)
-    out = os.path.join(HERE, "..", "cpu_study_finetune")
-    classes = cpu_study.FINETUNE_CLASSES
-    if not os.path.exists(cpu_study.pretrained_path(out, model, seed)):
-        pretrain_set = cpu_study.TensorImages(data["train"], cpu_study.PRETRAIN_CLASSES)
-        cpu_study.pretrain(model, seed, pretrain_set, out)
+if setting in cpu_study.SPLITS:  # the backbones pretrained by `cpu_study.py --setting SETTING` (cached there)
+    out = os.path.join(HERE, "..", "cpu_study_finetune" + ("" if setting == "finetune" else "_reverse"))
+    pretrain_classes, classes = cpu_study.SPLITS[setting]
+    if not os.path.exists(cpu_study.pretrained_path(out, model, seed, setting)):
+        pretrain_set = cpu_study.TensorImages(data["train"], pretrain_classes)
+        cpu_study.pretrain(model, seed, pretrain_set, out, setting)
 else:
     out, classes = HERE, None
 train, test = cpu_study.TensorImages(data["train"], classes), cpu_study.TensorImages(data["test"], classes)
