@@ -15,7 +15,7 @@ on seeds that played no part in choosing it (:func:`fresh_table`, :func:`epoch_t
 (:func:`fresh_control_table`), the default with a ten times shorter period (:func:`short_period_table`), and the
 default without block 0's offset (:func:`block0_table`; in every cell, :func:`block0_cells_table`; the refresh
 statistics of each block, :func:`block0_statistics_table`), and fine-tuning on the other class split
-(:func:`reverse_table`).
+(:func:`reverse_table`, with its random-direction control, :func:`reverse_control_table`).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def control_table(variants: list[dict]) -> list[str]:
     ]
     cells = sorted(
         {(v.get("setting", "scratch"), v["model"], v["opt"]) for v in variants if v["variant"] == "randdir"}
+        & {(setting, v["model"], v["opt"]) for setting in STUDIES for v in variants}  # the other split: its own table
     )
     studies = {setting: _load(os.path.join(HERE, "..", d, "runs.jsonl")) for setting, d in STUDIES.items()}
     for setting, model, opt in cells:
@@ -99,9 +100,14 @@ def noise_table(variants: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, dict[str, list]] = {}
+    seen = set()  # item 7's runs: the first of each seed (later reruns checked reproductions) in the two studies
     for v in variants:
         if v["variant"] != "base" or not v["offsets"] or "bias" not in v["offsets"][0]:
             continue
+        run = (v.get("setting", "scratch"), v["model"], v["opt"], v["seed"])
+        if run in seen or run[0] not in STUDIES:
+            continue
+        seen.add(run)
         g = groups.setdefault((v.get("setting", "scratch"), v["model"], v["opt"]), {"seeds": [], "share": [],
                                                                                         "rho": [], "pred": []})  # fmt: skip
         g["seeds"].append(v["seed"])
@@ -417,6 +423,28 @@ def reverse_table() -> list[str]:
     return lines
 
 
+def reverse_control_table(variants: list[dict]) -> list[str]:
+    """The random-direction control on the reverse split (``plan_finetune_reverse.md``, second addendum): the
+    harness's ``randdir`` against the study's FF and default, paired by seed."""
+    study = _load(os.path.join(HERE, "..", REVERSE_STUDY, "runs.jsonl"))
+    lines = [
+        "| model / optimizer | seeds | default - FF | randdir - FF | default - randdir |",
+        "|---|---|---|---|---|",
+    ]
+    for model, opt in (("resnet", "sgd"), ("resnet", "adamw")):
+        ff, default = _finals(study, model, opt, "ff", None), _finals(study, model, opt, "ff_mod", {})
+        randdir = _harness_finals(variants, "randdir", "finetune_reverse", model, opt)
+        seeds = sorted(set(ff) & set(default) & set(randdir))
+        if len(seeds) < 2:
+            continue
+        lines.append(
+            f"| {model} / {opt} | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | "
+            f"{_mean_se([default[s] - ff[s] for s in seeds])} | {_mean_se([randdir[s] - ff[s] for s in seeds])} | "
+            f"**{_mean_se([default[s] - randdir[s] for s in seeds])}** |"
+        )
+    return lines
+
+
 def _t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (Cornish-Fisher expansion: within 1e-3 for
     df >= 7, 0.03 at df = 3)."""
@@ -450,6 +478,8 @@ def main() -> None:
     print("\n".join(block0_statistics_table()))
     print()
     print("\n".join(reverse_table()))
+    print()
+    print("\n".join(reverse_control_table(variants)))
 
 
 if __name__ == "__main__":
