@@ -45,6 +45,7 @@ def blocks(batch: int, adapters: bool) -> dict[str, tuple[nn.Module, torch.Tenso
     from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 
     from hf_bpmod import get_adapter
+    from hf_bpmod.adapters.vit import find_layer_list
 
     torch.manual_seed(0)
     vit = ViTForImageClassification(ViTConfig(num_labels=100))
@@ -56,7 +57,7 @@ def blocks(batch: int, adapters: bool) -> dict[str, tuple[nn.Module, torch.Tenso
         lokr = LoKrConfig(r=1, alpha=4, target_modules=get_adapter(resnet).peft_target_modules(resnet))
         vit = get_peft_model(vit, lora).base_model.model
         resnet = get_peft_model(resnet, lokr).base_model.model
-    layers = vit.vit.layers if hasattr(vit.vit, "layers") else vit.vit.encoder.layer
+    layers = find_layer_list(vit.vit, vit.config.num_hidden_layers)  # vit.layers, or vit.encoder.layer before 5.9
     bottleneck = resnet.resnet.encoder.stages[1].layers[1]
     vit_layer = layers[0]
     tag = ", LoRA" if adapters else ""

@@ -34,10 +34,22 @@ def _load(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (at least two values)."""
+    return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
 def _mean_se(values: list[float]) -> str:
     if len(values) < 2:
         return f"{statistics.mean(values):+.4f}" if values else "-"
-    return f"{statistics.mean(values):+.4f} ({statistics.stdev(values) / len(values) ** 0.5:.4f})"
+    return "{:+.4f} ({:.4f})".format(*_mean_and_se(values))
+
+
+def _passes(differences: list[float]) -> bool:
+    """The session-5 test of a method against its baseline, paired by seed: the mean difference not 2 or more s.e.
+    below zero, and no seed below -0.05."""
+    mean, se = _mean_and_se(differences)
+    return mean > -2 * se and min(differences) >= -0.05
 
 
 def _finals(study: list[dict], model: str, opt: str, method: str, extra: dict | None) -> dict[int, float]:
@@ -69,8 +81,11 @@ def control_table(variants: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     cells = sorted(
-        {(v.get("setting", "scratch"), v["model"], v["opt"]) for v in variants if v["variant"] == "randdir"}
-        & {(setting, v["model"], v["opt"]) for setting in STUDIES for v in variants}  # the other split: its own table
+        {
+            (v.get("setting", "scratch"), v["model"], v["opt"])
+            for v in variants
+            if v["variant"] == "randdir" and v.get("setting", "scratch") in STUDIES  # the other split: its own table
+        }
     )
     studies = {setting: _load(os.path.join(HERE, "..", d, "runs.jsonl")) for setting, d in STUDIES.items()}
     for setting, model, opt in cells:
@@ -207,13 +222,12 @@ def fresh_table() -> list[str]:
         if len(seeds) < 2:
             continue
         d = [mod[s] - ff[s] for s in seeds]
-        mean, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
+        mean, se = _mean_and_se(d)
         half = _t975(len(d) - 1) * se
-        passed = mean > -2 * se and min(d) >= -0.05
         lines.append(
             f"| {model} / {opt} | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d)} | {mean - half:+.4f} to "
             f"{mean + half:+.4f} | {min(d):+.4f} | {sum(x < 0 for x in d)} of {len(d)} | "
-            f"{'passes' if passed else 'fails'} |"
+            f"{'passes' if _passes(d) else 'fails'} |"
         )
     return lines
 
@@ -343,8 +357,7 @@ def block0_cells_table(variants: list[dict]) -> list[str]:
         if len(seeds) < 2:
             continue
         d = [no0[s] - local[s] for s in seeds]
-        mean, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
-        passed = mean > -2 * se and min(d) >= -0.05
+        mean = statistics.mean(d)
         with_default = [s for s in seeds if s in default]
         vs_default = _mean_se([no0[s] - default[s] for s in with_default]) if len(with_default) == len(seeds) else "-"
         default_gain = _mean_se([default[s] - local[s] for s in with_default]) if with_default == seeds else "-"
@@ -359,7 +372,7 @@ def block0_cells_table(variants: list[dict]) -> list[str]:
         )
         lines.append(
             f"| {setting} | {model} / {opt} | {local_name} | {span} ({len(seeds)}) | {_mean_se(d)} | {min(d):+.4f} | "
-            f"{'passes' if passed else 'fails'} | **{vs_default}** | {default_gain} | {gap} |"
+            f"{'passes' if _passes(d) else 'fails'} | **{vs_default}** | {default_gain} | {gap} |"
         )
     return lines
 
@@ -399,19 +412,23 @@ def reverse_table() -> list[str]:
         "| 2 s.e. above zero | gap to BP closed |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for split, study_dir in (("0-4 -> 5-9", STUDIES["finetune"]), ("5-9 -> 0-4", REVERSE_STUDY)):
+    # the default's label: the first split's study names the cap it ran with, the second ran after it became default
+    for split, study_dir, default_extra in (
+        ("0-4 -> 5-9", STUDIES["finetune"], CAP),
+        ("5-9 -> 0-4", REVERSE_STUDY, {}),
+    ):
         path = os.path.join(HERE, "..", study_dir, "runs.jsonl")
         if not os.path.exists(path):
             continue
         study = _load(path)
         for model, opt in (("vit", "adamw"), ("resnet", "sgd"), ("vit", "sgd"), ("resnet", "adamw")):
             ff, bp = _finals(study, model, opt, "ff", None), _finals(study, model, opt, "bp", None)
-            default = _finals(study, model, opt, "ff_mod", CAP if split == "0-4 -> 5-9" else {})
+            default = _finals(study, model, opt, "ff_mod", default_extra)
             seeds = sorted(set(ff) & set(default))
             if len(seeds) < 2:
                 continue
             d = [default[s] - ff[s] for s in seeds]
-            mean, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
+            mean, se = _mean_and_se(d)
             gap = "-"
             if all(s in bp for s in seeds):
                 g = statistics.mean(bp[s] - ff[s] for s in seeds)
@@ -457,29 +474,21 @@ def _t975(df: int) -> float:
 
 def main() -> None:
     variants = _load(os.path.join(HERE, "offset_variants.jsonl"))
-    print("\n".join(control_table(variants)))
-    print()
-    print("\n".join(noise_table(variants)))
-    print()
-    print("\n".join(cap_table()))
-    print()
-    print("\n".join(fresh_table()))
-    print()
-    print("\n".join(epoch_table()))
-    print()
-    print("\n".join(fresh_control_table(variants)))
-    print()
-    print("\n".join(short_period_table()))
-    print()
-    print("\n".join(block0_table(variants)))
-    print()
-    print("\n".join(block0_cells_table(variants)))
-    print()
-    print("\n".join(block0_statistics_table()))
-    print()
-    print("\n".join(reverse_table()))
-    print()
-    print("\n".join(reverse_control_table(variants)))
+    tables = [
+        control_table(variants),
+        noise_table(variants),
+        cap_table(),
+        fresh_table(),
+        epoch_table(),
+        fresh_control_table(variants),
+        short_period_table(),
+        block0_table(variants),
+        block0_cells_table(variants),
+        block0_statistics_table(),
+        reverse_table(),
+        reverse_control_table(variants),
+    ]
+    print("\n\n".join("\n".join(table) for table in tables))
 
 
 if __name__ == "__main__":
