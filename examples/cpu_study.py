@@ -81,7 +81,7 @@ def build_model(kind: str, num_labels: int = 10, seed: int = 0):
 METHODS = {
     "bp": dict(local_horizon=99, bp_modified=False),
     "ff": dict(local_horizon=1, bp_modified=False),
-    "ff_mod": dict(local_horizon=1, bp_modified=True),  # the package's defaults
+    "ff_mod": dict(local_horizon=1, bp_modified=True),  # the offset with its default settings (a ViT needs True)
     # the default before the norm cap (offset_max_ratio=0.25) was adopted: docs/offset_study.md
     "ff_mod_nocap": dict(local_horizon=1, bp_modified=True, offset_max_ratio=float("inf")),
     "ff_paper": dict(local_horizon=1, bp_modified=True, offset_scaling="optimal"),  # eq. 16-19, faithful

@@ -48,8 +48,13 @@ class BPModifiedTrainingArguments(TrainingArguments):
             (`"layer"`, the paper's split); the same with the stem as a block of its own (`"layer+stem"`: lower
             peak memory at high resolution, one more auxiliary head); or one block per stage (`"stage"`). ViT
             blocks are always encoder layers.
-        bp_modified (`bool`, *optional*, defaults to `True`):
-            Add the periodic BP offset of eq. 5 to the local gradient. `False` trains with the plain local loss.
+        bp_modified (`bool`, *optional*):
+            Add the periodic BP offset of eq. 5 to the local gradient (`True`), or train with the plain local loss
+            (`False`). Defaults to the architecture's choice, made by measurement (docs/offset_study.md, item 14):
+            on for ResNets, where the offset never did worse than the plain local loss and helped in fine-tuning,
+            and off for ViTs, where no offset rule helped in a way that replicated (from scratch with AdamW it cost
+            0.45 points). An adapter registered by a user defaults to on, the paper's method. The trainer logs the
+            choice and records it in checkpoints and the model card.
         offset_batch_size (`int`, *optional*, defaults to `320`):
             ``B'``: training examples drawn for each offset refresh.
         offset_micro_batch_size (`int`, *optional*, defaults to `8`):
@@ -99,8 +104,12 @@ class BPModifiedTrainingArguments(TrainingArguments):
     )
 
     # The BP-modified offset (eq. 5, Algorithm 1)
-    bp_modified: bool = field(
-        default=True, metadata={"help": "Add the periodic BP offset of eq. 5 to the local gradient."}
+    bp_modified: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Add the periodic BP offset of eq. 5 to the local gradient. Default: the architecture's choice, "
+            "made by measurement (on for ResNets, off for ViTs; docs/offset_study.md, item 14)."
+        },
     )
     offset_batch_size: int = field(default=320, metadata={"help": "B': examples drawn per offset refresh."})
     offset_micro_batch_size: int = field(
@@ -158,6 +167,12 @@ class BPModifiedTrainingArguments(TrainingArguments):
                 "differentiated block by block. Use plain data parallelism (DDP via torchrun / accelerate launch); "
                 "local losses already keep activation memory at O(h) blocks."
             )
+        if self.bp_modified not in (None, True, False):
+            raise ValueError(
+                f"`bp_modified` ({self.bp_modified!r}) must be True, False or None (the architecture's default)."
+            )
+        if self.bp_modified is not None:
+            self.bp_modified = bool(self.bp_modified)
         self._check_int("local_horizon", 1, "use 1 (Forward-Forward), 2 (LoCo), 5 (MPC) or more")
         if self.block_granularity not in ("layer", "layer+stem", "stage"):
             raise ValueError(

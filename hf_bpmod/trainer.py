@@ -98,6 +98,7 @@ class BPModifiedTrainer(Trainer):
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by BPModifiedTrainer: pass an instantiated `model`.")
         self.adapter = get_adapter(model)  # fails here, before any work, for unsupported models
+        self.bp_modified = self._resolve_bp_modified(args.bp_modified)
         if args is not None and args.gradient_checkpointing:
             _check_layer_checkpointing(model)
         if type(self).compute_loss is not BPModifiedTrainer.compute_loss:
@@ -150,10 +151,28 @@ class BPModifiedTrainer(Trainer):
                 "`bp_modified=False`."
             )
 
+    def _resolve_bp_modified(self, requested: bool | None) -> bool:
+        """``bp_modified`` as given, or (``None``) the architecture's default, which is logged: measured per
+        architecture (``ArchitectureAdapter.offset_by_default``, docs/offset_study.md item 14)."""
+        if requested is not None:
+            return requested
+        chosen = self.adapter.offset_by_default
+        name = self.adapter.model_type
+        if chosen:
+            logger.info(f"bp_modified=None: the BP offset is on, the default for {name} models.")
+        else:
+            logger.warning(
+                f"bp_modified=None: no BP offset for this {name} model, which trains with the plain local loss. On "
+                f"{name} models no offset rule we measured helped (docs/offset_study.md, item 14). Pass "
+                "`bp_modified=True` for the paper's method, or `bp_modified=False` to silence this."
+            )
+        return chosen
+
     @property
     def uses_offset(self) -> bool:
-        """Whether the BP offset is on (``bp_modified`` and some block's local gradient is not already exact)."""
-        return self.args.bp_modified and self.args.local_horizon < self.block_chain.num_blocks
+        """Whether the BP offset is on (``bp_modified``, resolved per architecture when ``None``, and some block's
+        local gradient is not already exact)."""
+        return self.bp_modified and self.args.local_horizon < self.block_chain.num_blocks
 
     def _reject_unsupported_backends(self) -> None:
         if self.is_deepspeed_enabled:
@@ -521,12 +540,34 @@ class BPModifiedTrainer(Trainer):
             "offset": self.offset_state.state_dict(),
             "local_horizon": self.args.local_horizon,
             "block_granularity": self.args.block_granularity,
+            "bp_modified": self.uses_offset,
         }
 
     def load_bpmod_state_dict(self, state: dict) -> None:
         self._check_bpmod_state(state)
         self.aux_heads.load_state_dict(state["aux_heads"])
         self.offset_state = OffsetState.from_state_dict(state["offset"])
+        self._resume_method(state)
+
+    def _resume_method(self, state: dict) -> None:
+        """With ``bp_modified=None`` a run resumes with the method its checkpoint was trained with, also when the
+        architecture's default has changed since (checkpoints without the record used the offset if it was ever
+        refreshed). An explicit ``bp_modified`` is obeyed."""
+        saved = state.get("bp_modified")
+        if saved is None:
+            saved = state["offset"].get("period_index", 0) > 0
+        if self.args.bp_modified is not None or saved == self.uses_offset:
+            return
+        if saved and self.args.local_horizon >= self.block_chain.num_blocks:
+            return  # exact backprop: no offset either way
+        logger.warning(
+            f"bp_modified=None: resuming {'with' if saved else 'without'} the BP offset, as the checkpoint was "
+            f"trained, although the default for {self.adapter.model_type} models is now "
+            f"{'off' if saved else 'on'}. Pass `bp_modified` to choose."
+        )
+        if saved and self.train_dataset is not None:
+            self._check_offset_dataset(self.train_dataset)
+        self.bp_modified = saved
 
     def _check_bpmod_state(self, state: dict) -> None:
         """A checkpoint resumes only under the block split and horizon it was trained with: others have other

@@ -27,14 +27,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
         model="vit",
         batches={2: (16, 1), 1: (32, 1)},
         # 3 offset micro-batches over 2 ranks (not divisible); an evaluation in the middle of training
-        args=dict(local_horizon=1, offset_batch_size=24, offset_period="2", eval_strategy="steps", eval_steps=2),
+        args=dict(
+            bp_modified=True,
+            local_horizon=1,
+            offset_batch_size=24,
+            offset_period="2",
+            eval_strategy="steps",
+            eval_steps=2,
+        ),
     ),
     "vit_h2": dict(
         model="vit",
         batches={2: (8, 2), 1: (16, 2)},
         # `seed` differs between ranks (rank 0 has the reference's): the auxiliary heads must still start equal
         rank_seeds=True,
-        args=dict(local_horizon=2, offset_batch_size=32, offset_period="2", offset_seed=0),
+        args=dict(bp_modified=True, local_horizon=2, offset_batch_size=32, offset_period="2", offset_seed=0),
     ),
     "vit_bp": dict(model="vit", batches={2: (16, 1), 1: (32, 1)}, args=dict(local_horizon=99)),
     # a user's `compute_loss_func`, normalised by `num_items_in_batch` (counted over both processes), with accumulation
@@ -42,7 +49,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         model="vit",
         batches={2: (8, 2), 1: (16, 2)},
         weighted_loss=True,
-        args=dict(local_horizon=1, offset_batch_size=24, offset_period="2"),
+        args=dict(bp_modified=True, local_horizon=1, offset_batch_size=24, offset_period="2"),
     ),
     "resnet_h1": dict(
         model="resnet",

@@ -113,6 +113,7 @@ def test_two_processes_train_the_one_process_model(two_process_runs, tmp_path, n
     # Offsets: refreshed at the same steps, identical on every process, equal to the one-process offsets; the B'
     # micro-batches are dealt round-robin (3 of them over 2 processes in `vit_h1`), none repeated.
     refreshes = [r["refreshes"] for r in ranks]
+    assert bool(one["refreshes"]) == ("offset_batch_size" in config["args"])  # the configs with an offset refresh
     assert (
         [x["step"] for x in refreshes[0]] == [x["step"] for x in refreshes[1]] == [x["step"] for x in one["refreshes"]]
     )

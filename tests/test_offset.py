@@ -142,6 +142,7 @@ class _GradCapture(TrainerCallback):
 
 
 def _trainer(tmp_path, data, compute_loss_func=None, **kw):
+    kw.setdefault("bp_modified", True)  # the offset on the ViT: not its default
     args = BPModifiedTrainingArguments(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
         learning_rate=1e-3, max_grad_norm=0.0, seed=0, data_seed=0, **kw,

@@ -36,6 +36,7 @@ class _Capture(TrainerCallback):
 
 
 def _trainer(tmp_path, data, **kw) -> tuple[BPModifiedTrainer, _Capture]:
+    kw.setdefault("bp_modified", True)  # the offset on the ViT: not its default
     args = BPModifiedTrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=16, learning_rate=3e-3, seed=0, data_seed=0,
         use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, offset_batch_size=32,

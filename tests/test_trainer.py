@@ -1,6 +1,7 @@
 """BPModifiedTrainer against plain Trainer, saving, the Hub format, resuming, and argument errors."""
 
 import json
+import logging
 import math
 import os
 
@@ -16,6 +17,7 @@ from transformers import (
 )
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.adapters.base import ArchitectureAdapter
 from hf_bpmod.adapters.vit import find_layer_list
 from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit, weighted_cross_entropy
 
@@ -98,7 +100,7 @@ def test_the_models_problem_type_is_the_loss(tmp_path, problem, factory, data):
     ).train()
     assert _max_diff(full, factory()) > 1e-4
     assert _max_diff(full, reference) <= 1e-6
-    args = _args(tmp_path / "ff", max_steps=4, offset_batch_size=32, offset_period="2")
+    args = _args(tmp_path / "ff", max_steps=4, offset_batch_size=32, offset_period="2", bp_modified=True)
     trainer = BPModifiedTrainer(model=model(), args=args, train_dataset=data)
     trainer.train()
     assert len(trainer.offset_state.blocks) == trainer.block_chain.num_blocks  # the offset pass ran on that loss
@@ -235,7 +237,7 @@ def test_push_to_hub_sends_the_plain_model_and_resumable_checkpoints(tmp_path, m
     model = tiny_vit(num_layers=4)
     args = _args(
         tmp_path, max_steps=4, save_strategy="steps", save_steps=2, offset_batch_size=32, offset_period="2",
-        push_to_hub=True, hub_model_id="someone/tiny-bpmod", hub_strategy="checkpoint",
+        bp_modified=True, push_to_hub=True, hub_model_id="someone/tiny-bpmod", hub_strategy="checkpoint",
     )  # fmt: skip
     trainer = BPModifiedTrainer(model=model, args=args, train_dataset=SyntheticImages(64))
     trainer.train()
@@ -371,7 +373,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
     in the training steps and in the offset pass alike, and gives the same weights as without it. Before transformers
     4.53 (layers that do not checkpoint themselves) it is refused, since it would do nothing."""
     data = SyntheticImages(96)
-    kw = dict(max_steps=4, local_horizon=1, offset_batch_size=32, offset_micro_batch_size=8, offset_period="2")
+    kw = dict(max_steps=4, bp_modified=True, offset_batch_size=32, offset_micro_batch_size=8, offset_period="2")
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
@@ -456,7 +458,9 @@ def test_trainer_level_errors(tmp_path):
     with pytest.raises(TypeError, match="must be a BPModifiedTrainingArguments"):
         BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path, TrainingArguments))
     with pytest.raises(ValueError, match=r"`offset_batch_size` \(320\) is larger than the training set \(64"):
-        BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path), train_dataset=SyntheticImages(64))
+        BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path, bp_modified=True), train_dataset=SyntheticImages(64))
+    with pytest.raises(ValueError, match=r"`offset_batch_size` \(320\) is larger than the training set \(64"):
+        BPModifiedTrainer(model=tiny_resnet(), args=_args(tmp_path), train_dataset=SyntheticImages(64))  # by default
 
 
 def test_a_streamed_training_set_is_rejected_for_the_offset_only(tmp_path):
@@ -467,7 +471,9 @@ def test_a_streamed_training_set_is_rejected_for_the_offset_only(tmp_path):
 
     with pytest.raises(ValueError, match="needs a map-style dataset .* got Stream.*bp_modified=False"):
         BPModifiedTrainer(
-            model=tiny_vit(), args=_args(tmp_path, offset_batch_size=32, max_steps=2), train_dataset=Stream()
+            model=tiny_vit(),
+            args=_args(tmp_path, offset_batch_size=32, max_steps=2, bp_modified=True),
+            train_dataset=Stream(),
         )
     model = tiny_vit(num_layers=4)
     BPModifiedTrainer(
@@ -484,11 +490,94 @@ def test_flags_parse_from_the_command_line(tmp_path):
         ]
     )  # fmt: skip
     assert args.local_horizon == 2 and args.block_granularity == "stage" and args.bp_modified is False
+    for flags, expected in (([], None), (["--bp_modified", "true"], True)):
+        (parsed,) = HfArgumentParser(BPModifiedTrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), *flags]
+        )
+        assert parsed.bp_modified is expected  # unset: the architecture's default
     assert args.offset_period == "0.5epoch"
     with pytest.raises(ValueError, match="local_horizon"):
         HfArgumentParser(BPModifiedTrainingArguments).parse_args_into_dataclasses(
             ["--output_dir", str(tmp_path), "--local_horizon", "-1"]
         )
+
+
+def test_bp_modified_defaults_to_the_architectures_measured_choice(tmp_path, caplog):
+    """``bp_modified=None``, the default, is resolved per architecture (docs/offset_study.md, item 14): no offset on a
+    ViT, with a warning that says how to turn it on, the offset on a ResNet. An explicit value wins, and the
+    arguments are left as given, so one ``args`` serves both models."""
+    data = SyntheticImages(64)  # a fixed scaling (a = 1, lambda = 0.5) applies the offset from the first refresh
+    args = _args(tmp_path / "auto", max_steps=2, offset_batch_size=16, offset_period="1", offset_scaling="fixed")
+    assert args.bp_modified is None
+
+    def train(factory, args):
+        model = factory()
+        trainer = BPModifiedTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        return trainer, model
+
+    vit, resnet = (lambda: tiny_vit(num_layers=4)), (lambda: tiny_resnet(depths=(2, 2)))
+    with caplog.at_level(logging.WARNING, logger="hf_bpmod.trainer"):
+        trainer, auto = train(vit, args)
+    assert not trainer.uses_offset and "Pass `bp_modified=True` for the paper's method" in caplog.text
+    assert trainer.method_description()["bp_modified"] is False  # what the model card records
+    _, plain = train(vit, _args(tmp_path / "off", max_steps=2, bp_modified=False))
+    assert _max_diff(auto, plain) == 0.0
+    _, forced = train(
+        vit,
+        _args(
+            tmp_path / "on",
+            max_steps=2,
+            offset_batch_size=16,
+            offset_period="1",
+            offset_scaling="fixed",
+            bp_modified=True,
+        ),
+    )
+    assert _max_diff(auto, forced) > 1e-4
+
+    caplog.clear()
+    trainer, auto = train(resnet, args)
+    assert trainer.uses_offset and args.bp_modified is None and "bp_modified" not in caplog.text
+    on = _args(
+        tmp_path / "on", max_steps=2, offset_batch_size=16, offset_period="1", offset_scaling="fixed", bp_modified=True
+    )
+    _, forced = train(resnet, on)
+    assert _max_diff(auto, forced) == 0.0
+    trainer = BPModifiedTrainer(model=resnet(), args=_args(tmp_path / "off", bp_modified=False), train_dataset=data)
+    assert not trainer.uses_offset
+    assert ArchitectureAdapter.offset_by_default is True  # an adapter a user registers: the paper's method
+
+    with pytest.raises(ValueError, match="must be True, False or None"):
+        _args(tmp_path, bp_modified="yes")
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_resume_keeps_the_checkpoints_method_when_bp_modified_is_left_unset(tmp_path, caplog, recorded):
+    """A ViT run that started with the offset (explicitly, or by the default of an earlier release) resumes with it
+    under ``bp_modified=None``, and ends where the uninterrupted run ends; checkpoints without the record (earlier
+    releases) are read from their offset state."""
+    data = SyntheticImages(96)
+    kw = dict(max_steps=6, offset_batch_size=32, offset_period="4")
+    full = tiny_vit(num_layers=4)
+    BPModifiedTrainer(model=full, args=_args(tmp_path / "a", bp_modified=True, **kw), train_dataset=data).train()
+
+    args = _args(tmp_path / "b", save_strategy="steps", save_steps=3, bp_modified=True, **kw)
+    BPModifiedTrainer(model=tiny_vit(num_layers=4), args=args, train_dataset=data).train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
+    state = torch.load(checkpoint / "bpmod_state.pt", weights_only=False)
+    assert state["bp_modified"] is True
+    if not recorded:
+        del state["bp_modified"]
+        torch.save(state, checkpoint / "bpmod_state.pt")
+    resumed = tiny_vit(num_layers=4, seed=123)
+    args = _args(tmp_path / "b", save_strategy="steps", save_steps=3, **kw)
+    trainer = BPModifiedTrainer(model=resumed, args=args, train_dataset=data)
+    assert not trainer.uses_offset  # the ViT's default, until the checkpoint says otherwise
+    with caplog.at_level(logging.WARNING, logger="hf_bpmod.trainer"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.uses_offset and "resuming with the BP offset, as the checkpoint was trained" in caplog.text
+    assert _max_diff(resumed, full) <= 1e-6
 
 
 def test_vit_reload_identical_logits(tmp_path):

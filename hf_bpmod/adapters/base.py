@@ -63,6 +63,9 @@ class ArchitectureAdapter(ABC):
     """
 
     model_type: str = ""
+    #: Whether ``bp_modified=None`` (the default) applies the BP offset on this architecture. The paper's method is
+    #: on; an adapter turns it off where measurements show that no offset rule helps (``docs/offset_study.md``).
+    offset_by_default: bool = True
 
     @abstractmethod
     def blocks(self, model: nn.Module, granularity: BlockGranularity = "layer") -> list[nn.Module]:

@@ -34,7 +34,14 @@ def _block_stages(model: nn.Module, granularity: BlockGranularity) -> list[int]:
 
 @register_adapter("resnet")
 class ResNetAdapter(ArchitectureAdapter):
-    """Blocks and heads of ``ResNetForImageClassification`` (METHOD.md §1)."""
+    """Blocks and heads of ``ResNetForImageClassification`` (METHOD.md §1).
+
+    The offset is on by default (``bp_modified=None``): on our ResNets the package's rule never did worse than plain
+    FF and gained through its direction in fine-tuning, on both class splits (``docs/offset_study.md``, items 7, 8,
+    13 and 14).
+    """
+
+    offset_by_default = True
 
     def blocks(self, model: nn.Module, granularity: BlockGranularity = "layer") -> list[nn.Module]:
         embedder = model.resnet.embedder
