@@ -424,7 +424,8 @@ def reverse_table() -> list[str]:
         for model, opt in (("vit", "adamw"), ("resnet", "sgd"), ("vit", "sgd"), ("resnet", "adamw")):
             ff, bp = _finals(study, model, opt, "ff", None), _finals(study, model, opt, "bp", None)
             default = _finals(study, model, opt, "ff_mod", default_extra)
-            seeds = sorted(set(ff) & set(default))
+            own = range(12) if model == "vit" else range(6)  # item 13's seeds; item 14's fresh ones have their table
+            seeds = sorted(set(ff) & set(default) & set(own))
             if len(seeds) < 2:
                 continue
             d = [default[s] - ff[s] for s in seeds]
@@ -462,6 +463,42 @@ def reverse_control_table(variants: list[dict]) -> list[str]:
     return lines
 
 
+ARCHITECTURE_CELLS = (  # plan_default_by_architecture.md: the fresh seeds of every ResNet cell, and the default's label
+    ("scratch", STUDIES["scratch"], range(6, 14), CAP),
+    ("finetune 0-4 -> 5-9", STUDIES["finetune"], range(6, 12), CAP),
+    ("finetune 5-9 -> 0-4", REVERSE_STUDY, range(6, 12), {}),
+)
+
+
+def default_by_architecture_table() -> list[str]:
+    """The confirmation of ``plan_default_by_architecture.md``: in every ResNet cell, on fresh seeds, the default
+    minus FF paired by seed, the session-5 test, and the part of the gap to BP it closes."""
+    lines = [
+        "| setting | model / optimizer | fresh seeds | default - FF | worst seed | above / at / below FF | test "
+        "| gap to BP closed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, study_dir, fresh, default_extra in ARCHITECTURE_CELLS:
+        study = _load(os.path.join(HERE, "..", study_dir, "runs.jsonl"))
+        for opt in ("sgd", "adamw"):
+            ff, bp = _finals(study, "resnet", opt, "ff", None), _finals(study, "resnet", opt, "bp", None)
+            default = _finals(study, "resnet", opt, "ff_mod", default_extra)
+            seeds = [s for s in fresh if s in ff and s in default]
+            if len(seeds) < 2:
+                continue
+            d = [default[s] - ff[s] for s in seeds]
+            gap = "-"
+            if all(s in bp for s in seeds):
+                g = statistics.mean(bp[s] - ff[s] for s in seeds)
+                gap = f"{statistics.mean(d) / g:.1%} of {g:.3f}" if g > 0 else "-"
+            counts = f"{sum(x > 0 for x in d)} / {sum(x == 0 for x in d)} / {sum(x < 0 for x in d)}"
+            lines.append(
+                f"| {setting} | resnet / {opt} | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d)} | "
+                f"{min(d):+.4f} | {counts} | {'passes' if _passes(d) else 'fails'} | {gap} |"
+            )
+    return lines
+
+
 def _t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (Cornish-Fisher expansion: within 1e-3 for
     df >= 7, 0.03 at df = 3)."""
@@ -487,6 +524,7 @@ def main() -> None:
         block0_statistics_table(),
         reverse_table(),
         reverse_control_table(variants),
+        default_by_architecture_table(),
     ]
     print("\n\n".join("\n".join(table) for table in tables))
 
