@@ -4,8 +4,9 @@
 Runs, one after the other, each in its own process (so that one's threads and memory do not touch the next):
 ``saved_activations.py`` (deterministic saved-activation bytes), ``offset_overhead.py`` (offset time per epoch through
 the Trainer), ``memory_speed.py`` (peak memory and step time against BP and gradient checkpointing),
-``vjp_floor.py`` (the passes of one block: the step-time floor of each horizon) and ``apply_offset.py`` (applying
-the offset at every step, one pass against two). Then it
+``vjp_floor.py`` (the passes of one block: the step-time floor of each horizon), ``apply_offset.py`` (applying
+the offset at every step, one pass against two) and ``checkpointing.py`` (what gradient checkpointing saves under
+local losses). Then it
 concatenates the markdown each one wrote, prints it and writes it to ``benchmarks/results/README.md``.
 
 The children run with ``OMP_WAIT_POLICY=PASSIVE`` (unless set): spinning OpenMP threads collapse when other processes
@@ -34,6 +35,7 @@ BENCHMARKS = [
     ("memory_speed.py", [], ["memory_speed_cpu.md"]),
     ("vjp_floor.py", [], ["vjp_floor.md"]),
     ("apply_offset.py", [], ["apply_offset.md"]),
+    ("checkpointing.py", [], ["checkpointing.md"]),
 ]
 
 
