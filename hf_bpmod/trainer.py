@@ -98,7 +98,7 @@ class BPModifiedTrainer(Trainer):
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by BPModifiedTrainer: pass an instantiated `model`.")
         self.adapter = get_adapter(model)  # fails here, before any work, for unsupported models
-        self.bp_modified = self._resolve_bp_modified(args.bp_modified)
+        self.bp_modified = self._resolve_bp_modified(args)
         if args is not None and args.gradient_checkpointing:
             _check_layer_checkpointing(model)
         if type(self).compute_loss is not BPModifiedTrainer.compute_loss:
@@ -151,17 +151,17 @@ class BPModifiedTrainer(Trainer):
                 "`bp_modified=False`."
             )
 
-    def _resolve_bp_modified(self, requested: bool | None) -> bool:
+    def _resolve_bp_modified(self, args: BPModifiedTrainingArguments) -> bool:
         """``bp_modified`` as given, or (``None``) the architecture's default, which is logged: measured per
         architecture (``ArchitectureAdapter.offset_by_default``, docs/offset_study.md item 14)."""
-        if requested is not None:
-            return requested
+        if args.bp_modified is not None:
+            return args.bp_modified
         chosen = self.adapter.offset_by_default
         name = self.adapter.model_type
         if chosen:
             logger.info(f"bp_modified=None: the BP offset is on, the default for {name} models.")
-        else:
-            logger.warning(
+        else:  # a warning from the main process only
+            (logger.warning if args.should_log else logger.info)(
                 f"bp_modified=None: no BP offset for this {name} model, which trains with the plain local loss. On "
                 f"{name} models no offset rule we measured helped (docs/offset_study.md, item 14). Pass "
                 "`bp_modified=True` for the paper's method, or `bp_modified=False` to silence this."
