@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
-from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
 from hf_bpmod.data import load_animal_shape_mnist
 from hf_bpmod.memory import SavedStorageMeter
 
@@ -136,6 +136,12 @@ def initial_model(run: Run, out: str) -> torch.nn.Module:
     backbone = {k: v for k, v in state.items() if not k.startswith("classifier")}
     missing, unexpected = model.load_state_dict(backbone, strict=False)
     assert not unexpected and all(k.startswith("classifier") for k in missing), (missing, unexpected)
+    if run.peft == "lora":  # the paper's ViT setting: LoRA r = 1, alpha = 4, the new head trained in full
+        from peft import LoraConfig, get_peft_model
+
+        targets = get_adapter(model).peft_target_modules(model)
+        config = LoraConfig(r=1, lora_alpha=4, target_modules=targets, modules_to_save=["classifier"])
+        model = get_peft_model(model, config)
     return model
 
 
@@ -151,13 +157,15 @@ class Run:
     max_grad_norm: float = 1.0
     setting: str = "scratch"  # or "finetune": a BP-pretrained backbone (classes 0-4), new head, classes 5-9;
     # or "finetune_reverse": the same with the halves swapped
+    peft: str = ""  # or "lora": fine-tune LoRA r = 1, alpha = 4 (the paper's ViT setting) and the new head
 
     @property
     def key(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.extra.items()))
         setting = f"{self.lr_scheduler_type},clip={self.max_grad_norm}"
         key = f"{self.model}|{self.method}|{self.optimizer}|{self.seed}|{self.epochs}|{extra}|{setting}"
-        return key if self.setting == "scratch" else f"{key}|{self.setting}"
+        key = key if self.setting == "scratch" else f"{key}|{self.setting}"
+        return f"{key}|{self.peft}" if self.peft else key
 
 
 def training_arguments(run: Run, workdir: str, **overrides) -> BPModifiedTrainingArguments:
@@ -231,7 +239,8 @@ def train_one(run: Run, train: Dataset, test: Dataset, workdir: str, out: str) -
 
 def _label(r: dict) -> str:
     extra = ",".join(f"{k.replace('offset_', '')}={v}" for k, v in sorted(r["extra"].items()))
-    return f"{r['method']}{' (' + extra + ')' if extra else ''}"
+    label = f"{r['method']}{' (' + extra + ')' if extra else ''}"
+    return f"{label} [{r['peft']}]" if r.get("peft") else label
 
 
 def report(results: list[dict], out: str, plots: bool) -> str:
@@ -398,12 +407,16 @@ def main() -> None:
                         help="finetune: BP-pretrain on classes 0-4 (cached under <out>/pretrained), then train every "
                         "method from that backbone with a new head on classes 5-9 (the paper's setting); "
                         "finetune_reverse: the same with the halves swapped")  # fmt: skip
+    parser.add_argument("--peft", choices=["none", "lora"], default="none",
+                        help="lora (fine-tuning settings only): LoRA r=1, alpha=4 on the backbone, the new head in full")
     parser.add_argument("--out", default="runs/cpu_study")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--report", action="store_true", help="only write the table (and plots) from runs.jsonl")
     parser.add_argument("--plots", action="store_true", help="also write accuracy.png and scales.png")
     opts = parser.parse_args()
+    if opts.peft != "none" and opts.setting not in SPLITS:
+        parser.error("--peft applies to the fine-tuning settings (--setting finetune / finetune_reverse)")
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
     extra = {item.split("=")[0]: _extra_value(*item.split("=")) for item in filter(None, opts.extra.split(","))}
@@ -432,6 +445,7 @@ def main() -> None:
             opts.lr_scheduler_type,
             opts.max_grad_norm,
             opts.setting,
+            "" if opts.peft == "none" else opts.peft,
         )
         for model in opts.models
         for optimizer in opts.optimizers
