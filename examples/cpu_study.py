@@ -407,8 +407,12 @@ def main() -> None:
                         help="finetune: BP-pretrain on classes 0-4 (cached under <out>/pretrained), then train every "
                         "method from that backbone with a new head on classes 5-9 (the paper's setting); "
                         "finetune_reverse: the same with the halves swapped")  # fmt: skip
-    parser.add_argument("--peft", choices=["none", "lora"], default="none",
-                        help="lora (fine-tuning settings only): LoRA r=1, alpha=4 on the backbone, the new head in full")
+    parser.add_argument(
+        "--peft",
+        choices=["none", "lora"],
+        default="none",
+        help="lora (fine-tuning settings only): LoRA r=1, alpha=4 on the backbone, the new head in full",
+    )
     parser.add_argument("--out", default="runs/cpu_study")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
