@@ -56,3 +56,11 @@ def test_fresh_controls_attribute_the_loss_to_the_direction():
     module, variants = _controls()
     (row,) = module.fresh_control_table(variants)[2:]
     assert "| 24-50 (27) | -0.0038 (0.0016) | +0.0084 (0.0027) | +0.0020 (0.0009) | **-0.0123 (0.0032)** |" in row
+
+
+def test_fresh_resnet_seeds_confirm_the_architecture_default():
+    """``docs/offset_study.md`` item 14: on fresh seeds the ResNet default passes in all six ResNet cells."""
+    module, _ = _controls()
+    rows = module.default_by_architecture_table()[2:]
+    assert len(rows) == 6 and all("| passes |" in row for row in rows)
+    assert "| finetune 5-9 -> 0-4 | resnet / sgd | 6-11 (6) | +0.0045 (0.0013) | -0.0010 | 5 / 0 / 1 |" in rows[4]

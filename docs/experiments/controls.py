@@ -499,6 +499,41 @@ def default_by_architecture_table() -> list[str]:
     return lines
 
 
+LORA_STUDIES = (("0-4 -> 5-9", "cpu_study_finetune_lora"), ("5-9 -> 0-4", "cpu_study_finetune_reverse_lora"))
+
+
+def lora_table() -> list[str]:
+    """The ViT with LoRA r = 1, the paper's ViT setting (``plan_vit_lora.md``): the offset minus FF paired by seed on
+    each class split; the planned reading is 2 s.e. above zero, with the session-5 test."""
+    lines = [
+        "| split (pretrain -> fine-tune) | model / optimizer | seeds | offset - FF | worst seed | seeds below FF "
+        "| 2 s.e. above zero | test | gap to BP closed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for split, study_dir in LORA_STUDIES:
+        path = os.path.join(HERE, "..", study_dir, "runs.jsonl")
+        if not os.path.exists(path):
+            continue
+        study = _load(path)
+        ff, bp = _finals(study, "vit", "sgd", "ff", None), _finals(study, "vit", "sgd", "bp", None)
+        offset = _finals(study, "vit", "sgd", "ff_mod", {})
+        seeds = sorted(set(ff) & set(offset))
+        if len(seeds) < 2:
+            continue
+        d = [offset[s] - ff[s] for s in seeds]
+        mean, se = _mean_and_se(d)
+        gap = "-"
+        if all(s in bp for s in seeds):
+            g = statistics.mean(bp[s] - ff[s] for s in seeds)
+            gap = f"{mean / g:.1%} of {g:.3f}" if g > 0 else "-"
+        lines.append(
+            f"| {split} | vit (LoRA r=1) / sgd | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d)} | "
+            f"{min(d):+.4f} | {sum(x < 0 for x in d)} of {len(d)} | {'yes' if mean >= 2 * se else 'no'} | "
+            f"{'passes' if _passes(d) else 'fails'} | {gap} |"
+        )
+    return lines
+
+
 def _t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (Cornish-Fisher expansion: within 1e-3 for
     df >= 7, 0.03 at df = 3)."""
@@ -525,6 +560,7 @@ def main() -> None:
         reverse_table(),
         reverse_control_table(variants),
         default_by_architecture_table(),
+        lora_table(),
     ]
     print("\n\n".join("\n".join(table) for table in tables))
 
