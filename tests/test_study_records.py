@@ -64,3 +64,14 @@ def test_fresh_resnet_seeds_confirm_the_architecture_default():
     rows = module.default_by_architecture_table()[2:]
     assert len(rows) == 6 and all("| passes |" in row for row in rows)
     assert "| finetune 5-9 -> 0-4 | resnet / sgd | 6-11 (6) | +0.0045 (0.0013) | -0.0010 | 5 / 0 / 1 |" in rows[4]
+
+
+def test_lora_does_not_change_the_vit_verdict():
+    """``docs/offset_study.md`` item 15: with LoRA, the paper's ViT setting, the offset's gain is not 2 standard errors
+    above zero on either class split, and it never loses by the session-5 test."""
+    module, _ = _controls()
+    rows = module.lora_table()[2:]
+    assert len(rows) == 2 and all("| no | passes |" in row for row in rows)
+    assert "| 0-11 (12) | +0.0027 (0.0014) | -0.0040 | 2 of 12 |" in rows[0]
+    assert "| 0-11 (12) | +0.0002 (0.0014) | -0.0110 | 3 of 12 |" in rows[1]
+
