@@ -74,4 +74,3 @@ def test_lora_does_not_change_the_vit_verdict():
     assert len(rows) == 2 and all("| no | passes |" in row for row in rows)
     assert "| 0-11 (12) | +0.0027 (0.0014) | -0.0040 | 2 of 12 |" in rows[0]
     assert "| 0-11 (12) | +0.0002 (0.0014) | -0.0110 | 3 of 12 |" in rows[1]
-
