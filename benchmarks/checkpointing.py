@@ -26,30 +26,23 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory_speed import SHAPES, build_model, passive_openmp, profiled_peak_bytes, storage_bytes  # noqa: E402
+from memory_speed import (  # noqa: E402
+    SHAPES,
+    build_model,
+    enable_checkpointing,
+    passive_openmp,
+    profiled_peak_bytes,
+    storage_bytes,
+)
 
 from hf_bpmod import get_adapter, local_gradients  # noqa: E402
-from hf_bpmod.adapters import unwrap_model  # noqa: E402
 
 METHODS = (("BP", None), ("FF", 1), ("LoCo", 2))  # (name, horizon; None = backprop)
-
-
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """The model's own checkpointing, non-reentrant, as ``BPModifiedTrainer`` has the Trainer enable it."""
-    base = unwrap_model(model)
-    kwargs = {"use_reentrant": False}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # `gradient_checkpointing_enable` is deprecated in 5.x
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class Run:
@@ -58,7 +51,7 @@ class Run:
     def __init__(self, shape, horizon: int | None, checkpointing: bool, x: torch.Tensor, y: torch.Tensor) -> None:
         self.model = build_model(shape).train()
         if checkpointing:
-            enable_checkpointing(self.model)
+            enable_checkpointing(self.model, reentrant=False)  # as BPModifiedTrainer sets it
         self.horizon, self.x, self.y = horizon, x, y
         params = [p for p in self.model.parameters() if p.requires_grad]
         if horizon is not None:

@@ -141,10 +141,11 @@ def build_model(shape: Shape) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Reentrant activation checkpointing of every layer (see the module docstring for why reentrant)."""
+def enable_checkpointing(model: nn.Module, reentrant: bool = True) -> None:
+    """Activation checkpointing of every layer: reentrant here (see the module docstring for why), non-reentrant as
+    ``BPModifiedTrainer`` sets it (``benchmarks/checkpointing.py``)."""
     base = unwrap_model(model)
-    kwargs = {"use_reentrant": True}
+    kwargs = {"use_reentrant": reentrant}
     if getattr(base, "supports_gradient_checkpointing", False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # `gradient_checkpointing_enable` is deprecated in 5.x
@@ -152,22 +153,26 @@ def enable_checkpointing(model: nn.Module) -> None:
                 base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if base is not model:  # peft: frozen embeddings, so a reentrant checkpoint would see no input needing grad
+        if (
+            reentrant and base is not model
+        ):  # peft: frozen embeddings, so a reentrant checkpoint sees no input needing grad
             base.enable_input_require_grads()
         return
     # ResNet: transformers has no checkpointing for it; wrap every residual layer (the local methods' blocks).
     for stage in base.resnet.encoder.stages:
         for layer in stage.layers:
-            layer.forward = _checkpointed(layer.forward)
+            layer.forward = _checkpointed(layer.forward, reentrant)
 
 
-def _checkpointed(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _checkpointed(
+    forward: Callable[[torch.Tensor], torch.Tensor], reentrant: bool = True
+) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return forward(x)
-        if not x.requires_grad:
+        if reentrant and not x.requires_grad:
             x = x.detach().requires_grad_(True)
-        return checkpoint(forward, x, use_reentrant=True)
+        return checkpoint(forward, x, use_reentrant=reentrant)
 
     return run
 

@@ -52,6 +52,14 @@ def _passes(differences: list[float]) -> bool:
     return mean > -2 * se and min(differences) >= -0.05
 
 
+def _gap_closed(differences: list[float], bp: dict[int, float], ff: dict[int, float], seeds: list[int]) -> str:
+    """The mean difference as a share of the mean gap from FF to BP on the same seeds ("-" without BP on all)."""
+    if not all(s in bp for s in seeds):
+        return "-"
+    g = statistics.mean(bp[s] - ff[s] for s in seeds)
+    return f"{statistics.mean(differences) / g:.1%} of {g:.3f}" if g > 0 else "-"
+
+
 def _finals(study: list[dict], model: str, opt: str, method: str, extra: dict | None) -> dict[int, float]:
     """Final accuracy per seed of one study cell run with exactly ``extra`` (``None``: whatever its ``extra``)."""
     return {
@@ -430,10 +438,7 @@ def reverse_table() -> list[str]:
                 continue
             d = [default[s] - ff[s] for s in seeds]
             mean, se = _mean_and_se(d)
-            gap = "-"
-            if all(s in bp for s in seeds):
-                g = statistics.mean(bp[s] - ff[s] for s in seeds)
-                gap = f"{mean / g:.1%} of {g:.3f}" if g > 0 else "-"
+            gap = _gap_closed(d, bp, ff, seeds)
             lines.append(
                 f"| {split} | {model} / {opt} | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d)} | {min(d):+.4f} "
                 f"| {sum(x < 0 for x in d)} of {len(d)} | {'yes' if mean >= 2 * se else 'no'} | {gap} |"
@@ -487,10 +492,7 @@ def default_by_architecture_table() -> list[str]:
             if len(seeds) < 2:
                 continue
             d = [default[s] - ff[s] for s in seeds]
-            gap = "-"
-            if all(s in bp for s in seeds):
-                g = statistics.mean(bp[s] - ff[s] for s in seeds)
-                gap = f"{statistics.mean(d) / g:.1%} of {g:.3f}" if g > 0 else "-"
+            gap = _gap_closed(d, bp, ff, seeds)
             counts = f"{sum(x > 0 for x in d)} / {sum(x == 0 for x in d)} / {sum(x < 0 for x in d)}"
             lines.append(
                 f"| {setting} | resnet / {opt} | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d)} | "
@@ -522,10 +524,7 @@ def lora_table() -> list[str]:
             continue
         d = [offset[s] - ff[s] for s in seeds]
         mean, se = _mean_and_se(d)
-        gap = "-"
-        if all(s in bp for s in seeds):
-            g = statistics.mean(bp[s] - ff[s] for s in seeds)
-            gap = f"{mean / g:.1%} of {g:.3f}" if g > 0 else "-"
+        gap = _gap_closed(d, bp, ff, seeds)
         lines.append(
             f"| {split} | vit (LoRA r=1) / sgd | {seeds[0]}-{seeds[-1]} ({len(seeds)}) | {_mean_se(d)} | "
             f"{min(d):+.4f} | {sum(x < 0 for x in d)} of {len(d)} | {'yes' if mean >= 2 * se else 'no'} | "
