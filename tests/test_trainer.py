@@ -57,6 +57,52 @@ def test_full_horizon_equals_plain_trainer(tmp_path, factory, accumulation):
     assert _max_diff(model, reference) <= 1e-6
 
 
+def _cross_entropy_per_item(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy summed over the micro-batch and divided by the examples of the whole accumulated batch."""
+    loss = torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else len(labels))
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_vit(num_layers=4), lambda: tiny_resnet(depths=(2, 2))])
+def test_full_horizon_equals_plain_trainer_under_sgd_with_uneven_accumulation(tmp_path, factory):
+    """Plain SGD (no momentum, no clipping, no weight decay) moves the weights by exactly lr x the gradient, so a
+    gradient of the wrong size shows (AdamW and clipping would hide a constant factor). 56 examples in micro-batches
+    of 16 with 2 accumulation steps: every epoch has one step of 16 + 16 and one of 16 + 8 examples, each example
+    weighted by 1 / ``num_items_in_batch`` (32, then 24), not each micro-batch by 1/2.
+
+    The reference is plain ``Trainer`` with a ``compute_loss_func`` that does exactly that. (Plain ``Trainer`` with
+    the model's own loss does it too for the ViT, whose forward passes ``num_items_in_batch`` to its loss; the
+    ResNet's forward takes ``**kwargs`` but ignores it, so there plain ``Trainer`` adds the micro-batch means without
+    dividing by the accumulation steps, an accumulated loss twice the size.)"""
+    data = SyntheticImages(56)
+    kw = dict(
+        num_train_epochs=2, gradient_accumulation_steps=2, optim="sgd", learning_rate=0.1, max_grad_norm=0.0,
+        weight_decay=0.0, lr_scheduler_type="constant",
+    )  # fmt: skip
+    reference = factory()
+    plain = Trainer(
+        model=reference, args=_args(tmp_path / "ref", TrainingArguments, **kw), train_dataset=data,
+        compute_loss_func=_cross_entropy_per_item,
+    )  # fmt: skip
+    plain.train()
+    model = factory()
+    trainer = BPModifiedTrainer(model=model, args=_args(tmp_path / "ours", local_horizon=99, **kw), train_dataset=data)
+    trainer.train()
+    assert trainer.state.global_step == plain.state.global_step == 4
+    assert all(group.get("momentum", 0) == 0 for group in trainer.optimizer.param_groups)
+    assert _max_diff(model, factory()) > 1e-2  # it did train
+    state, ref_state = model.state_dict(), reference.state_dict()
+    assert set(state) == set(ref_state)
+    for key in state:  # weights and buffers (BatchNorm running statistics) alike
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (plain, trainer)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    if isinstance(model, ViTForImageClassification):  # the model's own loss in plain Trainer: the same run
+        own = factory()
+        Trainer(model=own, args=_args(tmp_path / "own", TrainingArguments, **kw), train_dataset=data).train()
+        assert _max_diff(own, model) <= 1e-6
+
+
 class _MultiLabel(SyntheticImages):
     """Two classes per image, as multi-hot float labels."""
 
