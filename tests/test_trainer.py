@@ -372,6 +372,65 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, bp_modified):
         assert [r["step"] for r in log] == [0, 4]
 
 
+def _assert_same(a, b, where="state"):
+    """Nested dicts / lists / tensors / numbers equal (tensors to float32 rounding)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), where
+    else:
+        assert a == b, where
+
+
+def test_resnet_resume_restores_every_weight_buffer_head_and_offset(tmp_path):
+    """A ResNet (offset on by default, h = 2, SGD with momentum) killed after its checkpoint at step 3 and resumed
+    from it into a model of another initialisation ends exactly as the uninterrupted run: the whole ``state_dict``
+    (BatchNorm running statistics and batch counters included, which training in train mode never reads back, so
+    parameters alone would not show them lost), the auxiliary heads, and the offset refreshed at step 4 after the
+    resume."""
+    data = SyntheticImages(96)
+    kw = dict(
+        max_steps=6, local_horizon=2, offset_batch_size=32, offset_period="4", optim="sgd", optim_args="momentum=0.9",
+        learning_rate=0.05,
+    )  # fmt: skip
+    full = tiny_resnet(depths=(2, 2))
+    uninterrupted = BPModifiedTrainer(model=full, args=_args(tmp_path / "a", **kw), train_dataset=data)
+    uninterrupted.train()
+    assert uninterrupted.uses_offset and len(uninterrupted.aux_heads) > 0
+
+    args = _args(tmp_path / "b", save_strategy="steps", save_steps=3, **kw)
+    BPModifiedTrainer(model=tiny_resnet(depths=(2, 2)), args=args, train_dataset=data).train()
+    resumed = tiny_resnet(depths=(2, 2), seed=123)
+    with torch.no_grad():  # running statistics unlike the checkpoint's, as a model that has seen other data
+        for name, buffer in resumed.named_buffers():
+            if "running_mean" in name:
+                buffer.add_(0.5)
+    trainer = BPModifiedTrainer(model=resumed, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-3"))
+
+    state, expected = resumed.state_dict(), full.state_dict()
+    assert any("running_var" in k for k in state) and any("num_batches_tracked" in k for k in state)
+    assert any(not torch.equal(v, tiny_resnet(depths=(2, 2)).state_dict()[k]) for k, v in state.items()
+               if "running_mean" in k)  # fmt: skip
+    _assert_same(state, expected)
+    _assert_same(trainer.aux_heads.state_dict(), uninterrupted.aux_heads.state_dict(), "aux_heads")
+    assert trainer.uses_offset
+    assert trainer.offset_state.period_index == uninterrupted.offset_state.period_index == 2
+    assert trainer.offset_state.next_refresh_step == uninterrupted.offset_state.next_refresh_step
+    assert len(trainer.offset_state.blocks) == trainer.block_chain.num_blocks
+    for got, want in zip(trainer.offset_state.blocks, uninterrupted.offset_state.blocks, strict=True):
+        assert (got.scale, got.weight) == pytest.approx((want.scale, want.weight), rel=1e-5, abs=1e-7)
+        _assert_same(got.unscaled_delta(), want.unscaled_delta(), "offset")
+
+
 @pytest.mark.parametrize(
     "changed, message",
     [
