@@ -1,5 +1,7 @@
 """On a CUDA device: fp16 (autocast + GradScaler) and bf16 train with the offset and stay close to fp32.
 
+The ViT gets the offset only when asked (``bp_modified=None`` leaves it off for ViTs), so every run asks for it.
+
 Deselected by default (``-m 'not gpu'`` in pyproject) and skipped without CUDA; run with ``pytest -m gpu``.
 Loose tolerances: the step-0 gradient (local gradient + offset) and the first offset within 5% of fp32's, the total
 update after 4 AdamW steps pointing the same way (cosine > 0.95).
@@ -30,7 +32,8 @@ class _Capture(TrainerCallback):
         self.trainer, self.scales, self.grads, self.deltas = trainer, [], [], None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.scales.append(self.trainer._grad_scale())
+        scaler = self.trainer.accelerator.scaler  # fp16's GradScaler; none in bf16 or fp32
+        self.scales.append(float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0)
         if self.deltas is None:
             self.deltas = [
                 d.detach().float().cpu() for b in self.trainer.offset_state.blocks for d in (b.unscaled_delta() or [])
@@ -44,13 +47,14 @@ class _Capture(TrainerCallback):
 def _run(tmp_path, precision: str | None, use_cpu: bool = False):
     args = BPModifiedTrainingArguments(
         output_dir=str(tmp_path / str(precision)), per_device_train_batch_size=16, max_steps=4, learning_rate=1e-3,
-        offset_batch_size=32, offset_period="2", max_grad_norm=0.0, seed=0, data_seed=0, use_cpu=use_cpu,
-        report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
+        offset_batch_size=32, offset_period="2", bp_modified=True, max_grad_norm=0.0, seed=0, data_seed=0,
+        use_cpu=use_cpu, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
         **({precision: True} if precision else {}),
     )  # fmt: skip
     model = tiny_vit(num_layers=4, hidden_size=64)
     initial = [p.detach().float().cpu().clone() for p in model.parameters()]
     trainer = BPModifiedTrainer(model=model, args=args, train_dataset=SyntheticImages(128))
+    assert trainer.uses_offset
     capture = _Capture(trainer)
     trainer.add_callback(capture)
     dtypes: list[torch.dtype] = []
@@ -81,6 +85,7 @@ def test_mixed_precision_with_the_offset_stays_close_to_fp32(tmp_path, precision
         assert capture.scales == [1.0] * 4
     _, ref_capture, ref_dtypes, ref_update, ref_losses = _run(tmp_path, None)
     assert ref_dtypes == [torch.float32] * 12
+    assert capture.deltas and len(capture.deltas) == len(ref_capture.deltas)  # the offsets compared below exist
     assert all(math.isfinite(v) for v in losses) and losses[0] == pytest.approx(ref_losses[0], rel=2e-2)
     assert all(torch.isfinite(g).all() for g in capture.grads[0])
     assert _relative_error(capture.deltas, ref_capture.deltas) < 5e-2  # the first offset, at the same weights
