@@ -291,22 +291,6 @@ def test_refreshes_with_zero_offsets_leave_training_bitwise_unchanged(tmp_path, 
         assert torch.equal(value, refreshed[key]), key
 
 
-def test_benchmark_extrapolates_a_refresh_from_its_first_micro_batches():
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "memory_speed.py"
-    spec = importlib.util.spec_from_file_location("memory_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("memory_speed", bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
-    # fixed part 0.5 s, a 3 s first micro-batch (warm-up), then 1 s each: 40 of them take 0.5 + 3 + 39 s
-    record = {"seconds": 0.5 + 3 + 1 + 1.2, "micro_batch_seconds": [3.0, 1.0, 1.2]}
-    assert bench.full_refresh_seconds(record, 40) == pytest.approx(0.5 + 3 + 39 * 1.1)
-    assert bench.full_refresh_seconds({"seconds": 2.5, "micro_batch_seconds": [2.0]}, 40) == pytest.approx(80.5)
-
-
 def test_non_finite_statistics_keep_the_previous_offset(tmp_path):
     data = SyntheticImages(64)
     trainer, _ = _trainer(tmp_path, data, max_steps=2, per_device_train_batch_size=16, offset_batch_size=16,
@@ -442,18 +426,42 @@ def test_prepared_offset_with_a_changed_scale_takes_the_two_pass_path():
             torch.testing.assert_close(a, scale * g + weight * d, rtol=1e-5, atol=1e-6)
 
 
-def test_apply_benchmark_times_forms_that_agree():
-    """``benchmarks/apply_offset.py`` on a tiny shape: the one-pass and two-pass forms give the same gradients."""
-    import importlib.util
-    import pathlib
+def test_apply_block_offsets_on_a_chain_is_eq5_per_block():
+    """On a real chain, every block's gradients become ``scale_t g + weight_t Delta_t`` with that block's own
+    constants, prepared (one ``lerp`` pass) or not; an exact block (no offset) is only scaled; a parameter without a
+    gradient gets the offset alone."""
+    from hf_bpmod import get_adapter
+    from hf_bpmod.offset import BlockOffset
+    from hf_bpmod.offset_pass import apply_block_offsets
+    from hf_bpmod.testing import tiny_resnet
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "apply_offset.py"
-    spec = importlib.util.spec_from_file_location("apply_offset_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    row = bench.time_shape("tiny_resnet_full", reps=1, device=torch.device("cpu"))
-    assert row["params"] > 20_000 and row["worst_rel"] < 1e-6
-    assert set(row["ms"]) == {"two passes", "one lerp pass"}
+    model = tiny_resnet(depths=(2, 2))
+    adapter = get_adapter(model)
+    chain = adapter.chain(model, adapter.aux_heads(model, 1))
+    g = torch.Generator().manual_seed(3)
+    constants = [(0.3, 0.4), (1.7, 0.2), (1.0, 0.5), (0.8, None)][: chain.num_blocks]
+    assert len(constants) == chain.num_blocks
+    for prepared in (False, True):
+        offsets, deltas, grads = [], [], []
+        for params, (scale, weight) in zip(chain.block_params, constants):
+            delta = None if weight is None else [torch.randn(p.shape, generator=g) for p in params]
+            stored = None if delta is None else [d.clone() for d in delta]
+            block = BlockOffset(scale=scale, weight=weight or 0.0, delta=stored, a=scale, lam=weight or 0.0, c=1.0,
+                                bias=0.0, var=0.0, cosine=0.0, offset_norm=0.0)  # fmt: skip
+            if prepared:
+                block.prepare()
+            offsets.append(block)
+            deltas.append(delta)
+            grads.append([torch.randn(p.shape, generator=g) for p in params])
+            for p, grad in zip(params, grads[-1]):
+                p.grad = grad.clone()
+        chain.block_params[0][0].grad = None
+        grads[0][0] = torch.zeros_like(grads[0][0])
+        apply_block_offsets(chain, offsets)
+        for params, (scale, weight), delta, grad in zip(chain.block_params, constants, deltas, grads):
+            for i, p in enumerate(params):
+                expected = scale * grad[i] + (0.0 if delta is None else weight * delta[i])
+                torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_reliability_reads_the_unscaled_previous_offset():
