@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-compat test-all test-slow mutation quality style bench study clean
+.PHONY: install train test test-compat test-lean test-all test-slow mutation quality style bench study clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,15 @@ test-compat:
 	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(COMPAT_VENV)/bin/python -m pip install -q -c tests/constraints-oldest.txt -e ".[dev]"
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(COMPAT_VENV)/bin/python -m pytest -q -W ignore::FutureWarning
+
+# `pip install .` into a virtual environment holding only torch: no examples' dependencies, and it trains.
+LEAN_VENV ?= .venv-lean
+test-lean:
+	rm -rf $(LEAN_VENV) build && python3 -m venv $(LEAN_VENV)
+	$(LEAN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LEAN_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LEAN_VENV)/bin/python -m pip install -q .
+	cd $(LEAN_VENV) && OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} bin/python $(CURDIR)/scripts/check_lean_install.py
 
 # Tests marked `slow` (none at present: the longest, the example's end-to-end runs, take under a minute each and stay
 # in `make test`). pytest exits 5 when it collects no test; that is reported, not failed.

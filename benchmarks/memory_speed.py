@@ -365,14 +365,17 @@ class Runner:
 
         def refresh(n: int):
             indices = list(range(n * OFFSET_MICRO_BATCH))
-            settings = OffsetSettings(offset_batch_size=len(indices), micro_batch_size=OFFSET_MICRO_BATCH)
+            settings = OffsetSettings(
+                horizon=self.method.horizon,
+                batch_size=batch_size,
+                sample_size=len(indices),
+                micro_batch_size=OFFSET_MICRO_BATCH,
+            )
             return compute_offsets(
                 self.chain,
-                self.method.horizon,
                 indices,
                 fetch,
                 settings,
-                batch_size=batch_size,
                 period=period,
                 preserve=self.modules(),
             )

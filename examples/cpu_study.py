@@ -198,7 +198,7 @@ def peak_step_bytes(run: Run, train: Dataset, workdir: str, out: str) -> dict[st
         trainer.train()
     trainable = [p for p in params if p.requires_grad]
     optimizer_state = [t for state in trainer.optimizer.state.values() for t in state.values()]
-    blocks = trainer.offset_state.blocks if trainer.uses_offset else []
+    blocks = trainer.offset.state.blocks if trainer.uses_offset else []
     offsets = [d for b in blocks if b.delta is not None for d in b.delta]
     return {
         "activations": meter.peak_bytes,

@@ -1,24 +1,27 @@
 """hf_bpmod: BP-modified local losses (Ren & Li) for image classifiers inside the HuggingFace Trainer."""
 
-from .adapters import ArchitectureAdapter, get_adapter, register_adapter
-from .chain import BlockChain
-from .config import BPModifiedTrainingArguments
-from .local_grad import ChainGradients, local_gradients, loss_targets
-from .offset import BlockOffset, OffsetStatistics, ScalingProblem, block_offset
-from .trainer import BPModifiedTrainer
+__version__ = "0.1.0"
+
+from .adapters import ArchitectureAdapter, get_adapter, register_adapter  # noqa: E402
+from .chain import BlockChain  # noqa: E402
+from .config import BPModifiedTrainingArguments  # noqa: E402
+from .local_grad import ChainGradients, local_gradients, loss_targets  # noqa: E402
+from .offset import BlockOffset, OffsetStatistics, ScalingProblem, block_offset  # noqa: E402
+from .trainer import BPModifiedTrainer  # noqa: E402
 
 __all__ = [
+    "__version__",
     "BPModifiedTrainer",
     "BPModifiedTrainingArguments",
+    "ArchitectureAdapter",
+    "get_adapter",
+    "register_adapter",
+    "BlockChain",
+    "local_gradients",
+    "loss_targets",
+    "ChainGradients",
+    "block_offset",
     "BlockOffset",
     "OffsetStatistics",
     "ScalingProblem",
-    "block_offset",
-    "ArchitectureAdapter",
-    "BlockChain",
-    "ChainGradients",
-    "get_adapter",
-    "local_gradients",
-    "loss_targets",
-    "register_adapter",
 ]

@@ -113,6 +113,11 @@ class BlockChain:
             outputs.append(x)
         return outputs
 
+    def uncovered_parameters(self, model: nn.Module) -> list[str]:
+        """The names of ``model``'s trainable parameters that lie in no block and not in the model's own head."""
+        covered = {id(p) for ps in self.block_params for p in ps} | {id(p) for p in self.head_params[-1]}
+        return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every trainable parameter of the blocks and of the model's own head (not the auxiliary heads)."""
         params = [p for ps in self.block_params for p in ps]

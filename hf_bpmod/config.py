@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+
+from .compat import non_reentrant_checkpointing
+from .offset_pass import OffsetSettings
 
 SCALING_MODES = ("aligned", "optimal", "bias_only", "fixed")
 _PERIOD = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>epochs?|steps?)?\s*$")
@@ -50,11 +54,10 @@ class BPModifiedTrainingArguments(TrainingArguments):
             blocks are always encoder layers.
         bp_modified (`bool`, *optional*):
             Add the periodic BP offset of eq. 5 to the local gradient (`True`), or train with the plain local loss
-            (`False`). Defaults to the architecture's choice, made by measurement (docs/offset_study.md, item 14):
-            on for ResNets, where the offset never did worse than the plain local loss and helped in fine-tuning,
-            and off for ViTs, where no offset rule helped in a way that replicated (from scratch with AdamW it cost
-            0.45 points). An adapter registered by a user defaults to on, the paper's method. The trainer logs the
-            choice and records it in checkpoints and the model card.
+            (`False`). Defaults to the architecture's choice (``ArchitectureAdapter.offset_by_default``): on for
+            ResNets and off for ViTs, where the offset did not improve accuracy in the package's measurements; on
+            for an adapter registered by a user (the paper's method). The trainer logs the choice and records it in
+            checkpoints and the model card.
         offset_batch_size (`int`, *optional*, defaults to `320`):
             ``B'``: training examples drawn for each offset refresh.
         offset_micro_batch_size (`int`, *optional*, defaults to `8`):
@@ -65,14 +68,14 @@ class BPModifiedTrainingArguments(TrainingArguments):
         offset_scaling (`str`, *optional*, defaults to `"aligned"`):
             How the per-block scales ``a`` and ``lambda`` are chosen: `"optimal"` (the paper's MSE rule, eq. 16-19
             with the K factor and the corrected ``a*``), `"aligned"` (the mixture best aligned with the true gradient,
-            at the local gradient's step size; see docs/offset_study.md), `"bias_only"` (``lambda = 0``,
+            at the local gradient's step size), `"bias_only"` (``lambda = 0``,
             ``a = a*_bias``: Table 3) or `"fixed"` (`offset_fixed_a`, `offset_fixed_lambda`).
         offset_fixed_a (`float`, *optional*, defaults to `1.0`):
             ``a`` for `offset_scaling="fixed"`.
         offset_fixed_lambda (`float`, *optional*, defaults to `0.5`):
             ``lambda`` in [0, 1] for `offset_scaling="fixed"`.
         offset_bias_correction (`bool`, *optional*, defaults to `False`):
-            Subtract the sampling noise ``Var/K`` from the bias estimate ``||a m_h - m_T||^2`` (METHOD.md §5).
+            Subtract the sampling noise ``Var/K`` from the bias estimate ``||a m_h - m_T||^2`` (§5 of the method).
         offset_reliability (`bool`, *optional*):
             At each refresh, measure how much of the previous offset still holds (the correlation of the new
             ``Delta`` with the old one, clamped to [0, 1]) and multiply ``lambda`` by it. A stale offset is then
@@ -81,9 +84,9 @@ class BPModifiedTrainingArguments(TrainingArguments):
         offset_max_ratio (`float`, *optional*):
             Cap the offset at this fraction of the scaled mean local gradient: ``lambda`` is lowered where
             ``lambda ||Delta|| > offset_max_ratio |a| ||m_h||``. It keeps a constant offset from dominating a block's
-            gradient for a whole period, which adaptive optimizers turn into full-size steps (docs/offset_study.md).
-            Defaults to `0.1` for `offset_scaling="aligned"` (0.25 until the study's 24-seed ViT/AdamW run, item 8)
-            and to no cap (`float("inf")`) for the paper's rules and `"fixed"`, which stay as written.
+            gradient for a whole period, which adaptive optimizers turn into full-size steps. Defaults to `0.1` for
+            `offset_scaling="aligned"` and to no cap (`float("inf")`) for the paper's rules and `"fixed"`, which stay
+            as written.
         offset_seed (`int`, *optional*):
             Seed of the offset sampler (defaults to `seed`). The sampler never touches the training data order.
         offset_log_file (`str`, *optional*, defaults to `"bpmod_offsets.jsonl"`):
@@ -108,7 +111,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Add the periodic BP offset of eq. 5 to the local gradient. Default: the architecture's choice, "
-            "made by measurement (on for ResNets, off for ViTs; docs/offset_study.md, item 14)."
+            "made by measurement (on for ResNets, off for ViTs)."
         },
     )
     offset_batch_size: int = field(default=320, metadata={"help": "B': examples drawn per offset refresh."})
@@ -208,18 +211,33 @@ class BPModifiedTrainingArguments(TrainingArguments):
             raise ValueError(f"`offset_fixed_lambda` ({self.offset_fixed_lambda}) must lie in [0, 1].")
         super().__post_init__()
         if self.gradient_checkpointing:  # after TrainingArguments, which parses the kwargs and resolves their aliases
-            kwargs = dict(self.gradient_checkpointing_kwargs or {})
-            if kwargs.get("use_reentrant", False):
+            if (self.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
                 raise ValueError(
                     "`gradient_checkpointing_kwargs={'use_reentrant': True}` is not supported by BPModifiedTrainer: "
                     "reentrant checkpointing cannot be differentiated with `torch.autograd.grad`, which local "
                     "gradients use. Leave `use_reentrant` unset (hf_bpmod sets it to False) or set it to False."
                 )
-            if "use_reentrant" not in kwargs:  # transformers < 5 would default to the reentrant variant
-                kwargs["use_reentrant"] = False
-                self.gradient_checkpointing_kwargs = kwargs
+            if "use_reentrant" not in (self.gradient_checkpointing_kwargs or {}):
+                self.gradient_checkpointing_kwargs = non_reentrant_checkpointing(self.gradient_checkpointing_kwargs)
                 if hasattr(self, "activation_checkpointing_kwargs"):  # its name since transformers 5
-                    self.activation_checkpointing_kwargs = kwargs
+                    self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+
+    def offset_settings(self) -> OffsetSettings:
+        """The offset's settings for the offset pass (validated in ``__post_init__``)."""
+        return OffsetSettings(
+            horizon=self.local_horizon,
+            batch_size=self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size,
+            sample_size=self.offset_batch_size,
+            micro_batch_size=self.offset_micro_batch_size,
+            period=parse_offset_period(self.offset_period),
+            scaling=self.offset_scaling,
+            fixed_a=self.offset_fixed_a,
+            fixed_lambda=self.offset_fixed_lambda,
+            bias_correction=self.offset_bias_correction,
+            check_reliability=self.offset_reliability,
+            max_ratio=self.offset_max_ratio if math.isfinite(self.offset_max_ratio) else None,
+            seed=self.seed if self.offset_seed is None else self.offset_seed,
+        )
 
     def _check_int(self, name: str, minimum: int, hint: str) -> None:
         value = getattr(self, name)

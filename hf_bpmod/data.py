@@ -31,10 +31,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
-import numpy as np
 import torch
-from PIL import Image
+
+from ._extras import require_extra
+
+with require_extra("hf_bpmod.data"):
+    import datasets
+    import numpy as np
+    from PIL import Image
 
 __all__ = [
     "ANIMAL_SHAPE_CLASS_NAMES",
@@ -158,7 +162,7 @@ def load_animal_shape_mnist(test_size: float = 0.2, seed: int = 0) -> datasets.D
 
     The images are stored as grayscale PNGs and decoded as PIL images in mode ``"RGB"`` (the gray value copied to
     three channels), so standard 3-channel ViT/ResNet image processors apply unchanged. Everything stays in memory:
-    no files are downloaded or written, and the call takes about two seconds.
+    no files are downloaded or written.
 
     Args:
         test_size: Fraction of the 10,000 examples put in ``test``, strictly between 0 and 1. With the default

@@ -9,7 +9,7 @@ final loss). Block ``j`` is last needed by ``L(x_{min(j+h, T)})`` and is freed r
 graphs are alive at once. Every auxiliary head is trained by its own loss only (its gradient does not depend on
 whether its input is detached).
 
-With ``also_true=True`` (the offset's refresh, METHOD.md §3) the true backprop gradient ``g_{T,t}`` of every block
+With ``also_true=True`` (the offset's refresh) the true backprop gradient ``g_{T,t}`` of every block
 comes from the same forward, which then keeps every block graph alive and connected: each loss is differentiated for
 its head and its target block in one call (autograd walks only that path), and the final loss for every block.
 """

@@ -1,4 +1,4 @@
-"""The BP-modified offset: micro-batch statistics (METHOD.md §4) and the per-block scales (eq. 16-19, §5).
+"""The BP-modified offset: micro-batch statistics (§4 of the method) and the per-block scales (eq. 16-19, §5).
 
 For block ``t`` the applied gradient is (eq. 5)
 
@@ -35,7 +35,7 @@ def _views(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> Vector:
 
 
 class OffsetStatistics:
-    """Running sums over ``n`` micro-batch mean gradients ``m_i`` of every block (METHOD.md §4).
+    """Running sums over ``n`` micro-batch mean gradients ``m_i`` of every block (§4 of the method).
 
     Per block it keeps ``S_h = sum m_i^h``, ``S_T = sum m_i^T`` (``O(#params)`` memory, float64) and the scalars
     ``Q_h = sum ||m_i^h||^2``, ``Q_T = sum ||m_i^T||^2``, ``Q_hT = sum m_i^h . m_i^T``. Each block's sums are one
@@ -77,7 +77,7 @@ class OffsetStatistics:
             reduce_sum(tensor)
 
     def moments(self, t: int, micro_batch_size: int) -> BlockMoments:
-        """Means and trace covariances of block ``t`` (METHOD.md §4).
+        """Means and trace covariances of block ``t`` (§4 of the method).
 
         ``tr C ~= b' (Q - n ||mean||^2) / (n - 1)`` since a micro-batch mean of ``b'`` samples has covariance
         ``C / b'``; ``tr C_{h,T} = 2 b' (sum m^h.m^T - n mean_h.mean_T) / (n - 1)`` with the paper's
@@ -128,7 +128,7 @@ class BlockMoments:
 
 @dataclass
 class ScalingProblem:
-    """The objective of eq. 16 with Appendix C's K factor (METHOD.md §5), for one block:
+    """The objective of eq. 16 with Appendix C's K factor (§5 of the method), for one block:
 
     ``E(a, lam) = (1-lam)^2 ||a m_h - m_T||^2 + (a^2/B) tr C_h + lam^2 (K/B') (a^2 tr C_h + tr C_T - a tr C_hT)``
     """
@@ -315,8 +315,7 @@ def reliability(previous: Vector | None, current: Vector) -> float:
     Measured at the refresh that ends a period. An offset that no longer predicts the gap between true and local
     gradient after ``K`` steps (correlation near 0) would only add a stale constant to every step of the next
     period. It is the regression coefficient of the new offset on the old one when the gap keeps its size; unlike
-    that coefficient it does not grow when ``||Delta||`` grows, which on the CPU study happened as runs became
-    unstable (the coefficient clamped at 1 while accuracy fell; ``docs/offset_study.md``). No previous offset gives 0.
+    that coefficient it does not grow when ``||Delta||`` grows. No previous offset gives 0.
     """
     if previous is None:
         return 0.0
@@ -388,7 +387,7 @@ def capped_lambda(lam: float, a: float, hh: float, delta_sq: float, max_ratio: f
 
     A bound on the offset's share of the applied gradient ``c (a g_h + lambda Delta)``, whatever ``c``. Under an
     adaptive optimizer a constant vector that dominates a block's gradient for a whole period becomes a full-size
-    step in every coordinate; on the CPU study one such period collapsed a ViT/AdamW run (``docs/offset_study.md``).
+    step in every coordinate.
     """
     if lam <= 0.0 or delta_sq <= 0.0:
         return lam
@@ -407,10 +406,9 @@ def apply_offset(grads: Sequence[torch.Tensor | None], modification: BlockOffset
     """``g <- scale * g + weight * Delta * grad_scale`` in place (eq. 5); ``grad_scale`` is the fp16 loss scale,
     since ``grads`` are scaled gradients and the offset is not. A missing gradient is skipped.
 
-    One fused (``torch._foreach_*``) operation per block, not one per parameter (on a small model the per-parameter
-    calls cost 2% of a step). With a prepared offset (:meth:`BlockOffset.prepare`) and no loss scale it is a single
-    ``lerp`` pass over the gradients; otherwise a multiply and an add (ResNet-50 full: 12.2 ms against 7.6 ms on
-    2 CPU threads, ``benchmarks/apply_offset.py``)."""
+    One fused (``torch._foreach_*``) operation per block, not one per parameter. With a prepared offset
+    (:meth:`BlockOffset.prepare`) and no loss scale it is a single ``lerp`` pass over the gradients; otherwise a
+    multiply and an add."""
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
         return

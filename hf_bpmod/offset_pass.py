@@ -24,12 +24,20 @@ from .offset import BlockOffset, OffsetStatistics, apply_offset, block_offset, e
 FetchMicroBatch = Callable[[list[int]], tuple[torch.Tensor, LossFn]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class OffsetSettings:
-    """``B'``, ``b'`` and the scaling rule of the offset (see ``BPModifiedTrainingArguments``)."""
+    """The offset's settings (Algorithm 1), built and validated once by ``BPModifiedTrainingArguments``.
 
-    offset_batch_size: int = 320
+    ``horizon`` is ``h`` (eq. 4), ``batch_size`` the training batch ``B`` and ``sample_size`` / ``micro_batch_size``
+    the offset pass's ``B'`` / ``b'``; ``period`` is ``K`` as ``(value, "step" | "epoch")``. The rest choose ``a``
+    and ``lambda`` (:func:`~hf_bpmod.offset.block_offset`).
+    """
+
+    horizon: int = 1
+    batch_size: int = 64
+    sample_size: int = 320
     micro_batch_size: int = 8
+    period: tuple[float, str] = (1.0, "epoch")
     scaling: str = "aligned"
     fixed_a: float = 1.0
     fixed_lambda: float = 0.5
@@ -38,15 +46,31 @@ class OffsetSettings:
     max_ratio: float | None = None
     seed: int = 42
 
+    def period_steps(self, steps_per_epoch: int) -> int:
+        """``K`` in optimizer steps (a fraction of an epoch is rounded, to at least one step)."""
+        value, unit = self.period
+        if unit == "step":
+            return int(value)
+        return max(1, round(value * steps_per_epoch))
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among ``count`` data-parallel processes, and the sum across them (``None``: one)."""
+
+    index: int = 0
+    count: int = 1
+    reduce_sum: Callable[[torch.Tensor], None] | None = None
+
+
+SINGLE_PROCESS = Processes()
+
 
 def offset_sample(dataset_size: int, sample_size: int, seed: int, period_index: int) -> list[int]:
     """The ``B'`` example indices of refresh number ``period_index``: a fresh draw without replacement from a
     generator of its own, reproducible from ``(seed, period_index)`` alone."""
     if sample_size > dataset_size:
-        raise ValueError(
-            f"`offset_batch_size` ({sample_size}) is larger than the training set ({dataset_size} examples); "
-            "lower `offset_batch_size`."
-        )
+        raise ValueError(f"Cannot draw {sample_size} examples from a training set of {dataset_size}.")
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(period_index))
     return torch.randperm(dataset_size, generator=generator)[:sample_size].tolist()
 
@@ -93,23 +117,20 @@ class OffsetState:
 
 def compute_offsets(
     chain: BlockChain,
-    horizon: int,
     indices: list[int],
     fetch: FetchMicroBatch,
     settings: OffsetSettings,
     *,
-    batch_size: float,
     period: float,
-    process_index: int = 0,
-    num_processes: int = 1,
-    reduce_sum: Callable[[torch.Tensor], None] | None = None,
+    processes: Processes = SINGLE_PROCESS,
     preserve: Sequence[nn.Module] = (),
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     previous: Sequence[BlockOffset] = (),
     loss_scale: float = 1.0,
 ) -> tuple[list[BlockOffset] | None, dict]:
     """Algorithm 1, lines 5-9, for every block: statistics over ``indices`` in micro-batches of ``b'`` (shared
-    round-robin among processes, then summed with ``reduce_sum``), then ``a``, ``lambda`` and the offset.
+    round-robin among ``processes``, then summed across them), then ``a``, ``lambda`` and the offset, for a period
+    of ``period`` optimizer steps (``K``).
 
     ``loss_scale`` (fp16 loss scaling) multiplies the losses before differentiation; the gradients are divided by it
     before they enter the statistics, so everything returned (and ``previous``) is at true scale.
@@ -126,23 +147,29 @@ def compute_offsets(
     micro_seconds: list[float] = []
     with preserved_state(preserve):
         for i, idx in enumerate(micro):
-            if i % num_processes != process_index:
+            if i % processes.count != processes.index:
                 continue
             micro_start = time.perf_counter()
             x0, loss_fn = fetch(idx)
             grads = local_gradients(
-                chain, x0, loss_fn, horizon, also_true=True, loss_scale=loss_scale, forward_context=forward_context
+                chain,
+                x0,
+                loss_fn,
+                settings.horizon,
+                also_true=True,
+                loss_scale=loss_scale,
+                forward_context=forward_context,
             )
             stats.update(_dense(chain, grads.local, loss_scale), _dense(chain, grads.true, loss_scale))
             del grads
             micro_seconds.append(time.perf_counter() - micro_start)
-    if reduce_sum is not None and num_processes > 1:
-        stats.all_reduce(reduce_sum)
+    if processes.reduce_sum is not None and processes.count > 1:
+        stats.all_reduce(processes.reduce_sum)
     T = chain.num_blocks
     offsets: list[BlockOffset] = []
     finite = all(torch.isfinite(t).all() for t in stats.tensors())
     for t in range(T):
-        if t + horizon >= T or not chain.block_params[t]:
+        if t + settings.horizon >= T or not chain.block_params[t]:
             offsets.append(exact_block_offset())
             continue
         moments = stats.moments(t, b)
@@ -153,7 +180,7 @@ def compute_offsets(
             block_offset(
                 moments,
                 settings.scaling,
-                batch_size=batch_size,
+                batch_size=settings.batch_size,
                 period=period,
                 fixed_a=settings.fixed_a,
                 fixed_lambda=settings.fixed_lambda,

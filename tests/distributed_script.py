@@ -98,14 +98,16 @@ class RecordingTrainer(BPModifiedTrainer):
         self.seen_batches.append(self._index_of(inputs["pixel_values"]))
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def _offset_fetch(self):
-        fetch = super()._offset_fetch()
+    def _offset_data(self):
+        data = super()._offset_data()
+        fetch = data.fetch
 
         def recording_fetch(indices):
             self.offset_micro_batches.append(list(indices))
             return fetch(indices)
 
-        return recording_fetch
+        data.fetch = recording_fetch
+        return data
 
     def _refresh_offset(self) -> None:
         super()._refresh_offset()
@@ -120,7 +122,7 @@ class RecordingTrainer(BPModifiedTrainer):
                         "lam": b.lam,
                         "delta": None if b.delta is None else [d.detach().clone() for d in b.unscaled_delta()],
                     }
-                    for b in self.offset_state.blocks
+                    for b in self.offset.state.blocks
                 ],
             }
         )

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import Trainer
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
-from hf_bpmod.offset_pass import OffsetSettings, compute_offsets
+from hf_bpmod.offset_pass import OffsetSettings, Processes, compute_offsets
 from hf_bpmod.testing import SyntheticImages, micro_batch_fetch, tiny_resnet, tiny_vit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -196,8 +196,8 @@ def test_offset_statistics_split_over_processes_sum_to_one_process(num_micro, wo
     ranks); after the all-reduce every rank derives the same offsets, those of one process that ran them all."""
     chain, fetch = _chain_and_fetch()
     indices = list(range(8 * num_micro))
-    kw = dict(settings=OffsetSettings(micro_batch_size=8), batch_size=32, period=4)
-    reference, ref_record = compute_offsets(chain, 1, indices, fetch, **kw)
+    kw = dict(settings=OffsetSettings(horizon=1, batch_size=32, micro_batch_size=8), period=4)
+    reference, ref_record = compute_offsets(chain, indices, fetch, **kw)
     reduce = _ThreadAllReduce(world_size)
     fetched: list[list[list[int]]] = [[] for _ in range(world_size)]
 
@@ -206,8 +206,8 @@ def test_offset_statistics_split_over_processes_sum_to_one_process(num_micro, wo
             fetched[rank].append(idx)
             return fetch(idx)
 
-        return compute_offsets(chain, 1, indices, counting_fetch, **kw, process_index=rank, num_processes=world_size,
-                               reduce_sum=reduce.for_rank(rank))  # fmt: skip
+        return compute_offsets(chain, indices, counting_fetch, **kw,
+                               processes=Processes(rank, world_size, reduce.for_rank(rank)))  # fmt: skip
 
     with ThreadPoolExecutor(world_size) as pool:
         results = list(pool.map(rank_run, range(world_size)))

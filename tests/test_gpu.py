@@ -36,7 +36,7 @@ class _Capture(TrainerCallback):
         self.scales.append(float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0)
         if self.deltas is None:
             self.deltas = [
-                d.detach().float().cpu() for b in self.trainer.offset_state.blocks for d in (b.unscaled_delta() or [])
+                d.detach().float().cpu() for b in self.trainer.offset.state.blocks for d in (b.unscaled_delta() or [])
             ]
 
     def on_optimizer_step(self, args, state, control, **kwargs):

@@ -1,6 +1,7 @@
 """The offset: estimators against known covariances, scales against a numerical minimum, and the trainer's
 application of eq. 5 (exactly once per optimizer step, BP gradient of the B' batch for a = 0, lambda = 1)."""
 
+import dataclasses
 import json
 import math
 
@@ -129,7 +130,7 @@ def test_offset_sample_is_reproducible_and_independent_of_global_rng():
     assert offset_sample(100, 10, seed=3, period_index=2) == first
     assert offset_sample(100, 10, seed=3, period_index=3) != first
     assert len(set(first)) == 10
-    with pytest.raises(ValueError, match="larger than the training set"):
+    with pytest.raises(ValueError, match="Cannot draw 10 examples"):
         offset_sample(5, 10, seed=0, period_index=0)
 
 
@@ -210,7 +211,7 @@ def test_offset_enters_each_optimizer_step_once_under_accumulation(tmp_path):
     t3.train()
     t4, plain = _trainer(tmp_path / "d", data, per_device_train_batch_size=32, bp_modified=False, max_steps=1)
     t4.train()
-    delta = [d for block in t3.offset_state.blocks for d in (block.offset or [])]
+    delta = [d for block in t3.offset.state.blocks for d in (block.offset or [])]
     assert len(delta) == sum(len(ps) for ps in t3.block_chain.block_params[:3])  # the last block has no offset
     for a, b, d in zip(once.grads[0], plain.grads[0], delta):
         torch.testing.assert_close(a - b, d.to(a.dtype), rtol=1e-3, atol=1e-6)
@@ -247,7 +248,7 @@ def test_offset_pass_leaves_buffers_rng_and_weights_untouched():
     fetch = micro_batch_fetch(data)
 
     offsets, record = compute_offsets(
-        chain, 1, list(range(16)), fetch, OffsetSettings(micro_batch_size=4), batch_size=8, period=5,
+        chain, list(range(16)), fetch, OffsetSettings(horizon=1, batch_size=8, micro_batch_size=4), period=5,
         preserve=[model],
     )  # fmt: skip
     torch.testing.assert_close(torch.rand(3), expected_next)
@@ -281,7 +282,7 @@ def test_refreshes_with_zero_offsets_leave_training_bitwise_unchanged(tmp_path, 
         trainer = BPModifiedTrainer(model=model, args=args, train_dataset=data)
         trainer.train()
         if modified:
-            assert trainer.offset_state.period_index == 4  # it did refresh before every step
+            assert trainer.offset.state.period_index == 4  # it did refresh before every step
         states.append({**model.state_dict(), **{f"aux.{k}": v for k, v in trainer.aux_heads.state_dict().items()}})
     plain, refreshed = states
     assert plain.keys() == refreshed.keys()
@@ -296,11 +297,11 @@ def test_non_finite_statistics_keep_the_previous_offset(tmp_path):
     trainer, _ = _trainer(tmp_path, data, max_steps=2, per_device_train_batch_size=16, offset_batch_size=16,
                           offset_period="1")  # fmt: skip
     trainer.train()
-    previous = trainer.offset_state.blocks
+    previous = trainer.offset.state.blocks
     with torch.no_grad():
         next(trainer.aux_heads.parameters()).fill_(float("nan"))
     trainer._refresh_offset()
-    assert trainer.offset_state.blocks is previous
+    assert trainer.offset.state.blocks is previous
 
 
 def test_reliability_is_the_clamped_correlation():
@@ -476,15 +477,17 @@ def test_reliability_reads_the_unscaled_previous_offset():
     data = SyntheticImages(32)
     fetch = micro_batch_fetch(data)
 
-    settings = OffsetSettings(micro_batch_size=4, scaling="fixed", fixed_a=1.5, fixed_lambda=0.5)
-    kw = dict(batch_size=8, period=5, preserve=[model])
-    first, _ = compute_offsets(chain, 1, list(range(16)), fetch, settings, **kw)
+    settings = OffsetSettings(
+        horizon=1, batch_size=8, micro_batch_size=4, scaling="fixed", fixed_a=1.5, fixed_lambda=0.5
+    )
+    kw = dict(period=5, preserve=[model])
+    first, _ = compute_offsets(chain, list(range(16)), fetch, settings, **kw)
     assert first[0].delta_factor == pytest.approx(-1.0)  # weight 0.5 / (1 - 1.5)
     raw = [BlockOffset(**{**vars(b), "delta": b.unscaled_delta(), "delta_factor": 1.0}) for b in first]
-    settings.check_reliability = True
+    settings = dataclasses.replace(settings, check_reliability=True)
     # the same sample again: the same Delta, reliability 1 (the stored vectors, at factor -1, would give 0)
-    second, _ = compute_offsets(chain, 1, list(range(16)), fetch, settings, previous=first, **kw)
-    reference, _ = compute_offsets(chain, 1, list(range(16)), fetch, settings, previous=raw, **kw)
+    second, _ = compute_offsets(chain, list(range(16)), fetch, settings, previous=first, **kw)
+    reference, _ = compute_offsets(chain, list(range(16)), fetch, settings, previous=raw, **kw)
     assert [b.reliability for b in second] == [b.reliability for b in reference]
     assert [b.reliability for b in second[:2]] == pytest.approx([1.0, 1.0])
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import hf_bpmod.trainer as trainer_module
+import hf_bpmod.offset_controller as controller_module
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
 from hf_bpmod.adapters.vit import find_layer_list
 from hf_bpmod.offset import BlockOffset
@@ -75,7 +75,7 @@ def test_bf16_runs_the_blocks_under_cpu_autocast_and_stays_close_to_fp32(tmp_pat
     assert math.isfinite(loss) and loss == pytest.approx(ref_loss, rel=1e-2)  # measured 1e-4
     # the step's gradient (local gradient + offset) within 2% of fp32's (measured 0.5%; bf16 keeps ~3 digits)
     assert _relative_error(bf16.grads[0], fp32.grads[0]) < 2e-2
-    for block, ref in zip(trainer.offset_state.blocks, reference.offset_state.blocks):
+    for block, ref in zip(trainer.offset.state.blocks, reference.offset.state.blocks):
         assert block.lam == pytest.approx(ref.lam, abs=0.05)
 
 
@@ -126,11 +126,11 @@ def test_fp16_loss_scaling_applies_the_offset_at_the_current_scale(tmp_path):
     for a, b in zip(scaled.model.parameters(), plain.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     # the offsets (second refresh: reliability of the first one) are those of the unscaled run
-    for block, ref in zip(scaled.offset_state.blocks, plain.offset_state.blocks):
+    for block, ref in zip(scaled.offset.state.blocks, plain.offset.state.blocks):
         assert block.log_record() == pytest.approx(ref.log_record(), rel=1e-6, abs=1e-9)
         for d, d_ref in zip(block.unscaled_delta() or [], ref.unscaled_delta() or []):
             torch.testing.assert_close(d, d_ref, rtol=1e-6, atol=1e-9)
-    assert any(0.0 < b.reliability < 1.0 for b in plain.offset_state.blocks)
+    assert any(0.0 < b.reliability < 1.0 for b in plain.offset.state.blocks)
 
 
 def test_an_overflowing_offset_pass_is_rerun_unscaled(tmp_path, monkeypatch):
@@ -143,16 +143,16 @@ def test_an_overflowing_offset_pass_is_rerun_unscaled(tmp_path, monkeypatch):
         get_scale=lambda: 2.0**130, is_enabled=lambda: True, scale=lambda t: t
     )
     calls: list[tuple[float, bool]] = []
-    original = trainer_module.compute_offsets
+    original = controller_module.compute_offsets
 
     def counting(*args, **kwargs):
         offsets, record = original(*args, **kwargs)
         calls.append((kwargs["loss_scale"], offsets is None))
         return offsets, record
 
-    monkeypatch.setattr(trainer_module, "compute_offsets", counting)
+    monkeypatch.setattr(controller_module, "compute_offsets", counting)
     trainer._refresh_offset()
     assert calls == [(2.0**130, True), (1.0, False)]
-    for block, ref in zip(trainer.offset_state.blocks, plain.offset_state.blocks):
+    for block, ref in zip(trainer.offset.state.blocks, plain.offset.state.blocks):
         for d, d_ref in zip(block.unscaled_delta() or [], ref.unscaled_delta() or []):
             torch.testing.assert_close(d, d_ref)

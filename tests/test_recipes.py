@@ -194,7 +194,7 @@ def test_recipe_builds_its_trainer(script, recipe, tmp_path):
     )
     blocks = trainer.block_chain.num_blocks
     assert blocks == 6
-    assert trainer.effective_batch_size() == BATCH_SIZE
+    assert trainer.offset.settings.batch_size == BATCH_SIZE
     if cell["horizon"] is None:
         assert args.local_horizon >= blocks and len(trainer.aux_heads) == 0 and not trainer.uses_offset
     else:
@@ -203,7 +203,10 @@ def test_recipe_builds_its_trainer(script, recipe, tmp_path):
     if cell["bp_modified"]:
         value, unit = cell["offset_period"]
         steps_per_epoch = math.ceil(n_train / BATCH_SIZE)
-        assert trainer.offset_period_steps() == (max(1, round(value * steps_per_epoch)) if unit == "epoch" else value)
+        assert trainer._offset_data().steps_per_epoch == steps_per_epoch
+        assert trainer.offset.settings.period_steps(steps_per_epoch) == (
+            max(1, round(value * steps_per_epoch)) if unit == "epoch" else value
+        )
 
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is torch.optim.SGD

@@ -19,6 +19,7 @@ from transformers import (
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
 from hf_bpmod.adapters.base import ArchitectureAdapter
 from hf_bpmod.adapters.vit import find_layer_list
+from hf_bpmod.model_card import method_description
 from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit, weighted_cross_entropy
 
 COMMON = dict(
@@ -149,7 +150,7 @@ def test_the_models_problem_type_is_the_loss(tmp_path, problem, factory, data):
     args = _args(tmp_path / "ff", max_steps=4, offset_batch_size=32, offset_period="2", bp_modified=True)
     trainer = BPModifiedTrainer(model=model(), args=args, train_dataset=data)
     trainer.train()
-    assert len(trainer.offset_state.blocks) == trainer.block_chain.num_blocks  # the offset pass ran on that loss
+    assert len(trainer.offset.state.blocks) == trainer.block_chain.num_blocks  # the offset pass ran on that loss
     assert math.isfinite(trainer.evaluate(data)["eval_loss"])
 
 
@@ -625,7 +626,9 @@ def test_bp_modified_defaults_to_the_architectures_measured_choice(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="hf_bpmod.trainer"):
         trainer, auto = train(vit, args)
     assert not trainer.uses_offset and "Pass `bp_modified=True` for the paper's method" in caplog.text
-    assert trainer.method_description()["bp_modified"] is False  # what the model card records
+    assert (
+        method_description(trainer.args, trainer.block_chain.num_blocks, trainer.uses_offset)["bp_modified"] is False
+    )  # what the model card records
     _, plain = train(vit, _args(tmp_path / "off", max_steps=2, bp_modified=False))
     assert _max_diff(auto, plain) == 0.0
     _, forced = train(

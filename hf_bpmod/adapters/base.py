@@ -56,7 +56,7 @@ def get_adapter(model: nn.Module) -> ArchitectureAdapter:
 
 
 class ArchitectureAdapter(ABC):
-    """Declares where a model's blocks are and what its head looks like (METHOD.md §1).
+    """Declares where a model's blocks are and what its head looks like.
 
     Subclasses read as declarations: :meth:`blocks` lists the modules of each block ``f_t``, :meth:`head` the
     model's own head, :meth:`aux_head` builds a fresh head of the same structure for the output of a block.
@@ -64,7 +64,7 @@ class ArchitectureAdapter(ABC):
 
     model_type: str = ""
     #: Whether ``bp_modified=None`` (the default) applies the BP offset on this architecture. The paper's method is
-    #: on; an adapter turns it off where measurements show that no offset rule helps (``docs/offset_study.md``).
+    #: on; an adapter turns it off where measurements show that the offset does not help.
     offset_by_default: bool = True
 
     @abstractmethod

@@ -42,13 +42,10 @@ def find_layer_list(backbone: nn.Module, num_layers: int) -> nn.ModuleList:
 
 @register_adapter("vit")
 class ViTAdapter(ArchitectureAdapter):
-    """Blocks and heads of ``ViTForImageClassification`` (METHOD.md §1).
+    """Blocks and heads of ``ViTForImageClassification``.
 
-    No offset by default (``bp_modified=None``): on our ViTs no offset rule helped in a way that replicated. From
-    scratch with AdamW the package's rule was below plain FF on two sets of fresh seeds (-0.0045, s.e. 0.0015, 32
-    seeds; -0.0048, 0.0021, 20 seeds), through the offset's direction; its fine-tuning gain on one class split did
-    not replicate on the other, and with LoRA r = 1 (the paper's ViT setting) it cleared 2 standard errors on
-    neither (``docs/offset_study.md``, items 9-15). ``bp_modified=True`` applies it.
+    No offset by default (``bp_modified=None``): on ViTs the offset did not improve accuracy in the package's
+    measurements. ``bp_modified=True`` applies it.
     """
 
     offset_by_default = False

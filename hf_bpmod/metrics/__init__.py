@@ -16,7 +16,10 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from .._extras import require_extra
+
+with require_extra("hf_bpmod.metrics"):
+    import numpy as np
 
 __all__ = ["ACCURACY_TOPK_PATH", "compute_accuracy_metrics", "load_accuracy_metric"]
 
@@ -34,7 +37,8 @@ def load_accuracy_metric(**kwargs: Any) -> Any:
         The ``evaluate.EvaluationModule``; ``.compute(predictions=logits, references=labels)`` returns
         ``{"accuracy": ..., "top5_accuracy": ...}``.
     """
-    import evaluate
+    with require_extra("hf_bpmod.metrics"):
+        import evaluate
 
     script = ACCURACY_TOPK_PATH / "accuracy_topk.py"
     if not script.is_file():

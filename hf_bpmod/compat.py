@@ -1,0 +1,119 @@
+"""Every workaround for a transformers release, in one place.
+
+Each is marked ``Delete when:`` with the release of transformers that makes it unnecessary; it can go once
+``pyproject.toml``'s floor reaches that release. Where no release fixes it yet, the mark names the test that shows
+whether it is still needed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_pt_utils import LabelSmoother
+
+from .adapters import unwrap_model
+
+#: Delete when: transformers >= 5.0. Since 5 the label-smoothed loss is normalised by `num_items_in_batch` as the
+#: Trainer passes it; before, by the batch. Training follows whichever the installed Trainer does.
+LABEL_SMOOTHER_COUNTS_ITEMS = "num_items_in_batch" in inspect.signature(LabelSmoother.__call__).parameters
+
+
+def check_layer_checkpointing(model: nn.Module) -> None:
+    """Delete when: transformers >= 4.53.
+
+    Local gradients call a model's layers one by one. Before 4.53 a ViT checkpointed its layers in the encoder's
+    loop, which those calls bypass, so ``gradient_checkpointing=True`` would silently do nothing; since, each layer
+    (a ``GradientCheckpointingLayer``) checkpoints itself. Models that do not support checkpointing at all are left
+    to the Trainer, which says so."""
+    base = unwrap_model(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        return
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        GradientCheckpointingLayer = ()  # noqa: N806
+    if not any(isinstance(m, GradientCheckpointingLayer) for m in base.modules()):
+        raise ValueError(
+            f"`gradient_checkpointing=True` would have no effect on this {type(base).__name__} under local losses: "
+            f"transformers {transformers.__version__} checkpoints its layers in the encoder's loop, which "
+            "BPModifiedTrainer bypasses (it calls the layers one by one). Upgrade to transformers >= 4.53, where each "
+            "layer checkpoints itself, or leave `gradient_checkpointing` off."
+        )
+
+
+def non_reentrant_checkpointing(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Delete when: transformers >= 5.0 (which defaults to the non-reentrant variant).
+
+    ``gradient_checkpointing_kwargs`` with ``use_reentrant=False`` unless given: before 5 the reentrant variant was
+    the default, and it cannot be differentiated with ``torch.autograd.grad``."""
+    kwargs = dict(kwargs or {})
+    kwargs.setdefault("use_reentrant", False)
+    return kwargs
+
+
+def optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, dict[str, Any]]:
+    """Delete when: transformers >= 5.0.
+
+    The Trainer's optimizer class and arguments, with ``optim_args`` honoured for ``optim="sgd"`` (``momentum``,
+    ``dampening``, ``weight_decay``, ``nesterov``) as 5 honours them: before, they were silently dropped, which
+    would train the paper's recipes (SGD with momentum 0.9) without momentum."""
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if optimizer_cls is torch.optim.SGD and args.optim_args:
+        given = dict(item.split("=", 1) for item in args.optim_args.replace(" ", "").split(",") if "=" in item)
+        for key in ("momentum", "dampening", "weight_decay"):
+            if key in given and key not in optimizer_kwargs:
+                optimizer_kwargs[key] = float(given[key])
+        if "nesterov" in given and "nesterov" not in optimizer_kwargs:
+            optimizer_kwargs["nesterov"] = given["nesterov"].lower() in ("true", "1", "yes")
+    return optimizer_cls, optimizer_kwargs
+
+
+def loss_is_scaled_for_ga(trainer: Trainer, num_items_in_batch: Any) -> bool:
+    """Whether the loss the Trainer's ``training_step`` gets is already divided over gradient accumulation, by the
+    Trainer's own rule. Delete the ``getattr`` when the floor has ``Trainer.loss_is_scaled_for_ga`` (5.0 has not,
+    5.24 has)."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None
+        )
+    return scaled
+
+
+def gradient_accumulation_steps(trainer: Trainer) -> int:
+    """Delete when: transformers >= 4.55 (``Trainer.current_gradient_accumulation_steps``)."""
+    return getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
+
+
+def tensor_parallel_size(trainer: Trainer) -> int:
+    """Delete when: transformers >= 4.53 (``Trainer.get_tp_size``)."""
+    return trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+
+
+def reload_full_model(checkpoint: str, model: nn.Module) -> bool:
+    """No release fixes this yet (``test_load_best_model_at_end_restores_the_best_checkpoint`` shows it).
+
+    transformers 5.24 saves ViT checkpoints under the legacy key names (``vit.encoder.layer...``) but its
+    ``Trainer`` reloads them, to resume and for ``load_best_model_at_end``, with a plain ``load_state_dict``, which
+    silently drops every encoder weight. A full model is therefore reloaded with ``from_pretrained`` (which converts
+    the keys) and copied in, strictly. Returns False, leaving it to the ``Trainer``'s own path, for peft models
+    (their adapters) and where the folder holds no saved model (the ``Trainer`` then raises, or for the best model on
+    another node's disk, warns)."""
+    if hasattr(model, "peft_config") or not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        return False
+    target = unwrap_model(model)
+    reloaded = type(target).from_pretrained(checkpoint)
+    target.load_state_dict(reloaded.state_dict(), strict=True)
+    del reloaded
+    return True
+
+
+#: No release fixes this yet. transformers takes a model card's `finetuned_from` from the config's `_name_or_path`,
+#: which is "" for a model built from a config, and then links an empty base model.
+UNNAMED_BASE_MODEL_SENTENCE = "This model is a fine-tuned version of [](https://huggingface.co/) on "
