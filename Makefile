@@ -16,11 +16,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-# The main job: a small ResNet (8 blocks, the CPU study's) from a config, trained on the embedded Animal-Shape-MNIST data
-# with the package's default method for it (the BP-modified local loss, h = 1: ResNets get the offset by default) and
-# the paper's optimizer (SGD, momentum 0.9), then evaluated and saved to runs/default. The main job of sessions 1-10,
-# the example's small ViT with AdamW (no offset by default since session 11: docs/offset_study.md, item 14), is
-# TRAIN_MODEL="--learning_rate 2e-3 --weight_decay 0.01" TRAIN_ARGS="--num_train_epochs 5".
+# The main job: a small ResNet (8 blocks) from a config, trained on the embedded Animal-Shape-MNIST data with the
+# package's default method for it (the BP-modified local loss, h = 1: ResNets get the offset by default) and the
+# paper's optimizer (SGD, momentum 0.9), then evaluated and saved to runs/default. The example's small ViT with AdamW
+# (which trains without the offset by default) is TRAIN_MODEL="--learning_rate 2e-3 --weight_decay 0.01"
+# TRAIN_ARGS="--num_train_epochs 5".
 TRAIN_MODEL ?= --model_type resnet --optim sgd --optim_args momentum=0.9 --learning_rate 0.05 --config_overrides \
 	"embedding_size=16,hidden_sizes=[16,32,64,128],depths=[2,2,2,2],layer_type=basic,downsample_in_first_stage=false"
 train: install

@@ -93,8 +93,8 @@ def test_registry_rejects_duplicates():
 
 def test_legacy_vit_without_layer_list_fails_clearly():
     model, _ = make("vit")
-    owner = model.vit if hasattr(model.vit, "layers") else model.vit.encoder  # `vit.encoder.layer` before 5.9
-    name = "layers" if owner is model.vit else "layer"
-    setattr(owner, name, nn.ModuleList(list(getattr(owner, name))[:2]))
+    parent = model.vit if hasattr(model.vit, "layers") else model.vit.encoder  # `vit.encoder.layer` before 5.9
+    name = "layers" if parent is model.vit else "layer"
+    setattr(parent, name, nn.ModuleList(list(getattr(parent, name))[:2]))
     with pytest.raises(ValueError, match="Could not find the 4 encoder layers"):
         get_adapter(model).chain(model)

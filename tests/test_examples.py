@@ -188,7 +188,7 @@ def test_embedded_data_default_model(script, tmp_path):
     out = tmp_path / "out"
     metrics = check_outputs(run_example(argv, tmp_path), out, n_eval=100, n_train=400)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 5
-    # the default model is a ViT, which trains without the offset by default (docs/offset_study.md, item 14)
+    # the default model is a ViT, which trains without the offset by default
     assert not (out / "bpmod_offsets.jsonl").exists()
     assert "- bp_modified: False" in (out / "README.md").read_text()
 

@@ -609,7 +609,7 @@ def test_flags_parse_from_the_command_line(tmp_path):
 
 
 def test_bp_modified_defaults_to_the_architectures_measured_choice(tmp_path, caplog):
-    """``bp_modified=None``, the default, is resolved per architecture (docs/offset_study.md, item 14): no offset on a
+    """``bp_modified=None``, the default, is resolved per architecture: no offset on a
     ViT, with a warning that says how to turn it on, the offset on a ResNet. An explicit value wins, and the
     arguments are left as given, so one ``args`` serves both models."""
     data = SyntheticImages(64)  # a fixed scaling (a = 1, lambda = 0.5) applies the offset from the first refresh
