@@ -5,8 +5,8 @@ mutant), and the file is restored, always (``try``/``finally``, also on Ctrl-C o
 
 * hand-written ones, for the mistakes the suite once let through (named in ``HAND_WRITTEN``): a text replacement in
   a file, checked against the tests meant to catch it;
-* generic operator mutants found by walking the AST of ``hf_bpmod/local_grad.py``, ``offset.py``, ``offset_pass.py``
-  and ``chain.py`` (arithmetic operator swapped, comparison flipped, ``and``/``or`` swapped, a condition negated, a
+* generic operator mutants found by walking the AST of ``hf_bpmod/local_grad.py``, ``offset.py``, ``offset_pass.py``,
+  ``offset_controller.py`` and ``chain.py`` (arithmetic operator swapped, comparison flipped, ``and``/``or`` swapped, a condition negated, a
   ``not`` dropped, a number changed), sampled with a fixed seed (``--per-module`` of each file) to bound the run.
 
 A mutant survives when every selected test passes. Usage (from the repository root)::
@@ -41,6 +41,7 @@ MODULE_TESTS = {
     "chain.py": ["tests/test_chain.py", "tests/test_local_grad.py"],
     "offset.py": ["tests/test_offset.py", "tests/test_precision.py"],
     "offset_pass.py": ["tests/test_offset.py", "tests/test_precision.py"],
+    "offset_controller.py": ["tests/test_offset.py", "tests/test_precision.py"],
 }
 
 
@@ -71,7 +72,7 @@ HAND_WRITTEN = [
         replace=("if self.model_accepts_loss_kwargs and num_items_in_batch is not None:", "if False:"),
     ),
     Mutant(
-        "trainer.py", 0,
+        "compat.py", 0,
         "resume reloads the parameters only, dropping the BatchNorm running statistics",
         ["tests/test_trainer.py"], keyword="resnet_resume",
         replace=(

@@ -424,10 +424,10 @@ def test_resnet_resume_restores_every_weight_buffer_head_and_offset(tmp_path):
     _assert_same(state, expected)
     _assert_same(trainer.aux_heads.state_dict(), uninterrupted.aux_heads.state_dict(), "aux_heads")
     assert trainer.uses_offset
-    assert trainer.offset_state.period_index == uninterrupted.offset_state.period_index == 2
-    assert trainer.offset_state.next_refresh_step == uninterrupted.offset_state.next_refresh_step
-    assert len(trainer.offset_state.blocks) == trainer.block_chain.num_blocks
-    for got, want in zip(trainer.offset_state.blocks, uninterrupted.offset_state.blocks, strict=True):
+    assert trainer.offset.state.period_index == uninterrupted.offset.state.period_index == 2
+    assert trainer.offset.state.next_refresh_step == uninterrupted.offset.state.next_refresh_step
+    assert len(trainer.offset.state.blocks) == trainer.block_chain.num_blocks
+    for got, want in zip(trainer.offset.state.blocks, uninterrupted.offset.state.blocks, strict=True):
         assert (got.scale, got.weight) == pytest.approx((want.scale, want.weight), rel=1e-5, abs=1e-7)
         _assert_same(got.unscaled_delta(), want.unscaled_delta(), "offset")
 
