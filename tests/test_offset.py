@@ -537,3 +537,39 @@ def test_norm_cap_defaults_and_validation(tmp_path):
         ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", "--offset_max_ratio", "inf"]
     )
     assert cli.offset_max_ratio == float("inf")  # the command line's way to turn the cap off
+
+
+@pytest.mark.parametrize("a, lam", [(1.0, 0.0), (1.0, 0.3), (0.7, 0.8), (1.3, 1.0)])
+def test_expected_cosine_matches_the_applied_gradient_built_from_vectors(a, lam):
+    """The ``aligned`` rule's objective, against the applied gradient built coordinate by coordinate: its mean
+    ``a (1 - lam) m_h + lam m_T`` and its noise ``a^2 tr C_h / B + lam^2 (K / B') tr Cov(g_T - a g_h)``, with the
+    covariances taken from explicit per-sample gradients (float64)."""
+    g = torch.Generator().manual_seed(3)
+    n, d, batch, sample, period = 40, 7, 16, 320, 25
+    per_sample_h = torch.randn(n, d, generator=g, dtype=torch.float64) + 0.5
+    per_sample_T = 0.6 * per_sample_h + torch.randn(n, d, generator=g, dtype=torch.float64) + 0.2
+    m_h, m_T = per_sample_h.mean(0), per_sample_T.mean(0)
+
+    def trace_cov(x: torch.Tensor) -> float:
+        return float(((x - x.mean(0)) ** 2).sum() / (len(x) - 1))
+
+    problem = ScalingProblem(
+        hh=float(m_h @ m_h), TT=float(m_T @ m_T), hT=float(m_h @ m_T),
+        tr_C_h=trace_cov(per_sample_h), tr_C_T=trace_cov(per_sample_T),
+        tr_C_hT=trace_cov(per_sample_h + per_sample_T) - trace_cov(per_sample_h) - trace_cov(per_sample_T),
+        batch_size=batch, offset_batch_size=sample, period=period,
+    )  # fmt: skip
+    mean = a * (1 - lam) * m_h + lam * m_T
+    noise = a * a * trace_cov(per_sample_h) / batch + lam * lam * period / sample * trace_cov(
+        per_sample_T - a * per_sample_h
+    )
+    want = float(mean @ m_T) / math.sqrt((float(mean @ mean) + noise) * float(m_T @ m_T))
+    assert problem.expected_cosine(a, lam) == pytest.approx(want, rel=1e-12)
+
+
+def test_bias_only_keeps_the_local_gradient_where_its_mean_is_zero():
+    """``a*_bias = m_h.m_T / ||m_h||^2`` (eq. 19) is undefined at ``m_h = 0``; the rule then keeps ``a = 1`` rather
+    than zeroing the block's gradient."""
+    problem = ScalingProblem(0.0, 2.0, 0.0, 1.0, 1.0, 0.5, batch_size=16, offset_batch_size=320, period=25)
+    assert problem.bias_only_a() == 1.0
+    assert ScalingProblem(4.0, 2.0, 1.0, 1.0, 1.0, 0.5, 16, 320, 25).bias_only_a() == 0.25
