@@ -1,7 +1,7 @@
-"""Tables of the offset controls in ``docs/offset_study.md`` ("Is it the offset's information?"), from the study's
-``runs.jsonl`` files and ``docs/experiments/offset_variants.jsonl``. Reads only; prints markdown.
+"""Tables of the offset controls in ``research/offset_study.md`` ("Is it the offset's information?"), from the study's
+``runs.jsonl`` files and ``research/results/offset_variants.jsonl``. Reads only; prints markdown.
 
-    python docs/experiments/controls.py
+    python research/controls.py
 
 Per cell (setting, model, optimizer; FF-modified against FF on the same seeds): the default's gain, the gain of a
 push of the default's size in a random direction (``randdir``), that of the default offset times 1e-6 (``tiny``, a
@@ -25,6 +25,7 @@ import os
 import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
 STUDIES = {"scratch": "cpu_study", "finetune": "cpu_study_finetune"}
 REVERSE_STUDY = "cpu_study_finetune_reverse"  # pretrained on classes 5-9, fine-tuned on 0-4
 
@@ -95,7 +96,7 @@ def control_table(variants: list[dict]) -> list[str]:
             if v["variant"] == "randdir" and v.get("setting", "scratch") in STUDIES  # the other split: its own table
         }
     )
-    studies = {setting: _load(os.path.join(HERE, "..", d, "runs.jsonl")) for setting, d in STUDIES.items()}
+    studies = {setting: _load(os.path.join(RESULTS, d, "runs.jsonl")) for setting, d in STUDIES.items()}
     for setting, model, opt in cells:
         finals = {method: _finals(studies[setting], model, opt, method, {}) for method in ("ff", "ff_mod")}
 
@@ -161,7 +162,7 @@ def cap_table(extra: dict | None = None) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for setting, study_dir in STUDIES.items():
-        study = _load(os.path.join(HERE, "..", study_dir, "runs.jsonl"))
+        study = _load(os.path.join(RESULTS, study_dir, "runs.jsonl"))
         cells = sorted(
             {(r["model"], r["optimizer"], r["method"]) for r in study if r["extra"] == extra and "_mod" in r["method"]}
         )
@@ -188,8 +189,8 @@ FRESH_SEEDS = {("vit", "adamw"): range(24, 56), ("vit", "sgd"): range(12, 24)}
 
 
 def _scratch_study() -> list[dict]:
-    """The from-scratch study's runs (``docs/cpu_study/runs.jsonl``)."""
-    return _load(os.path.join(HERE, "..", STUDIES["scratch"], "runs.jsonl"))
+    """The from-scratch study's runs (``research/results/cpu_study/runs.jsonl``)."""
+    return _load(os.path.join(RESULTS, STUDIES["scratch"], "runs.jsonl"))
 
 
 def _ff_and_default(study: list[dict], model: str, opt: str) -> tuple[dict[int, float], dict[int, float]]:
@@ -356,7 +357,7 @@ def block0_cells_table(variants: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, model, opt, method, wanted in BLOCK0_CELLS:
-        study = _load(os.path.join(HERE, "..", STUDIES[setting], "runs.jsonl"))
+        study = _load(os.path.join(RESULTS, STUDIES[setting], "runs.jsonl"))
         local_name = method.removesuffix("_mod")
         local = _finals(study, model, opt, local_name, None)
         default, bp = _finals(study, model, opt, method, CAP), _finals(study, model, opt, "bp", None)
@@ -394,7 +395,7 @@ def block0_statistics_table() -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for setting, study_dir in STUDIES.items():
-        study = _load(os.path.join(HERE, "..", study_dir, "runs.jsonl"))
+        study = _load(os.path.join(RESULTS, study_dir, "runs.jsonl"))
         for opt in ("adamw", "sgd"):
             runs = [
                 r
@@ -425,7 +426,7 @@ def reverse_table() -> list[str]:
         ("0-4 -> 5-9", STUDIES["finetune"], CAP),
         ("5-9 -> 0-4", REVERSE_STUDY, {}),
     ):
-        path = os.path.join(HERE, "..", study_dir, "runs.jsonl")
+        path = os.path.join(RESULTS, study_dir, "runs.jsonl")
         if not os.path.exists(path):
             continue
         study = _load(path)
@@ -449,7 +450,7 @@ def reverse_table() -> list[str]:
 def reverse_control_table(variants: list[dict]) -> list[str]:
     """The random-direction control on the reverse split (``plan_finetune_reverse.md``, second addendum): the
     harness's ``randdir`` against the study's FF and default, paired by seed."""
-    study = _load(os.path.join(HERE, "..", REVERSE_STUDY, "runs.jsonl"))
+    study = _load(os.path.join(RESULTS, REVERSE_STUDY, "runs.jsonl"))
     lines = [
         "| model / optimizer | seeds | default - FF | randdir - FF | default - randdir |",
         "|---|---|---|---|---|",
@@ -484,7 +485,7 @@ def default_by_architecture_table() -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for setting, study_dir, fresh, default_extra in ARCHITECTURE_CELLS:
-        study = _load(os.path.join(HERE, "..", study_dir, "runs.jsonl"))
+        study = _load(os.path.join(RESULTS, study_dir, "runs.jsonl"))
         for opt in ("sgd", "adamw"):
             ff, bp = _finals(study, "resnet", opt, "ff", None), _finals(study, "resnet", opt, "bp", None)
             default = _finals(study, "resnet", opt, "ff_mod", default_extra)
@@ -513,7 +514,7 @@ def lora_table() -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for split, study_dir in LORA_STUDIES:
-        path = os.path.join(HERE, "..", study_dir, "runs.jsonl")
+        path = os.path.join(RESULTS, study_dir, "runs.jsonl")
         if not os.path.exists(path):
             continue
         study = _load(path)
@@ -544,7 +545,7 @@ def _t975(df: int) -> float:
 
 
 def main() -> None:
-    variants = _load(os.path.join(HERE, "offset_variants.jsonl"))
+    variants = _load(os.path.join(RESULTS, "offset_variants.jsonl"))
     tables = [
         control_table(variants),
         noise_table(variants),

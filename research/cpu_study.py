@@ -7,15 +7,16 @@ counted peak memory) and, with ``--plots``, PNG plots. The Trainer's defaults ot
 gradient clipping at 1.0.
 
     # `make study`: both models, SGD with momentum, BP / FF / FF-modified / LoCo / LoCo-modified, 2 seeds (~20 min)
-    python examples/cpu_study.py --jobs 2 --threads 1 --optimizers sgd --methods bp ff ff_mod loco loco_mod
-    python examples/cpu_study.py --report --plots
-    # docs/cpu_study (docs/offset_study.md): both optimizers, the paper's rule too
-    python examples/cpu_study.py --jobs 2 --threads 1 --out docs/cpu_study \
+    python research/cpu_study.py --jobs 2 --threads 1 --optimizers sgd --methods bp ff ff_mod loco loco_mod
+    python research/cpu_study.py --report --plots
+    # research/results/cpu_study (research/offset_study.md): both optimizers, the paper's rule too
+    python research/cpu_study.py --jobs 2 --threads 1 --out research/results/cpu_study \
         --methods bp ff ff_mod ff_paper loco loco_mod
     # the paper's setting at CPU scale: a BP-pretrained backbone (classes 0-4), fine-tuned with a new head (5-9)
-    python examples/cpu_study.py --setting finetune --out docs/cpu_study_finetune --epochs 4 --methods bp ff ff_mod
+    python research/cpu_study.py --setting finetune --out research/results/cpu_study_finetune --epochs 4 \
+        --methods bp ff ff_mod
     # a quick look (one model, one optimizer, one seed, 2 epochs)
-    python examples/cpu_study.py --models vit --optimizers adamw --seeds 0 --epochs 2 --methods ff ff_mod bp
+    python research/cpu_study.py --models vit --optimizers adamw --seeds 0 --epochs 2 --methods ff ff_mod bp
 
 Each run is one line of ``<out>/runs.jsonl`` (accuracy per epoch, time, peak saved-activation bytes); runs already
 in that file are skipped, so an interrupted study resumes where it stopped.
@@ -82,7 +83,7 @@ METHODS = {
     "bp": dict(local_horizon=99, bp_modified=False),
     "ff": dict(local_horizon=1, bp_modified=False),
     "ff_mod": dict(local_horizon=1, bp_modified=True),  # the offset with its default settings (a ViT needs True)
-    # the default before the norm cap (offset_max_ratio=0.25) was adopted: docs/offset_study.md
+    # the default before the norm cap (offset_max_ratio=0.25) was adopted: research/offset_study.md
     "ff_mod_nocap": dict(local_horizon=1, bp_modified=True, offset_max_ratio=float("inf")),
     "ff_paper": dict(local_horizon=1, bp_modified=True, offset_scaling="optimal"),  # eq. 16-19, faithful
     "loco": dict(local_horizon=2, bp_modified=False),
@@ -400,8 +401,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--extra", default="", help="extra BPModifiedTrainingArguments, e.g. offset_bias_correction=1")
-    parser.add_argument("--lr_scheduler_type", default="linear", help="the Trainer's default; docs/cpu_study_constant_lr "
-                        "used constant")  # fmt: skip
+    parser.add_argument("--lr_scheduler_type", default="linear",
+                        help="the Trainer's default; research/results/cpu_study_constant_lr used constant")  # fmt: skip
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="the Trainer's default; 0 disables clipping")
     parser.add_argument("--setting", choices=["scratch", *SPLITS], default="scratch",
                         help="finetune: BP-pretrain on classes 0-4 (cached under <out>/pretrained), then train every "

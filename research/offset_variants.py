@@ -1,8 +1,8 @@
 # ruff: noqa: E402  (the imports follow sys.path and thread settings)
 """Variants of the offset rule on the CPU study, by patching the package at run time (a research harness, not part
-of the package). One run per call; one JSON line per run in docs/experiments/offset_variants.jsonl.
+of the package). One run per call; one JSON line per run in research/results/offset_variants.jsonl.
 
-    OMP_NUM_THREADS=1 SCHED=constant CLIP=0 python docs/experiments/offset_variants.py VARIANT vit sgd SEED 8 [METHOD]
+    OMP_NUM_THREADS=1 SCHED=constant CLIP=0 python research/offset_variants.py VARIANT vit sgd SEED 8 [METHOD]
 
 VARIANT: regression (lambda times the clamped regression coefficient of successive offsets: the package's rule
 before it adopted corr; the JSON lines made before that change call it "base"), base (the package as it is), noc (no step factor c), decay (offset weight decays
@@ -20,9 +20,9 @@ with a recomputed c).
 Since the package caps by default, every variant here runs on top of the cap; base is the capped default.
 SCHED / CLIP: learning-rate schedule and gradient clipping (the Trainer's defaults are linear and 1.0).
 SETTING: scratch (default) or finetune (the backbone pretrained with BP on classes 0-4 that
-`examples/cpu_study.py --setting finetune` caches under docs/cpu_study_finetune/pretrained/, pretraining it here
-if it is missing; classes 5-9, the fine-tuning learning rates; pass EPOCHS 4 as that study does), or
-finetune_reverse (the same with the halves swapped, cached under docs/cpu_study_finetune_reverse/pretrained/).
+`research/cpu_study.py --setting finetune` caches under research/results/cpu_study_finetune/pretrained/, pretraining
+it here if it is missing; classes 5-9, the fine-tuning learning rates; pass EPOCHS 4 as that study does), or
+finetune_reverse (the same with the halves swapped, cached under research/results/cpu_study_finetune_reverse/pretrained/).
 """
 
 import dataclasses
@@ -32,7 +32,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
+RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, HERE)  # cpu_study.py, the study harness
 import torch
 
 torch.set_num_threads(1)
@@ -187,7 +188,7 @@ cpu_study.BPModifiedTrainingArguments = args
 data = cpu_study.load_animal_shape_mnist()
 setting = os.environ.get("SETTING", "scratch")
 if setting in cpu_study.SPLITS:  # the backbones pretrained by `cpu_study.py --setting SETTING` (cached there)
-    out = os.path.join(HERE, "..", "cpu_study_finetune" + ("" if setting == "finetune" else "_reverse"))
+    out = os.path.join(RESULTS, "cpu_study_finetune" + ("" if setting == "finetune" else "_reverse"))
     pretrain_classes, classes = cpu_study.SPLITS[setting]
     if not os.path.exists(cpu_study.pretrained_path(out, model, seed, setting)):
         pretrain_set = cpu_study.TensorImages(data["train"], pretrain_classes)
@@ -233,6 +234,6 @@ rec = {
         for r in logs
     ],
 }
-with open(os.path.join(HERE, "offset_variants.jsonl"), "a") as f:
+with open(os.path.join(RESULTS, "offset_variants.jsonl"), "a") as f:
     f.write(json.dumps(rec) + "\n")
 print(variant, sched, model, opt, seed, method, [round(a, 3) for a in res["acc"]], round(res["seconds"]))

@@ -1,17 +1,17 @@
-"""The offset study's committed records reproduce the figures the README and ``docs/offset_study.md`` quote."""
+"""The offset study's committed records reproduce the figures the README and ``research/offset_study.md`` quote."""
 
 import importlib.util
 import json
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _controls():
-    spec = importlib.util.spec_from_file_location("controls", ROOT / "docs" / "experiments" / "controls.py")
+    spec = importlib.util.spec_from_file_location("controls", ROOT / "research" / "controls.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    path = ROOT / "docs" / "experiments" / "offset_variants.jsonl"
+    path = ROOT / "research" / "results" / "offset_variants.jsonl"
     return module, [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -35,7 +35,7 @@ def test_noise_table_separates_noise_from_drift():
 
 
 def test_cap_table_gives_the_figures_behind_the_default_cap():
-    """The 0.1 cap replaced 0.25 on these numbers (``docs/offset_study.md`` item 8)."""
+    """The 0.1 cap replaced 0.25 on these numbers (``research/offset_study.md`` item 8)."""
     module, _ = _controls()
     rows = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in module.cap_table()}
     vit_adamw = rows[("scratch", "vit / adamw", "ff -> ff_mod")]
@@ -45,21 +45,21 @@ def test_cap_table_gives_the_figures_behind_the_default_cap():
 
 def test_fresh_seeds_give_the_quoted_verdict():
     """On seeds that played no part in choosing the cap, the default is below FF on the ViT from scratch with AdamW
-    (``docs/offset_study.md`` item 9): the pre-registered test fails there."""
+    (``research/offset_study.md`` item 9): the pre-registered test fails there."""
     module, _ = _controls()
     rows = {line.split("|")[1].strip(): line for line in module.fresh_table()}
     assert "| 24-55 (32) | -0.0045 (0.0015) | -0.0075 to -0.0016 | -0.0335 | 22 of 32 | fails |" in rows["vit / adamw"]
 
 
 def test_fresh_controls_attribute_the_loss_to_the_direction():
-    """``docs/offset_study.md`` item 9: on fresh ViT/AdamW seeds the default is below a random push of its size."""
+    """``research/offset_study.md`` item 9: on fresh ViT/AdamW seeds the default is below a random push of its size."""
     module, variants = _controls()
     (row,) = module.fresh_control_table(variants)[2:]
     assert "| 24-50 (27) | -0.0038 (0.0016) | +0.0084 (0.0027) | +0.0020 (0.0009) | **-0.0123 (0.0032)** |" in row
 
 
 def test_fresh_resnet_seeds_confirm_the_architecture_default():
-    """``docs/offset_study.md`` item 14: on fresh seeds the ResNet default passes in all six ResNet cells."""
+    """``research/offset_study.md`` item 14: on fresh seeds the ResNet default passes in all six ResNet cells."""
     module, _ = _controls()
     rows = module.default_by_architecture_table()[2:]
     assert len(rows) == 6 and all("| passes |" in row for row in rows)
@@ -67,7 +67,7 @@ def test_fresh_resnet_seeds_confirm_the_architecture_default():
 
 
 def test_lora_does_not_change_the_vit_verdict():
-    """``docs/offset_study.md`` item 15: with LoRA, the paper's ViT setting, the offset's gain is not 2 standard errors
+    """``research/offset_study.md`` item 15: with LoRA, the paper's ViT setting, the offset's gain is not 2 standard errors
     above zero on either class split, and it never loses by the session-5 test."""
     module, _ = _controls()
     rows = module.lora_table()[2:]
