@@ -47,8 +47,8 @@ def _mean_se(values: list[float]) -> str:
 
 
 def _passes(differences: list[float]) -> bool:
-    """The session-5 test of a method against its baseline, paired by seed: the mean difference not 2 or more s.e.
-    below zero, and no seed below -0.05."""
+    """The never-worse test of a method against its baseline, paired by seed (``plans/plan_more_seeds.md``): the mean
+    difference not 2 or more s.e. below zero, and no seed below -0.05."""
     mean, se = _mean_and_se(differences)
     return mean > -2 * se and min(differences) >= -0.05
 
@@ -154,7 +154,7 @@ def noise_table(variants: list[dict]) -> list[str]:
 
 def cap_table(extra: dict | None = None) -> list[str]:
     """FF -> FF-modified (and LoCo -> LoCo-modified) with ``extra`` (the cap at 0.1) against the package default,
-    paired by seed, over the seeds where all three ran: the session-7 test of ``plan_vit_adamw_seeds.md``."""
+    paired by seed, over the seeds where all three ran: the cap test of ``plan_vit_adamw_seeds.md``."""
     extra = extra or CAP
     lines = [
         "| setting | model / optimizer | method | seeds | default - local | variant - local | worst seed (variant) "
@@ -181,7 +181,7 @@ def cap_table(extra: dict | None = None) -> list[str]:
     return lines
 
 
-CAP = {"offset_max_ratio": 0.1}  # the study's label of the default since session 7
+CAP = {"offset_max_ratio": 0.1}  # the study's label of the default cap (the default since commit 29d2b53)
 
 # Seeds that played no part in choosing the cap of 0.1 (planned in ``plan_vit_adamw_seeds.md``, second and third
 # addenda), per from-scratch cell.
@@ -217,7 +217,7 @@ def _variant_table(
 
 
 def fresh_table() -> list[str]:
-    """The default (cap 0.1) against FF on the fresh seeds of ``FRESH_SEEDS``: the session-5 test (mean not 2 or more
+    """The default (cap 0.1) against FF on the fresh seeds of ``FRESH_SEEDS``: the never-worse test (mean not 2 or more
     s.e. below zero, no seed below -0.05), the mean's 95% interval (t quantile), and how many seeds lost. FF's runs
     are taken whatever their ``extra`` (seeds 32 and up carry the cap in their key, which FF does not use)."""
     study = _scratch_study()
@@ -348,7 +348,7 @@ BLOCK0_CELLS = [
 
 
 def block0_cells_table(variants: list[dict]) -> list[str]:
-    """``no0`` in every cell of the seventh addendum: against the local method (the session-5 test: mean not 2 or
+    """``no0`` in every cell of the seventh addendum: against the local method (the never-worse test: mean not 2 or
     more s.e. below zero, no seed below -0.05) and against the default (cap 0.1) where the study has it on those
     seeds, with the part of the gap to BP closed where the study has BP on them."""
     lines = [
@@ -478,7 +478,7 @@ ARCHITECTURE_CELLS = (  # plan_default_by_architecture.md: the fresh seeds of ev
 
 def default_by_architecture_table() -> list[str]:
     """The confirmation of ``plan_default_by_architecture.md``: in every ResNet cell, on fresh seeds, the default
-    minus FF paired by seed, the session-5 test, and the part of the gap to BP it closes."""
+    minus FF paired by seed, the never-worse test, and the part of the gap to BP it closes."""
     lines = [
         "| setting | model / optimizer | fresh seeds | default - FF | worst seed | above / at / below FF | test "
         "| gap to BP closed |",
@@ -507,7 +507,7 @@ LORA_STUDIES = (("0-4 -> 5-9", "cpu_study_finetune_lora"), ("5-9 -> 0-4", "cpu_s
 
 def lora_table() -> list[str]:
     """The ViT with LoRA r = 1, the paper's ViT setting (``plan_vit_lora.md``): the offset minus FF paired by seed on
-    each class split; the planned reading is 2 s.e. above zero, with the session-5 test."""
+    each class split; the planned reading is 2 s.e. above zero, with the never-worse test."""
     lines = [
         "| split (pretrain -> fine-tune) | model / optimizer | seeds | offset - FF | worst seed | seeds below FF "
         "| 2 s.e. above zero | test | gap to BP closed |",

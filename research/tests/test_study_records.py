@@ -1,4 +1,5 @@
-"""The offset study's committed records reproduce the figures the README and ``research/offset_study.md`` quote."""
+"""The offset study's committed records reproduce the figures that ``research/offset_study.md`` and
+``research/README.md`` quote (``make research-test``; not part of ``make test``)."""
 
 import importlib.util
 import json
@@ -67,8 +68,8 @@ def test_fresh_resnet_seeds_confirm_the_architecture_default():
 
 
 def test_lora_does_not_change_the_vit_verdict():
-    """``research/offset_study.md`` item 15: with LoRA, the paper's ViT setting, the offset's gain is not 2 standard errors
-    above zero on either class split, and it never loses by the session-5 test."""
+    """``research/offset_study.md`` item 15: with LoRA, the paper's ViT setting, the offset's gain is not 2 standard
+    errors above zero on either class split, and it never loses by the never-worse test."""
     module, _ = _controls()
     rows = module.lora_table()[2:]
     assert len(rows) == 2 and all("| no | passes |" in row for row in rows)
