@@ -324,59 +324,109 @@ def offset_effect(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Plot styles: every method gets its own colour, line style and marker (BP, the reference, is black); 20 colours
+# (tab10, then tab20's light shades) before any repeats, and a repeated colour never comes with the same line style.
+_COLOURS = [f"C{i}" for i in range(10)] + [f"#{c}" for c in ("aec7e8", "ffbb78", "98df8a", "ff9896", "c5b0d5",
+                                                         "c49c94", "f7b6d2", "c7c7c7", "dbdb8d", "9edae5")]  # fmt: skip
+_LINESTYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def _styles(labels: list[str]) -> dict[str, dict]:
+    """One distinct (colour, line style, marker) per label; labels of BP (``bp``, ``bp [lora]``) are black."""
+    styles, others = {}, [label for label in labels if label.split(" ")[0] != "bp"]
+    for label in labels:
+        if label not in others:
+            styles[label] = dict(color="black", linestyle="-", marker="o")
+    for i, label in enumerate(others):
+        linestyle = _LINESTYLES[(i + i // len(_COLOURS)) % len(_LINESTYLES)]
+        styles[label] = dict(
+            color=_COLOURS[i % len(_COLOURS)], linestyle=linestyle, marker=_MARKERS[i % len(_MARKERS)]
+        )
+    return styles
+
+
 def _plots(groups: dict[tuple, list[dict]], out: str) -> None:
+    """``accuracy.png``: test accuracy per epoch, mean over seeds, one panel per (model, optimizer), one legend
+    outside the panels. ``scales.png``: the offset's ``lambda`` and ``a`` per block (each where it is not constant) at
+    every refresh, the lowest seed of each modified method, one row per method and quantity, one column per (model,
+    optimizer); cells a method did not run in are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    panels = sorted({(m, o) for m, o, _ in groups})
+    cells = sorted({(m, o) for m, o, _ in groups})
     labels = sorted({label for _, _, label in groups})
-    color = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}  # one colour per method
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (model, optimizer) in zip(axes[0], panels):
+    style = _styles(labels)
+    ncols = min(2, len(cells))
+    nrows = -(-len(cells) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, (model, optimizer) in zip(axes.flat, cells):
         for (m, o, label), rs in sorted(groups.items()):
             if (m, o) != (model, optimizer):
                 continue
             acc = np.mean([r["acc"] for r in rs], axis=0)
-            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=label, color=color[label])
-        ax.set_title(f"{model}, {optimizer}")
+            ax.plot(range(1, len(acc) + 1), acc, label=label, markersize=4, linewidth=1.4, **style[label])
+        ax.set_title(f"{model} / {optimizer}", fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("test accuracy (mean over seeds)", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(cells) :]:
+        ax.remove()
+    handles = [plt.Line2D([], [], markersize=5, linewidth=1.4, **style[label]) for label in labels]
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="method")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
+    fig.savefig(os.path.join(out, "accuracy.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
-    modified = [
-        (k, rs[0])
+
+    modified = {  # the lowest seed of each modified method and cell
+        k: min(rs, key=lambda r: r["seed"])
         for k, rs in sorted(groups.items())
         if k[2].startswith(("ff_mod", "ff_paper", "loco_mod", "loco_paper"))
-    ]
+    }
+    modified = {k: r for k, r in modified.items() if r["offsets"]}
     if not modified:
         return
-    # one row per (model, optimizer), a pair of columns (a, lambda) per modified method; first seed
-    cells = sorted({(m, o) for (m, o, _), _ in modified})
-    methods = sorted({label for (_, _, label), _ in modified})
-    fig, axes = plt.subplots(
-        len(cells), 2 * len(methods), figsize=(3.0 * 2 * len(methods), 2.6 * len(cells)), squeeze=False
-    )
-    for (model, optimizer, label), r in modified:
-        row, col = cells.index((model, optimizer)), 2 * methods.index(label)
-        steps = [o["step"] for o in r["offsets"]]
-        for k, key in enumerate(("a", "lam")):
-            ax = axes[row][col + k]
+    methods = sorted({label for _, _, label in modified})
+    rows = []  # (method, quantity), where the quantity moves: lambda = 0 (bias_only) and a = 1 (aligned) are not drawn
+    for method in methods:
+        runs = [r for (_, _, label), r in modified.items() if label == method]
+        for key, constant in (("lam", 0.0), ("a", 1.0)):
+            if any(v != constant for r in runs for o in r["offsets"] for v in o[key][:-1]):
+                rows.append((method, key))
+    blocks = max(len(r["offsets"][0]["a"]) - 1 for r in modified.values())  # the last block is exact: not shown
+    block_style = _styles([f"block {t}" for t in range(blocks)])
+    fig, axes = plt.subplots(len(rows), len(cells), figsize=(3.8 * len(cells), 2.8 * len(rows)), squeeze=False)
+    for i, (method, key) in enumerate(rows):
+        for j, (model, optimizer) in enumerate(cells):
+            ax = axes[i][j]
+            r = modified.get((model, optimizer, method))
+            if r is None:
+                ax.remove()
+                continue
+            steps = [o["step"] for o in r["offsets"]]
             values = np.array([o[key] for o in r["offsets"]])
-            for t in range(values.shape[1] - 1):  # the last block is exact: a = 1, lambda = 0
-                ax.plot(steps, values[:, t], marker=".", label=f"block {t}")
-            ax.set_title(f"{model}/{optimizer}, {label} (seed {r['seed']})", fontsize=8)
-            ax.set_xlabel("step", fontsize=8)
-            ax.set_ylabel({"a": "a", "lam": "lambda"}[key])
+            for t in range(values.shape[1] - 1):
+                ax.plot(steps, values[:, t], markersize=3, linewidth=1.2, **block_style[f"block {t}"])
+            name = {"a": "a", "lam": "lambda"}[key]
+            ax.set_title(f"{model}/{optimizer}, {method}: {name} (seed {r['seed']})", fontsize=7)
+            ax.set_xlabel("step", fontsize=7)
+            ax.set_ylabel(name, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-        axes[row][col].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "scales.png"), dpi=110)
+    handles = [plt.Line2D([], [], markersize=4, linewidth=1.2, **block_style[f"block {t}"]) for t in range(blocks)]
+    fig.legend(handles, [f"block {t}" for t in range(blocks)], loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=8, title="block\n(the last is exact:\nnot shown)", title_fontsize=8)  # fmt: skip
+    fig.suptitle(
+        "The offset's scales per block at each refresh (lowest seed); where a method has no row for a, a = 1 "
+        "throughout, and where it has none for lambda, lambda = 0",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
+    fig.savefig(os.path.join(out, "scales.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
