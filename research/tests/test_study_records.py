@@ -4,6 +4,9 @@
 import importlib.util
 import json
 import pathlib
+import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -75,3 +78,40 @@ def test_lora_does_not_change_the_vit_verdict():
     assert len(rows) == 2 and all("| no | passes |" in row for row in rows)
     assert "| 0-11 (12) | +0.0027 (0.0014) | -0.0040 | 2 of 12 |" in rows[0]
     assert "| 0-11 (12) | +0.0002 (0.0014) | -0.0110 | 3 of 12 |" in rows[1]
+
+
+def test_readme_figures():
+    """The figures ``research/README.md`` quotes that the tests above do not cover."""
+    module, variants = _controls()
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in module.control_table(variants)}
+    assert "**-0.0004 (0.0015)**" in rows[("scratch", "resnet / sgd")]
+    reverse = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in module.reverse_table()}
+    assert "| +0.0037 (0.0011) |" in reverse[("0-4 -> 5-9", "vit / adamw")]
+    assert "| -0.0010 (0.0010) |" in reverse[("5-9 -> 0-4", "vit / adamw")]
+    (sgd, _) = module.reverse_control_table(variants)[2:]
+    assert "**+0.0043 (0.0017)**" in sgd
+    architecture = module.default_by_architecture_table()[2:]
+    assert "| +0.0028 (0.0011) |" in architecture[2] and "| 6.5% of 0.044 |" in architecture[2]
+    assert "| 3.7% of 0.123 |" in architecture[4]
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "research" / "results").glob("cpu_study*")))
+def test_report_reproduces_the_committed_table(folder):
+    """``research/cpu_study.py --out research/results/FOLDER --report`` writes the committed ``table.md`` byte for byte."""
+    spec = importlib.util.spec_from_file_location("cpu_study", ROOT / "research" / "cpu_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("cpu_study", module)  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    path = ROOT / "research" / "results" / folder
+    results = [json.loads(line) for line in (path / "runs.jsonl").read_text().splitlines() if line.strip()]
+    assert module.report(results, str(path), plots=False) + "\n" == (path / "table.md").read_text()
+
+
+def test_papers_rule_collapses_the_vit():
+    """``research/README.md``: the paper's rule is below FF in 7 of 8 cells; ViT/AdamW from scratch 0.772 -> 0.373."""
+    rows = []
+    for folder in ("cpu_study", "cpu_study_finetune"):
+        table = (ROOT / "research" / "results" / folder / "table.md").read_text()
+        rows += [line for line in table.splitlines() if "| ff -> ff_paper |" in line]
+    assert len(rows) == 8 and sum(" | -0." in row for row in rows) == 7
+    assert any(row.startswith("| vit | adamw |") and "| 0.772 | 0.373 |" in row for row in rows[:4])
