@@ -6,7 +6,7 @@ Trains a small ViT (6 blocks) and a small ResNet (8 blocks) from scratch on Anim
 counted peak memory) and, with ``--plots``, PNG plots. The Trainer's defaults otherwise: linear learning-rate decay,
 gradient clipping at 1.0.
 
-    # `make study`: both models, SGD with momentum, BP / FF / FF-modified / LoCo / LoCo-modified, 2 seeds (~20 min)
+    # `make study`: both models, SGD with momentum, BP / FF / FF-modified / LoCo / LoCo-modified, 2 seeds (~15 min)
     python research/cpu_study.py --jobs 2 --threads 1 --optimizers sgd --methods bp ff ff_mod loco loco_mod
     python research/cpu_study.py --report --plots
     # research/results/cpu_study (research/offset_study.md): both optimizers, the paper's rule too
