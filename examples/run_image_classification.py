@@ -12,7 +12,7 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
     python examples/run_image_classification.py --output_dir runs/vit-animal
 
     # The same with explicit hyperparameters and BP-modified local losses over a horizon of 2 blocks (a ViT trains
-    # without the offset unless asked: docs/offset_study.md, item 14).
+    # without the offset unless asked: docs/results.md).
     python examples/run_image_classification.py --output_dir runs/vit-animal-h2 \\
         --local_horizon 2 --bp_modified true --learning_rate 1e-3 --per_device_train_batch_size 64 \\
         --num_train_epochs 5 --eval_strategy epoch --save_strategy epoch --logging_steps 50 --seed 0
