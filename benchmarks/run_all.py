@@ -46,7 +46,9 @@ def run(script: str, args: list[str], out: str) -> float:
     start = time.perf_counter()
     print(f"== {script}", file=sys.stderr, flush=True)
     # the child's own print-out goes to stderr: stdout carries only the gathered page
-    command = [sys.executable, os.path.join(HERE, script), *args, "--out", out]
+    # a folder inside the repository is passed relative to it: each script writes its command line under its table
+    folder = os.path.relpath(out, ROOT) if os.path.commonpath([ROOT, out]) == ROOT else out
+    command = [sys.executable, os.path.join(HERE, script), *args, "--out", folder]
     subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=sys.stderr)
     return time.perf_counter() - start
 

@@ -12,7 +12,7 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
     python examples/run_image_classification.py --output_dir runs/vit-animal
 
     # The same with explicit hyperparameters and BP-modified local losses over a horizon of 2 blocks (a ViT trains
-    # without the offset unless asked).
+    # without the offset unless asked: docs/results.md).
     python examples/run_image_classification.py --output_dir runs/vit-animal-h2 \\
         --local_horizon 2 --bp_modified true --learning_rate 1e-3 --per_device_train_batch_size 64 \\
         --num_train_epochs 5 --eval_strategy epoch --save_strategy epoch --logging_steps 50 --seed 0
@@ -22,7 +22,7 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
         --config_overrides "embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic"
 
     # A quick smoke run (a few steps on a subset).
-    python examples/run_image_classification.py --output_dir /tmp/smoke --max_train_samples 256 \\
+    python examples/run_image_classification.py --output_dir runs/smoke --max_train_samples 256 \\
         --max_eval_samples 128 --max_steps 10 --per_device_train_batch_size 32
 
     # Fine-tune a pretrained ViT with LoRA (rank 1, alpha 4) on the query/value projections.

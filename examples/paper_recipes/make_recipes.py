@@ -280,7 +280,7 @@ def recipe_args(table: Table, row: Row, task_key: str) -> dict[str, dict[str, An
             "seed": 42,
         },
         f"Train, then evaluate on the {data.eval_split} split after every epoch; log; save.\n"
-        "do_train is explicit: eval_strategy turns do_eval on, and the script then skips training without it.": {
+        "do_train and do_eval are explicit: the run trains, evaluating after every epoch.": {
             "do_train": True,
             "do_eval": True,
             "output_dir": f"runs/paper/{name}",
