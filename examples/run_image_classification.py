@@ -56,10 +56,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
 import torch
 import transformers
 import yaml
+
+try:
+    import datasets
+except ImportError as error:  # the examples extra brings datasets, evaluate, peft, pillow and the embedded data
+    raise SystemExit(f'{error}: this example needs hf_bpmod\'s examples extra: pip install ".[examples]"') from error
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
