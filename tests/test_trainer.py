@@ -74,16 +74,21 @@ def test_full_horizon_equals_plain_trainer_under_sgd_with_uneven_accumulation(tm
     The reference is plain ``Trainer`` with a ``compute_loss_func`` that does exactly that. (Plain ``Trainer`` with
     the model's own loss does it too for the ViT, whose forward passes ``num_items_in_batch`` to its loss; the
     ResNet's forward takes ``**kwargs`` but ignores it, so there plain ``Trainer`` adds the micro-batch means without
-    dividing by the accumulation steps, an accumulated loss twice the size.)"""
+    dividing by the accumulation steps, an accumulated loss twice the size.) Where the installed Trainer does not
+    pass ``num_items_in_batch`` to the model (transformers < 5: its forward takes no ``**kwargs``), training follows
+    the Trainer's rule, each micro-batch mean divided by the accumulation steps, and the reference is plain
+    ``Trainer`` with the model's own loss."""
     data = SyntheticImages(56)
     kw = dict(
         num_train_epochs=2, gradient_accumulation_steps=2, optim="sgd", learning_rate=0.1, max_grad_norm=0.0,
         weight_decay=0.0, lr_scheduler_type="constant",
     )  # fmt: skip
     reference = factory()
+    ref_args = _args(tmp_path / "ref", TrainingArguments, **kw)
+    per_item = Trainer(model=reference, args=ref_args, train_dataset=data).model_accepts_loss_kwargs
     plain = Trainer(
-        model=reference, args=_args(tmp_path / "ref", TrainingArguments, **kw), train_dataset=data,
-        compute_loss_func=_cross_entropy_per_item,
+        model=reference, args=ref_args, train_dataset=data,
+        compute_loss_func=_cross_entropy_per_item if per_item else None,
     )  # fmt: skip
     plain.train()
     model = factory()
