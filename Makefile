@@ -59,7 +59,7 @@ test-slow: install
 	if [ $$rc -eq 5 ]; then echo "no test is marked slow: make test runs every test"; exit 0; fi; exit $$rc
 
 # A mutation check of the algorithm modules (scripts/mutation_check.py): hand-written mutants for the mistakes the
-# suite once let through, and a seeded sample of operator mutants, each against the fast tests of its module; every
+# suite must catch, and a seeded sample of operator mutants, each against the fast tests of its module; every
 # file is restored after its mutant. About 10-15 minutes on 2 cores; MUTATION_ARGS="--per-module 0" runs only the
 # hand-written ones.
 MUTATION_ARGS ?=

@@ -1,8 +1,9 @@
 """Every workaround for a transformers release, in one place.
 
-Each is marked ``Delete when:`` with the release of transformers that makes it unnecessary; it can go once
-``pyproject.toml``'s floor reaches that release. Where no release fixes it yet, the mark names the test that shows
-whether it is still needed.
+Each is marked ``Delete when:`` with the release of transformers (or accelerate) that makes it unnecessary; it can
+go once ``pyproject.toml``'s floor reaches that release. Where no release fixes it yet, the mark says how to see
+whether it is still needed. Model layouts that moved between releases (a ViT's layer list, tuple outputs of encoder
+layers) need no branch: the adapters find them by structure (``adapters.vit.find_layer_list``, ``chain.Sequence_``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import LabelSmoother
 
-from .adapters import unwrap_model
+from .adapters.base import unwrap_model
 
 #: Delete when: transformers >= 5.0. Since 5 the label-smoothed loss is normalised by `num_items_in_batch` as the
 #: Trainer passes it; before, by the batch. Training follows whichever the installed Trainer does.
@@ -29,11 +30,14 @@ def check_layer_checkpointing(model: nn.Module) -> None:
 
     Local gradients call a model's layers one by one. Before 4.53 a ViT checkpointed its layers in the encoder's
     loop, which those calls bypass, so ``gradient_checkpointing=True`` would silently do nothing; since, each layer
-    (a ``GradientCheckpointingLayer``) checkpoints itself. Models that do not support checkpointing at all are left
-    to the Trainer, which says so."""
+    (a ``GradientCheckpointingLayer``) checkpoints itself. A model without checkpointing is refused here, before
+    any work, rather than by the Trainer when training starts."""
     base = unwrap_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
-        return
+        raise ValueError(
+            f"`gradient_checkpointing=True`: transformers has no gradient checkpointing for {type(base).__name__}. "
+            "Leave it off: with local losses only `local_horizon` blocks keep their activations."
+        )
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
@@ -55,6 +59,22 @@ def non_reentrant_checkpointing(kwargs: dict[str, Any] | None) -> dict[str, Any]
     kwargs = dict(kwargs or {})
     kwargs.setdefault("use_reentrant", False)
     return kwargs
+
+
+def sync_activation_checkpointing_kwargs(args: Any) -> None:
+    """Delete when: transformers >= 5.0 is the floor and ``gradient_checkpointing_kwargs`` is gone: since 5 the
+    Trainer reads the same settings as ``activation_checkpointing_kwargs``."""
+    if hasattr(args, "activation_checkpointing_kwargs"):
+        args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs
+
+
+def parallelism_config(accelerator: Any) -> Any:
+    """Delete when: accelerate >= 1.10 (``Accelerator.parallelism_config``) is the floor."""
+    return getattr(accelerator, "parallelism_config", None)
+
+
+#: Delete the second pair when: transformers >= 5.9. A ViT's query and value projections, as peft targets, by name.
+VIT_QUERY_VALUE_NAMES = (["q_proj", "v_proj"], ["query", "value"])
 
 
 def optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, dict[str, Any]]:
@@ -97,7 +117,7 @@ def tensor_parallel_size(trainer: Trainer) -> int:
 
 
 def reload_full_model(checkpoint: str, model: nn.Module) -> bool:
-    """No release fixes this yet (``test_load_best_model_at_end_restores_the_best_checkpoint`` shows it).
+    """No release fixes this yet (reload a ViT's best checkpoint under ``load_best_model_at_end`` to see it).
 
     transformers 5.24 saves ViT checkpoints under the legacy key names (``vit.encoder.layer...``) but its
     ``Trainer`` reloads them, to resume and for ``load_best_model_at_end``, with a plain ``load_state_dict``, which

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .compat import non_reentrant_checkpointing
+from .compat import non_reentrant_checkpointing, sync_activation_checkpointing_kwargs
 from .offset_pass import OffsetSettings
 
 SCALING_MODES = ("aligned", "optimal", "bias_only", "fixed")
@@ -219,8 +219,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
                 )
             if "use_reentrant" not in (self.gradient_checkpointing_kwargs or {}):
                 self.gradient_checkpointing_kwargs = non_reentrant_checkpointing(self.gradient_checkpointing_kwargs)
-                if hasattr(self, "activation_checkpointing_kwargs"):  # its name since transformers 5
-                    self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+                sync_activation_checkpointing_kwargs(self)
 
     def offset_settings(self) -> OffsetSettings:
         """The offset's settings for the offset pass (validated in ``__post_init__``)."""

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import compat
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -82,7 +84,7 @@ def reject_unsupported_backends(trainer: Any) -> None:
             "never calls the wrapped model's forward, so only one GPU would work). Launch one process per GPU: "
             "`torchrun --nproc_per_node N ...` or `accelerate launch --multi_gpu ...`."
         )
-    config = getattr(trainer.accelerator, "parallelism_config", None)
+    config = compat.parallelism_config(trainer.accelerator)
     sharded = [n for n in ("tp_size", "cp_size", "sp_size") if (getattr(config, n, None) or 1) > 1]
     if sharded:
         raise ValueError(

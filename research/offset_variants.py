@@ -15,8 +15,8 @@ carries no information about the true gradient"), tiny (offset times 1e-6: a con
 no0 (block 0, which holds the ViT's embeddings, gets no offset; the others as in the default: the sixth addendum of
 plan_vit_adamw_seeds.md), corr (reliability = correlation of successive offsets, the rule the package adopted),
 corr2, gate, cap (the offset's norm capped at a quarter of the mean local gradient's, keeping the uncapped step
-factor c: the probe behind the package's offset_max_ratio=0.25, which the package now applies itself and follows
-with a recomputed c).
+factor c: the probe behind the package's offset_max_ratio, which the package applies itself (0.1 by default) and
+follows with a recomputed c).
 Since the package caps by default, every variant here runs on top of the cap; base is the capped default.
 SCHED / CLIP: learning-rate schedule and gradient clipping (the Trainer's defaults are linear and 1.0).
 SETTING: scratch (default) or finetune (the backbone pretrained with BP on classes 0-4 that

@@ -3,7 +3,7 @@
 Each mutant changes one thing in one source file, the file's tests run (``pytest -x``: the first failure kills the
 mutant), and the file is restored, always (``try``/``finally``, also on Ctrl-C or SIGTERM). Two kinds of mutants:
 
-* hand-written ones, for the mistakes the suite once let through (named in ``HAND_WRITTEN``): a text replacement in
+* hand-written ones, for the mistakes the suite must catch (named in ``HAND_WRITTEN``): a text replacement in
   a file, checked against the tests meant to catch it;
 * generic operator mutants found by walking the AST of ``hf_bpmod/local_grad.py``, ``offset.py``, ``offset_pass.py``,
   ``offset_controller.py`` and ``chain.py`` (arithmetic operator swapped, comparison flipped, ``and``/``or`` swapped, a condition negated, a

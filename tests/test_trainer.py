@@ -536,6 +536,17 @@ def test_bad_arguments_are_rejected(tmp_path, kwargs, message):
     assert dict(os.environ) == environment
 
 
+def test_gradient_checkpointing_on_a_model_without_it_is_refused_before_training(tmp_path):
+    """transformers has no gradient checkpointing for ResNets: refused when the trainer is built, naming the
+    argument, not when training starts."""
+    model = tiny_resnet()
+    assert not model.supports_gradient_checkpointing
+    with pytest.raises(ValueError, match="`gradient_checkpointing=True`.*ResNetForImageClassification"):
+        BPModifiedTrainer(
+            model=model, args=_args(tmp_path, gradient_checkpointing=True), train_dataset=SyntheticImages(32)
+        )
+
+
 def test_gradient_checkpointing_is_non_reentrant(tmp_path):
     """Local gradients use ``torch.autograd.grad``, which reentrant checkpointing (transformers 4.x's default) cannot
     differentiate: unset, ``use_reentrant`` becomes False; set to True, the arguments are rejected."""
@@ -667,9 +678,9 @@ def test_bp_modified_defaults_to_the_architectures_measured_choice(tmp_path, cap
 
 @pytest.mark.parametrize("recorded", [True, False])
 def test_resume_keeps_the_checkpoints_method_when_bp_modified_is_left_unset(tmp_path, caplog, recorded):
-    """A ViT run that started with the offset (explicitly, or by the default of an earlier release) resumes with it
-    under ``bp_modified=None``, and ends where the uninterrupted run ends; checkpoints without the record (earlier
-    releases) are read from their offset state."""
+    """A ViT run that started with the offset (explicitly, or by a default that applied it) resumes with it under
+    ``bp_modified=None``, and ends where the uninterrupted run ends; checkpoints without the record of the method
+    are read from their offset state."""
     data = SyntheticImages(96)
     kw = dict(max_steps=6, offset_batch_size=32, offset_period="4")
     full = tiny_vit(num_layers=4)

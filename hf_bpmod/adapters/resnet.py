@@ -1,8 +1,7 @@
 """ResNet (``ResNetForImageClassification``): block 0 = embedder + first residual layer, then one block per
 residual layer (``encoder.stages[s].layers[j]``), or per stage with ``granularity="stage"``. With
 ``granularity="layer+stem"`` the embedder (stem) is a block of its own: at 224 px the stem and the first residual
-layer both work at high resolution, and keeping them apart lowers the peak activation memory of ``h = 1`` on
-ResNet-50 from 21.3 to 13.0 MB per example (``benchmarks/memory_speed.py``).
+layer both work at high resolution, and keeping them apart lowers the peak activation memory of ``h = 1``.
 
 The head is the pooler and the classifier; an auxiliary head's input width follows its stage's channels
 (paper Appendix A).

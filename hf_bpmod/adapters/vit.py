@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..chain import Sequence_
+from ..compat import VIT_QUERY_VALUE_NAMES
 from .base import ArchitectureAdapter, BlockGranularity, register_adapter, unwrap_model
 
 
@@ -71,7 +72,7 @@ class ViTAdapter(ArchitectureAdapter):
         """The attention's query and value projections: ``q_proj``/``v_proj`` in transformers >= 5.9, ``query``/
         ``value`` before (found by name in the model, not by version)."""
         leaf_names = {name.rsplit(".", 1)[-1] for name, _ in unwrap_model(model).named_modules()}
-        for pair in (["q_proj", "v_proj"], ["query", "value"]):
+        for pair in VIT_QUERY_VALUE_NAMES:
             if set(pair) <= leaf_names:
                 return pair
         raise ValueError(
