@@ -61,7 +61,15 @@ torch.save({
 def run(source: str, kind: str, extra: dict, out: str) -> dict:
     env = {**os.environ, "PYTHONPATH": source, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as cwd:  # away from the repository, so only `source` provides hf_bpmod
-        subprocess.run([sys.executable, "-c", RUNNER, kind, json.dumps(extra), out], cwd=cwd, env=env, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", RUNNER, kind, json.dumps(extra), out],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    if done.returncode:
+        raise SystemExit(f"the run with hf_bpmod from {source} failed:\n{done.stderr[-4000:]}")
     return torch.load(out, weights_only=True)
 
 
