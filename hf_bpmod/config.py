@@ -91,6 +91,13 @@ class BPModifiedTrainingArguments(TrainingArguments):
             Seed of the offset sampler (defaults to `seed`). The sampler never touches the training data order.
         offset_log_file (`str`, *optional*, defaults to `"bpmod_offsets.jsonl"`):
             JSON-lines file in `output_dir` with one record per offset refresh (per-block a, lambda, bias, ...).
+        max_nonfinite_steps (`int`, *optional*, defaults to `10`):
+            Optimizer steps whose local losses or gradients are not finite are skipped (weights, optimizer state and
+            heads untouched), as are offset refreshes with non-finite statistics (the previous offset is kept); after
+            this many in a row training stops with an error. `0` stops at the first.
+        rebuild_bpmod_state (`bool`, *optional*, defaults to `False`):
+            Resume from a checkpoint whose auxiliary heads and offset state are missing or damaged: fresh heads and
+            offsets are built instead (and the trainer says so). Off: such a checkpoint is refused.
     """
 
     # Local learning
@@ -150,6 +157,20 @@ class BPModifiedTrainingArguments(TrainingArguments):
         default="bpmod_offsets.jsonl", metadata={"help": "JSON-lines log of every offset refresh, in output_dir."}
     )
 
+    # Safety
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Steps (and offset refreshes) with non-finite values are skipped; stop after this many in a row."
+        },
+    )
+    rebuild_bpmod_state: bool = field(
+        default=False,
+        metadata={
+            "help": "On resume, build fresh auxiliary heads and offsets if the checkpoint's are missing or damaged."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.deepspeed:  # before TrainingArguments, which would first ask for the deepspeed package
             raise ValueError(
@@ -183,6 +204,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
                 "'layer+stem' (the same, with the ResNet stem as a block of its own) or 'stage' (one block per ResNet "
                 "stage)."
             )
+        self._check_int("max_nonfinite_steps", 0, "the non-finite steps allowed in a row, e.g. 10")
         self._check_int("offset_batch_size", 2, "B' is the number of examples per offset refresh, e.g. 320")
         self._check_int("offset_micro_batch_size", 1, "b' is the micro-batch size of the offset pass, e.g. 8")
         if self.offset_batch_size % self.offset_micro_batch_size:

@@ -19,10 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
 
-from . import compat, distributed, precision
+from . import compat, distributed, losses, precision
 from .adapters import get_adapter, unwrap_model
 from .checkpoint import check_block_split, load_bpmod_state, save_bpmod_state, saved_method
 from .config import BPModifiedTrainingArguments
@@ -142,35 +141,7 @@ class BPModifiedTrainer(Trainer):
 
     # ------------------------------------------------------------------ losses
     def _logits_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        """``L`` on one head's logits, chosen as the Trainer's ``compute_loss`` chooses it: the user's
-        ``compute_loss_func`` (given the logits as an ``ImageClassifierOutput``), else the label smoother
-        (``label_smoothing_factor``), else the model's own loss (its ``problem_type``)."""
-        if self.compute_loss_func is not None:
-            outputs = ImageClassifierOutput(logits=logits)
-            return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
-        if self.label_smoother is not None:
-            if compat.LABEL_SMOOTHER_COUNTS_ITEMS:
-                return self.label_smoother({"logits": logits}, labels, num_items_in_batch=num_items_in_batch)
-            return self.label_smoother({"logits": logits}, labels)
-        base = unwrap_model(self.model)
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            return base.loss_function(labels, logits, base.config, num_items_in_batch=num_items_in_batch)
-        return base.loss_function(labels, logits, base.config)
-
-    def _head_loss_fn(self, labels: torch.Tensor, num_items_in_batch: Any):
-        """``L`` of a training micro-batch, scaled as the Trainer's ``training_step`` scales its loss (gradient
-        accumulation, ``average_tokens_across_devices``)."""
-        counts_items = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
-        factor = 1.0
-        if self.args.average_tokens_across_devices and counts_items and num_items_in_batch is not None:
-            factor *= self.accelerator.num_processes // compat.tensor_parallel_size(self)
-        if not compat.loss_is_scaled_for_ga(self, num_items_in_batch):
-            factor /= compat.gradient_accumulation_steps(self)
-
-        def loss_fn(logits: torch.Tensor) -> torch.Tensor:
-            return self._logits_loss(logits, labels, num_items_in_batch) * factor
-
-        return loss_fn
+        return losses.logits_loss(self, logits, labels, num_items_in_batch)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -212,7 +183,7 @@ class BPModifiedTrainer(Trainer):
         result = local_gradients(
             self.block_chain,
             pixel_values,
-            self._head_loss_fn(labels, num_items_in_batch),
+            losses.head_loss_fn(self, labels, num_items_in_batch),
             self.args.local_horizon,
             accumulate=True,
             loss_scale=self._grad_scale(),

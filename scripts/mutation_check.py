@@ -65,11 +65,11 @@ HAND_WRITTEN = [
         replace=("want_params = bool(params) and j in self.targets", "want_params = bool(params)"),
     ),
     Mutant(
-        "trainer.py", 0,
+        "losses.py", 0,
         "the loss ignores num_items_in_batch under gradient accumulation (each micro-batch mean, not divided by the "
         "accumulation steps: twice the loss with 2 steps)",
         ["tests/test_trainer.py"], keyword="sgd_with_uneven_accumulation",
-        replace=("if self.model_accepts_loss_kwargs and num_items_in_batch is not None:", "if False:"),
+        replace=("if trainer.model_accepts_loss_kwargs and num_items_in_batch is not None:", "if False:"),
     ),
     Mutant(
         "compat.py", 0,
