@@ -573,3 +573,19 @@ def test_bias_only_keeps_the_local_gradient_where_its_mean_is_zero():
     problem = ScalingProblem(0.0, 2.0, 0.0, 1.0, 1.0, 0.5, batch_size=16, offset_batch_size=320, period=25)
     assert problem.bias_only_a() == 1.0
     assert ScalingProblem(4.0, 2.0, 1.0, 1.0, 1.0, 0.5, 16, 320, 25).bias_only_a() == 0.25
+
+
+def test_a_block_whose_local_gradient_is_the_true_one_up_to_rounding_is_exact():
+    """``is_exact``: ``E||m^h_i - m^T_i||^2`` is zero up to rounding relative to ``||m_h||^2 + ||m_T||^2``; such a block
+    gets no offset. A gap of one part in 1e4 is not rounding."""
+    g = torch.Generator().manual_seed(0)
+    local = [[torch.randn(5, generator=g, dtype=torch.float64)] for _ in range(4)]
+
+    def moments(scale: float) -> BlockMoments:
+        stats = OffsetStatistics([[torch.Size([5])]], device="cpu")
+        for m in local:
+            stats.update([[m[0]]], [[m[0] * scale]])
+        return stats.moments(0, micro_batch_size=8)
+
+    assert moments(1.0 + 1e-15).is_exact()
+    assert not moments(1.0 + 1e-4).is_exact()
