@@ -149,7 +149,7 @@ def _read_json_state(checkpoint: str) -> dict[str, Any]:
     try:
         with open(json_path, "rb") as f:
             desc = json.loads(f.read().decode("utf-8"), parse_constant=lambda c: float(c))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # undecodable bytes, malformed or absurdly nested JSON
         raise BPModStateError(json_path, f"not valid JSON ({e})") from None
     _expect(json_path, desc, dict, "the file's content")
     fields = {"format", "version", "local_horizon", "block_granularity", "bp_modified", "offset", "tensors"}
@@ -174,13 +174,11 @@ def _read_json_state(checkpoint: str) -> dict[str, Any]:
         if _expect(json_path, offset[name], int, f"`offset.{name}`") < 0:
             raise BPModStateError(json_path, f"`offset.{name}` is {offset[name]}, below 0")
     blocks = []
-    expected_keys: set[str] = set()
     for t, block in enumerate(_expect(json_path, offset["blocks"], list, "`offset.blocks`")):
         scalars = _block_scalars(json_path, block, t, {"delta_tensors"})
         n = block.get("delta_tensors")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise BPModStateError(json_path, f"offset block {t}'s `delta_tensors` is {n!r}, not a count or null")
-        expected_keys |= {f"offset.{t}.{i}" for i in range(n or 0)}
         blocks.append((scalars, n))
     tensors_info = _expect(json_path, desc["tensors"], dict, "`tensors`")
     if tensors_info.get("file") != STATE_TENSORS or not isinstance(tensors_info.get("sha256"), str):
@@ -200,6 +198,9 @@ def _read_json_state(checkpoint: str) -> dict[str, Any]:
     except Exception as e:  # the parser's own error types differ across safetensors releases
         raise BPModStateError(tensors_path, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
     aux_keys = {k for k in tensors if k.startswith("aux_heads.")}
+    if sum(n or 0 for _, n in blocks) > len(tensors):
+        raise BPModStateError(json_path, f"it describes more offset tensors than {STATE_TENSORS} holds")
+    expected_keys = {f"offset.{t}.{i}" for t, (_, n) in enumerate(blocks) for i in range(n or 0)}
     unexpected, missing = set(tensors) - aux_keys - expected_keys, expected_keys - set(tensors)
     if unexpected or missing:
         raise BPModStateError(
@@ -349,7 +350,7 @@ def load_bpmod_state(checkpoint: str, trainer: Any) -> dict[str, Any]:
     except BPModStateError as e:
         if not args.rebuild_bpmod_state:
             raise
-        logger.warning(
+        (logger.warning if args.should_log else logger.info)(
             f"rebuild_bpmod_state=True: {e.path} cannot be resumed from ({e.problem}); "
             "resuming the model and optimizer from the checkpoint with fresh auxiliary heads (and their optimizer "
             "state) and a fresh offset, refreshed at the next step."
