@@ -198,13 +198,12 @@ def _read_json_state(checkpoint: str) -> dict[str, Any]:
     except Exception as e:  # the parser's own error types differ across safetensors releases
         raise BPModStateError(tensors_path, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
     aux_keys = {k for k in tensors if k.startswith("aux_heads.")}
-    if sum(n or 0 for _, n in blocks) > len(tensors):
-        raise BPModStateError(json_path, f"it describes more offset tensors than {STATE_TENSORS} holds")
-    expected_keys = {f"offset.{t}.{i}" for t, (_, n) in enumerate(blocks) for i in range(n or 0)}
-    unexpected, missing = set(tensors) - aux_keys - expected_keys, expected_keys - set(tensors)
+    described = {f"offset.{t}.{i}" for t, (_, n) in enumerate(blocks) if n for i in range(min(n, len(tensors)))}
+    unexpected = set(tensors) - aux_keys - described
+    missing = sum(n or 0 for _, n in blocks) - len(described & set(tensors))
     if unexpected or missing:
         raise BPModStateError(
-            tensors_path, f"tensors {sorted(missing)[:5]} are missing, {sorted(unexpected)[:5]} unexpected"
+            tensors_path, f"{missing} offset tensors are missing, {sorted(unexpected)[:5]} are unexpected"
         )
     return {
         "aux_heads": {k[len("aux_heads.") :]: tensors[k] for k in sorted(aux_keys)},
