@@ -1,39 +1,370 @@
-"""What a checkpoint holds besides the model and the optimizer: the auxiliary heads and the offset state."""
+"""What a checkpoint holds besides the model and the optimizer: the auxiliary heads and the offset state.
+
+Two files, written by the main process, neither of which can run code when read:
+
+- ``bpmod_state.safetensors``: every tensor; the auxiliary heads' state dict under ``aux_heads.<key>``, the offset
+  of block ``t`` (one tensor per trainable parameter of the block) under ``offset.<t>.<i>``.
+- ``bpmod_state.json``: every plain value (format version, ``local_horizon``, ``block_granularity``,
+  ``bp_modified``, the offset's period and each block's scalars, which blocks hold an offset and of how many
+  tensors) and the SHA-256 of the safetensors file. It is written last: a checkpoint without it has no state.
+
+Checkpoints of earlier releases hold ``bpmod_state.pt``, which is read with ``torch.load(weights_only=True)`` only
+(tensors and plain values; never a pickled object). Whatever the format, the state is checked before any of it (or
+the optimizer's state) is loaded: structure, checksum, keys, shapes and dtypes against the model, finite values. A
+damaged or mismatched state is refused with an error naming the file; ``rebuild_bpmod_state=True`` resumes with
+fresh auxiliary heads and offsets instead.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
+import safetensors.torch
 import torch
+from transformers.utils import logging
 
-BPMOD_STATE_NAME = "bpmod_state.pt"
+from .offset import BlockOffset
+from .offset_pass import OffsetState
+
+logger = logging.get_logger(__name__)
+
+STATE_JSON = "bpmod_state.json"
+STATE_TENSORS = "bpmod_state.safetensors"
+LEGACY_STATE = "bpmod_state.pt"
+FORMAT = "hf_bpmod.bpmod_state"
+FORMAT_VERSION = 1
+
+_BLOCK_FIELDS = {f.name: f for f in dataclasses.fields(BlockOffset) if f.name != "delta"}
+_BOOL_FIELDS = {"capped"}
 
 
-def save_bpmod_state(state: dict[str, Any], checkpoint: str) -> None:
-    """Write ``state`` into ``checkpoint`` atomically (a temporary file, then renamed)."""
-    path = os.path.join(checkpoint, BPMOD_STATE_NAME)
+class BPModStateError(ValueError):
+    """A checkpoint's auxiliary heads and offset state cannot be resumed from (damaged, or of another model)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(
+            f"{path}: {problem}. The auxiliary heads and offset state of this checkpoint cannot be resumed from. "
+            "Resume from another checkpoint, or pass `rebuild_bpmod_state=True` to resume the model and optimizer "
+            "with fresh auxiliary heads and offsets (the offset is refreshed at the next step)."
+        )
+
+
+class MissingBPModStateError(BPModStateError, FileNotFoundError):
+    """A checkpoint's auxiliary heads and offset state are missing."""
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _write_atomically(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_bpmod_state(checkpoint: str, device: torch.device | str) -> dict[str, Any]:
-    """The state saved in ``checkpoint``; a clear error if the folder cannot be resumed from."""
-    path = os.path.join(checkpoint, BPMOD_STATE_NAME)
-    if not os.path.isfile(path):
-        saved = set(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else set()
-        if not any(name.startswith("optimizer") for name in saved):
-            raise FileNotFoundError(
-                f"{checkpoint} holds no training state (no optimizer state, no {BPMOD_STATE_NAME} with the "
-                "auxiliary heads and offsets), as `save_only_model=True` writes, so it cannot be resumed. Start a "
-                "new run from its weights (`from_pretrained`), or save full checkpoints to resume from."
-            )
-        raise FileNotFoundError(
-            f"{checkpoint} has no {BPMOD_STATE_NAME} (auxiliary heads and offset state): it was not written by "
-            "BPModifiedTrainer. Start a new run instead of resuming from it."
+def save_bpmod_state(state: dict[str, Any], checkpoint: str) -> None:
+    """Write ``state`` (as ``BPModifiedTrainer.bpmod_state_dict`` returns it) into ``checkpoint``: the tensors,
+    then the JSON that describes them (each atomically, the JSON last)."""
+    json_path = os.path.join(checkpoint, STATE_JSON)
+    if os.path.exists(json_path):  # an interrupted rewrite must not pair the old description with new tensors
+        os.remove(json_path)
+    tensors = {f"aux_heads.{k}": v for k, v in state["aux_heads"].items()}
+    blocks = []
+    for t, block in enumerate(state["offset"]["blocks"]):
+        delta = block.get("delta")
+        for i, d in enumerate(delta or []):
+            tensors[f"offset.{t}.{i}"] = d
+        entry = {k: (bool(v) if k in _BOOL_FIELDS else float(v)) for k, v in block.items() if k != "delta"}
+        blocks.append({**entry, "delta_tensors": None if delta is None else len(delta)})
+    # safetensors refuses tensors that share memory (the views of one offset vector): each is written from a copy
+    data = safetensors.torch.save(
+        {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}
+    )
+    _write_atomically(os.path.join(checkpoint, STATE_TENSORS), data)
+    description = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "local_horizon": state["local_horizon"],
+        "block_granularity": state["block_granularity"],
+        "bp_modified": bool(state["bp_modified"]),
+        "offset": {
+            "period_index": state["offset"]["period_index"],
+            "next_refresh_step": state["offset"]["next_refresh_step"],
+            "blocks": blocks,
+        },
+        "tensors": {"file": STATE_TENSORS, "sha256": hashlib.sha256(data).hexdigest()},
+    }
+    _write_atomically(json_path, (json.dumps(description, indent=1, allow_nan=False) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _expect(path: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    """``value`` if it is of type ``kind`` (a bool is no number here), else the error naming ``path``."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise BPModStateError(path, f"{what} is {value!r} ({type(value).__name__}), expected {names}")
+    return value
+
+
+def _block_scalars(path: str, block: Any, t: int, extra: set[str]) -> dict[str, Any]:
+    """Block ``t``'s scalars, checked: known fields only, the required ones present, numbers finite."""
+    _expect(path, block, dict, f"offset block {t}")
+    unknown = set(block) - set(_BLOCK_FIELDS) - extra
+    missing = {n for n, f in _BLOCK_FIELDS.items() if f.default is dataclasses.MISSING and n not in block}
+    if unknown or missing:
+        raise BPModStateError(path, f"offset block {t} has unknown fields {sorted(unknown)}, lacks {sorted(missing)}")
+    scalars = {}
+    for name in set(block) & set(_BLOCK_FIELDS):
+        value = block[name]
+        if name in _BOOL_FIELDS:
+            scalars[name] = _expect(path, value, bool, f"offset block {t}'s `{name}`")
+            continue
+        _expect(path, value, (int, float), f"offset block {t}'s `{name}`")
+        if not math.isfinite(value):
+            raise BPModStateError(path, f"offset block {t}'s `{name}` is {value!r}, not a finite number")
+        scalars[name] = float(value)
+    return scalars
+
+
+def _check_finite(path: str, name: str, tensor: Any) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise BPModStateError(path, f"`{name}` is a {type(tensor).__name__}, not a tensor")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise BPModStateError(path, f"`{name}` holds non-finite values (NaN or infinity)")
+    return tensor
+
+
+def _read_json_state(checkpoint: str) -> dict[str, Any]:
+    json_path = os.path.join(checkpoint, STATE_JSON)
+    tensors_path = os.path.join(checkpoint, STATE_TENSORS)
+    try:
+        with open(json_path, "rb") as f:
+            desc = json.loads(f.read().decode("utf-8"), parse_constant=lambda c: float(c))
+    except (ValueError, RecursionError) as e:  # undecodable bytes, malformed or absurdly nested JSON
+        raise BPModStateError(json_path, f"not valid JSON ({e})") from None
+    _expect(json_path, desc, dict, "the file's content")
+    fields = {"format", "version", "local_horizon", "block_granularity", "bp_modified", "offset", "tensors"}
+    if set(desc) != fields:
+        missing, unknown = sorted(fields - set(desc)), sorted(set(desc) - fields)
+        raise BPModStateError(json_path, f"fields {missing} are missing, {unknown} unknown")
+    if desc["format"] != FORMAT or desc["version"] != FORMAT_VERSION:
+        raise BPModStateError(
+            json_path,
+            f"format {desc['format']!r} version {desc['version']!r} is not {FORMAT!r} version {FORMAT_VERSION} (a "
+            "newer hf_bpmod may read it)",
         )
-    return torch.load(path, map_location=device, weights_only=False)
+    _expect(json_path, desc["local_horizon"], int, "`local_horizon`")
+    _expect(json_path, desc["block_granularity"], str, "`block_granularity`")
+    _expect(json_path, desc["bp_modified"], bool, "`bp_modified`")
+    offset = _expect(json_path, desc["offset"], dict, "`offset`")
+    if set(offset) != {"period_index", "next_refresh_step", "blocks"}:
+        raise BPModStateError(
+            json_path, f"`offset` has fields {sorted(offset)}, not period_index, next_refresh_step, blocks"
+        )
+    for name in ("period_index", "next_refresh_step"):
+        if _expect(json_path, offset[name], int, f"`offset.{name}`") < 0:
+            raise BPModStateError(json_path, f"`offset.{name}` is {offset[name]}, below 0")
+    blocks = []
+    for t, block in enumerate(_expect(json_path, offset["blocks"], list, "`offset.blocks`")):
+        scalars = _block_scalars(json_path, block, t, {"delta_tensors"})
+        n = block.get("delta_tensors")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise BPModStateError(json_path, f"offset block {t}'s `delta_tensors` is {n!r}, not a count or null")
+        blocks.append((scalars, n))
+    tensors_info = _expect(json_path, desc["tensors"], dict, "`tensors`")
+    if tensors_info.get("file") != STATE_TENSORS or not isinstance(tensors_info.get("sha256"), str):
+        raise BPModStateError(json_path, f"`tensors` is {tensors_info!r}, not the file name and its sha256")
+
+    try:
+        with open(tensors_path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise MissingBPModStateError(tensors_path, f"the file is missing (described by {STATE_JSON})") from None
+    if hashlib.sha256(data).hexdigest() != tensors_info["sha256"]:
+        raise BPModStateError(
+            tensors_path, f"its SHA-256 is not the one {STATE_JSON} recorded when it was written: the file was changed"
+        )
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # the parser's own error types differ across safetensors releases
+        raise BPModStateError(tensors_path, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
+    aux_keys = {k for k in tensors if k.startswith("aux_heads.")}
+    described = {f"offset.{t}.{i}" for t, (_, n) in enumerate(blocks) if n for i in range(min(n, len(tensors)))}
+    unexpected = set(tensors) - aux_keys - described
+    missing = sum(n or 0 for _, n in blocks) - len(described & set(tensors))
+    if unexpected or missing:
+        raise BPModStateError(
+            tensors_path, f"{missing} offset tensors are missing, {sorted(unexpected)[:5]} are unexpected"
+        )
+    return {
+        "aux_heads": {k[len("aux_heads.") :]: tensors[k] for k in sorted(aux_keys)},
+        "offset": {
+            "period_index": offset["period_index"],
+            "next_refresh_step": offset["next_refresh_step"],
+            "blocks": [
+                {**s, "delta": None if n is None else [tensors[f"offset.{t}.{i}"] for i in range(n)]}
+                for t, (s, n) in enumerate(blocks)
+            ],
+        },
+        "local_horizon": desc["local_horizon"],
+        "block_granularity": desc["block_granularity"],
+        "bp_modified": desc["bp_modified"],
+    }
+
+
+def _read_legacy_state(checkpoint: str) -> dict[str, Any]:
+    """``bpmod_state.pt`` of earlier releases: tensors and plain values, loaded without unpickling any object."""
+    path = os.path.join(checkpoint, LEGACY_STATE)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's unpickler and zip reader raise many types
+        raise BPModStateError(
+            path,
+            f"not a state file of tensors and plain values that can be loaded safely ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); it was not unpickled",
+        ) from None
+    _expect(path, state, dict, "the file's content")
+    for name in ("aux_heads", "offset", "local_horizon", "block_granularity"):
+        if name not in state:
+            raise BPModStateError(path, f"`{name}` is missing")
+    aux = _expect(path, state["aux_heads"], dict, "`aux_heads`")
+    offset = _expect(path, state["offset"], dict, "`offset`")
+    for name in ("period_index", "next_refresh_step"):
+        if _expect(path, offset.get(name), int, f"`offset.{name}`") < 0:
+            raise BPModStateError(path, f"`offset.{name}` is {offset[name]}, below 0")
+    blocks = []
+    for t, block in enumerate(_expect(path, offset.get("blocks"), list, "`offset.blocks`")):
+        scalars = _block_scalars(path, block, t, {"delta"})
+        delta = block.get("delta")
+        if delta is not None:
+            delta = [_check_finite(path, f"offset.blocks[{t}].delta[{i}]", d) for i, d in enumerate(list(delta))]
+        blocks.append({**scalars, "delta": delta})
+    _expect(path, state["local_horizon"], int, "`local_horizon`")
+    bp_modified = state.get("bp_modified")
+    if bp_modified is not None:
+        _expect(path, bp_modified, bool, "`bp_modified`")
+    return {
+        "aux_heads": {str(k): _check_finite(path, f"aux_heads.{k}", v) for k, v in aux.items()},
+        "offset": {
+            "period_index": offset["period_index"],
+            "next_refresh_step": offset["next_refresh_step"],
+            "blocks": blocks,
+        },
+        "local_horizon": state["local_horizon"],
+        "block_granularity": state["block_granularity"],
+        "bp_modified": bp_modified,
+    }
+
+
+def read_bpmod_state(checkpoint: str) -> tuple[dict[str, Any], str]:
+    """The state saved in ``checkpoint`` (on the CPU) and the file it came from, checked for structure, checksum
+    and finite values; :class:`BPModStateError` if damaged, ``FileNotFoundError`` if absent."""
+    json_path = os.path.join(checkpoint, STATE_JSON)
+    if os.path.isfile(json_path):
+        state, path = _read_json_state(checkpoint), json_path
+        for k, v in state["aux_heads"].items():
+            _check_finite(os.path.join(checkpoint, STATE_TENSORS), f"aux_heads.{k}", v)
+        for t, block in enumerate(state["offset"]["blocks"]):
+            for i, d in enumerate(block["delta"] or []):
+                _check_finite(os.path.join(checkpoint, STATE_TENSORS), f"offset.{t}.{i}", d)
+        return state, path
+    if os.path.isfile(os.path.join(checkpoint, STATE_TENSORS)):
+        raise MissingBPModStateError(
+            json_path, f"the file is missing next to {STATE_TENSORS} (the save was interrupted before it was written)"
+        )
+    if os.path.isfile(os.path.join(checkpoint, LEGACY_STATE)):
+        return _read_legacy_state(checkpoint), os.path.join(checkpoint, LEGACY_STATE)
+    saved = set(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else set()
+    if not any(name.startswith("optimizer") for name in saved):
+        raise FileNotFoundError(
+            f"{checkpoint} holds no training state (no optimizer state, no {STATE_JSON} with the auxiliary heads and "
+            "offsets), as `save_only_model=True` writes, so it cannot be resumed. Start a new run from its weights "
+            "(`from_pretrained`), or save full checkpoints to resume from."
+        )
+    raise MissingBPModStateError(
+        json_path,
+        f"the file is missing (nor is there {STATE_TENSORS} or an earlier release's {LEGACY_STATE}): the checkpoint "
+        "was not written by BPModifiedTrainer, or its state files were lost. If it was not, start a new run instead "
+        "of resuming from it",
+    )
+
+
+def check_against_model(
+    state: dict[str, Any], path: str, aux_heads: torch.nn.Module, block_params: list[list]
+) -> None:
+    """The state's keys, shapes and dtypes are those of ``aux_heads`` and of the blocks' trainable parameters."""
+    expected = aux_heads.state_dict()
+    got = state["aux_heads"]
+    if set(got) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        raise BPModStateError(
+            path, f"the auxiliary heads lack {missing[:5]} and have unexpected {unexpected[:5]}: another model's state"
+        )
+    for key, want in expected.items():
+        have = got[key]
+        if have.shape != want.shape or have.dtype != want.dtype:
+            raise BPModStateError(
+                path,
+                f"auxiliary head `{key}` is {have.dtype} {tuple(have.shape)}, this model's is {want.dtype} "
+                f"{tuple(want.shape)}: another model's state",
+            )
+    blocks = state["offset"]["blocks"]
+    if len(blocks) not in (0, len(block_params)):
+        raise BPModStateError(path, f"the offset has {len(blocks)} blocks, this model {len(block_params)}")
+    for t, (block, params) in enumerate(zip(blocks, block_params)):
+        delta = block["delta"]
+        if delta is None:
+            continue
+        if len(delta) != len(params):
+            raise BPModStateError(
+                path, f"the offset of block {t} has {len(delta)} tensors, the block {len(params)} parameters"
+            )
+        for i, (d, p) in enumerate(zip(delta, params)):
+            if d.shape != p.shape or d.dtype != p.dtype:
+                raise BPModStateError(
+                    path,
+                    f"the offset of block {t}, tensor {i}, is {d.dtype} {tuple(d.shape)}, the parameter's "
+                    f"{p.dtype} {tuple(p.shape)}: another model's state",
+                )
+
+
+def load_bpmod_state(checkpoint: str, trainer: Any) -> dict[str, Any]:
+    """The state saved in ``checkpoint``, checked against ``trainer``'s model and block split before anything is
+    loaded, with the offsets on their parameters' devices. With ``rebuild_bpmod_state``, a missing or damaged state
+    gives the trainer's fresh one (its heads as built, an offset refreshed at the next step; marked ``rebuilt``)."""
+    args, chain = trainer.args, trainer.block_chain
+    try:
+        state, path = read_bpmod_state(checkpoint)
+        check_block_split(state, args)
+        check_against_model(state, path, trainer.aux_heads, chain.block_params)
+    except BPModStateError as e:
+        if not args.rebuild_bpmod_state:
+            raise
+        (logger.warning if args.should_log else logger.info)(
+            f"rebuild_bpmod_state=True: {e.path} cannot be resumed from ({e.problem}); "
+            "resuming the model and optimizer from the checkpoint with fresh auxiliary heads (and their optimizer "
+            "state) and a fresh offset, refreshed at the next step."
+        )
+        return {**trainer.bpmod_state_dict(), "offset": OffsetState().state_dict(), "rebuilt": True}
+    for block, params in zip(state["offset"]["blocks"], chain.block_params):
+        if block["delta"] is not None:
+            block["delta"] = [d.to(p.device) for d, p in zip(block["delta"], params)]
+    return state
+
+
+def forget_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter]) -> None:
+    """Drop ``optimizer``'s state (moments, step counts) of ``params``, which start afresh."""
+    for p in params:
+        optimizer.state.pop(p, None)
 
 
 def check_block_split(state: dict[str, Any], args: Any) -> None:

@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from . import compat, distributed, losses, precision
 from .adapters import get_adapter, unwrap_model
-from .checkpoint import check_block_split, load_bpmod_state, save_bpmod_state, saved_method
+from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
 from .config import BPModifiedTrainingArguments
 from .local_grad import local_gradients
 from .model_card import CARD_TAGS, add_method_section, method_description
@@ -289,10 +289,11 @@ class BPModifiedTrainer(Trainer):
         if checkpoint is None:
             super()._load_optimizer_and_scheduler(checkpoint)
             return
-        state = load_bpmod_state(checkpoint, self.args.device)
-        check_block_split(state, self.args)  # before the optimizer's state, which would fail on other param groups
+        state = load_bpmod_state(checkpoint, self)  # checked against this model before the optimizer's state
         super()._load_optimizer_and_scheduler(checkpoint)
         self.load_bpmod_state_dict(state)
+        if state.get("rebuilt"):  # fresh heads (rebuild_bpmod_state) start with no optimizer state
+            forget_optimizer_state(self.optimizer, self.aux_heads.parameters())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the model weights of a checkpoint to resume from (see `_reload_full_model`)."""

@@ -19,6 +19,7 @@ from transformers import (
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
 from hf_bpmod.adapters.base import ArchitectureAdapter
 from hf_bpmod.adapters.vit import find_layer_list
+from hf_bpmod.checkpoint import read_bpmod_state
 from hf_bpmod.model_card import method_description
 from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit, weighted_cross_entropy
 
@@ -297,7 +298,8 @@ def test_push_to_hub_sends_the_plain_model_and_resumable_checkpoints(tmp_path, m
     assert hub.repos == ["someone/tiny-bpmod"]
     checkpoints = [folder for where, folder in hub.uploads if where == "last-checkpoint"]
     assert len(checkpoints) == 2  # at steps 2 and 4
-    assert (checkpoints[-1] / "bpmod_state.pt").is_file() and (checkpoints[-1] / "optimizer.pt").is_file()
+    assert (checkpoints[-1] / "optimizer.pt").is_file()
+    assert (checkpoints[-1] / "bpmod_state.json").is_file() and (checkpoints[-1] / "bpmod_state.safetensors").is_file()
     final = hub.uploads[-1][1]
     assert hub.uploads[-1][0] is None and not any(n.startswith("checkpoint-") for n in os.listdir(final))
     reloaded, info = ViTForImageClassification.from_pretrained(final, output_loading_info=True)
@@ -355,9 +357,8 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, bp_modified):
     trainer = BPModifiedTrainer(model=first, args=args, train_dataset=data)
     trainer.train()
     checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
-    assert (checkpoint / "bpmod_state.pt").is_file()
-    saved = torch.load(checkpoint / "bpmod_state.pt", weights_only=False)
-    assert set(saved) >= {"aux_heads", "offset"}
+    saved, _ = read_bpmod_state(str(checkpoint))
+    assert saved["aux_heads"] and not (checkpoint / "bpmod_state.pt").exists()
     if bp_modified:  # refreshed at step 0, next at step 4: the checkpoint is mid-period
         assert saved["offset"]["period_index"] == 1 and saved["offset"]["next_refresh_step"] == 4
     resumed = tiny_vit(num_layers=4, seed=123)  # different init: everything must come from the checkpoint
@@ -460,7 +461,7 @@ def test_resuming_under_another_block_split_fails_clearly(tmp_path, changed, mes
     "writer, message",
     [
         ("model_only", r"holds no training state .* as `save_only_model=True` writes"),
-        ("plain_trainer", r"has no bpmod_state.pt .* not written by BPModifiedTrainer"),
+        ("plain_trainer", r"bpmod_state.json: the file is missing .* not written by BPModifiedTrainer"),
     ],
 )
 def test_resuming_from_a_checkpoint_without_our_state_fails_clearly(tmp_path, writer, message):
@@ -689,11 +690,13 @@ def test_resume_keeps_the_checkpoints_method_when_bp_modified_is_left_unset(tmp_
     args = _args(tmp_path / "b", save_strategy="steps", save_steps=3, bp_modified=True, **kw)
     BPModifiedTrainer(model=tiny_vit(num_layers=4), args=args, train_dataset=data).train()
     checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
-    state = torch.load(checkpoint / "bpmod_state.pt", weights_only=False)
+    state, _ = read_bpmod_state(str(checkpoint))
     assert state["bp_modified"] is True
-    if not recorded:
+    if not recorded:  # as an earlier release wrote it
         del state["bp_modified"]
         torch.save(state, checkpoint / "bpmod_state.pt")
+        os.remove(checkpoint / "bpmod_state.json")
+        os.remove(checkpoint / "bpmod_state.safetensors")
     resumed = tiny_vit(num_layers=4, seed=123)
     args = _args(tmp_path / "b", save_strategy="steps", save_steps=3, **kw)
     trainer = BPModifiedTrainer(model=resumed, args=args, train_dataset=data)
