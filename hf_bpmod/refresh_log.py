@@ -25,15 +25,13 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
-def _is_record(line: bytes) -> bool:
-    """Whether ``line`` (with its newline) is one whole refresh record."""
-    if not line.endswith(b"\n"):
-        return False  # a torn write, even if what is there parses
+def _read_record(line: bytes) -> dict[str, Any] | None:
+    """The refresh record on ``line``, or ``None`` if it holds none (a torn write, or anything else)."""
     try:
         record = json.loads(line)
     except ValueError:
-        return False
-    return isinstance(record, dict) and isinstance(record.get("step"), int)
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def keep_numbered_copy(path: str) -> str:
@@ -80,18 +78,20 @@ class RefreshLog:
             return
         with open(path, "rb") as f:
             lines = f.readlines()
-        keep, dropped, broken = [], 0, []
+        keep, dropped, broken, blank = [], 0, [], 0
         for number, line in enumerate(lines, start=1):
             if not line.strip():
+                blank += 1
                 continue
-            if not _is_record(line):
+            record = _read_record(line)
+            if record is None:
                 broken.append(number)
-            elif json.loads(line)["step"] < start_step:
-                keep.append(line)
+            elif record["step"] < start_step:
+                keep.append(line if line.endswith(b"\n") else line + b"\n")
             else:
                 dropped += 1
-        blank = sum(1 for line in lines if not line.strip())
-        if not broken and not dropped and not blank:
+        unended = not lines[-1].endswith(b"\n")  # a later append would run into it
+        if not broken and not dropped and not blank and not unended:
             return  # the log is whole and ends before the checkpoint: the resumed run appends to it
         copy = keep_numbered_copy(path)
         if broken:

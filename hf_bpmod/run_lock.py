@@ -46,6 +46,7 @@ class RunLock:
         self.folder = folder
         self.path = os.path.join(folder, LOCK_NAME)
         self._fd: int | None = None
+        self._pid = os.getpid()
 
     @property
     def held(self) -> bool:
@@ -55,6 +56,7 @@ class RunLock:
         """Take the lock, or raise :class:`OutputDirInUseError` at once if another run holds it."""
         if self._fd is not None:
             return
+        self._pid = os.getpid()
         if fcntl is None and msvcrt is None:
             warnings.warn(
                 f"No file locking on this platform: nothing stops a second run from training in {self.folder} at "
@@ -84,8 +86,8 @@ class RunLock:
     def release(self) -> None:
         """Release the lock (and remove the file, where the OS allows it while open). Idempotent."""
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
+        if fd is None or os.getpid() != self._pid:
+            return  # a forked child (a data loader worker) neither removes nor unlocks its parent's lock
         try:
             if fcntl is not None:  # removed while still locked, so no other run can lock the old file meanwhile
                 with contextlib.suppress(OSError):

@@ -13,7 +13,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
-from hf_bpmod.run_lock import LOCK_NAME, OutputDirInUseError
+from hf_bpmod.refresh_log import RefreshLog
+from hf_bpmod.run_lock import LOCK_NAME, OutputDirInUseError, RunLock
 from hf_bpmod.testing import SyntheticImages, tiny_vit
 
 LOG = "bpmod_offsets.jsonl"
@@ -182,3 +183,34 @@ def test_a_killed_run_does_not_leave_the_folder_locked(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.train()
     assert trainer.state.global_step == 2 and not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_whole_last_record_without_its_newline_is_kept_and_appended_after(tmp_path):
+    path = tmp_path / LOG
+    path.write_bytes(b'{"step": 0, "blocks": []}\n{"step": 1, "blocks": []}')
+    log = RefreshLog(str(path))
+    log.start(2)  # a resume from step 2 keeps both records
+    log.append({"step": 2, "blocks": []})
+    assert [r["step"] for r in _records(path)] == [0, 1, 2]
+    assert (tmp_path / f"{LOG}.1").read_bytes().endswith(b'"blocks": []}')  # the file as it was
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_forked_child_leaves_its_parents_lock_alone(tmp_path):
+    """A data loader worker forked while the lock is held inherits the lock object; its exit must not free it."""
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: what its interpreter would do with the object, then exit at once
+            lock.release()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert (tmp_path / LOCK_NAME).exists()
+        with pytest.raises(OutputDirInUseError):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    with RunLock(str(tmp_path)):  # free again
+        pass
