@@ -9,9 +9,7 @@ processes), the trainer refreshes the offset when a period of ``K`` steps starts
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +28,7 @@ from .offset_pass import (
     compute_offsets,
     offset_sample,
 )
+from .refresh_log import RefreshLog
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,8 @@ class OffsetController:
         processes: this process among the data-parallel ones; statistics are summed across them.
         preserve: modules whose buffers (BatchNorm statistics) the offset pass must leave as it found them.
         forward_context: the context of every forward computation (autocast).
-        log_path: the JSON-lines refresh log, written by this process (``None``: not written here).
+        log_path: the JSON-lines refresh log, written by this process (``None``: not written here); its rules are
+            those of :mod:`hf_bpmod.refresh_log`.
     """
 
     def __init__(
@@ -75,6 +75,7 @@ class OffsetController:
         self.preserve = list(preserve)
         self.forward_context = forward_context
         self.log_path = log_path
+        self.log = RefreshLog(log_path) if log_path is not None else None
         self.state = OffsetState()
         self.pending_logs: dict[str, float] | None = None
 
@@ -140,22 +141,11 @@ class OffsetController:
 
     # ------------------------------------------------------------------ the refresh log
     def start_log(self, start_step: int) -> None:
-        """Drop the records at or after ``start_step`` from the log: those of an earlier run in the same folder (a
-        fresh run starts at 0) or, on resume, those the interrupted run made after its checkpoint (they are made
-        again). The file as it was is kept as ``<file>.old``; the new one is written atomically."""
-        path = self.log_path
-        if path is None or not os.path.exists(path):
-            return
-        with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-        keep = [line for line in lines if json.loads(line).get("step", 0) < start_step]
-        if len(keep) == len(lines):
-            return
-        with open(path + ".old", "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        """A training run starts at ``start_step`` (0: fresh; else resumed from the checkpoint of that step): a new
+        run id for its records, and the log kept, cut and repaired as :class:`~hf_bpmod.refresh_log.RefreshLog`
+        says (records from ``start_step`` on, made again by this run, are only in the numbered copy)."""
+        if self.log is not None:
+            self.log.start(start_step)
 
     def _log(self, record: dict) -> None:
         logs = {"offset/seconds": record["seconds"]}
@@ -163,10 +153,8 @@ class OffsetController:
             for key in LOGGED_KEYS:
                 logs[f"offset/block_{t}/{key}"] = block[key]
         self.pending_logs = logs
-        if self.log_path is not None:
-            os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.log is not None:
+            self.log.append(record)
 
     def pop_logs(self) -> dict[str, float]:
         """The last refresh's values for the Trainer's log, once."""

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from . import compat, distributed, losses, precision
+from . import compat, distributed, losses, precision, run_lock
 from .adapters import get_adapter, unwrap_model
 from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
 from .config import BPModifiedTrainingArguments
@@ -169,6 +169,11 @@ class BPModifiedTrainer(Trainer):
         return inputs["pixel_values"], inputs["labels"]
 
     # ------------------------------------------------------------------ training
+    def train(self, *args, **kwargs):
+        """The Trainer's ``train``, holding the ``output_dir`` for this run alone (:mod:`hf_bpmod.run_lock`)."""
+        with run_lock.training_lock(self.args):
+            return super().train(*args, **kwargs)
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Local gradients of one micro-batch into ``.grad`` (eq. 4); on the last micro-batch of an optimizer step,
         average across processes and apply the offset (eq. 5) before the Trainer clips and steps."""

@@ -370,13 +370,16 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, bp_modified):
         log = [json.loads(line) for line in open(out / "bpmod_offsets.jsonl")]
         # the interrupted run's record of step 4 (after its checkpoint) is replaced by the resumed run's
         assert [r["step"] for r in log] == [0, 4]
-        old = [json.loads(line) for line in open(out / "bpmod_offsets.jsonl.old")]
-        assert [r["step"] for r in old] == [0, 4]  # the file as it was is kept
-        # a fresh run in the same output_dir starts a fresh log
+        assert log[0]["run_id"] != log[1]["run_id"] and log[1]["resumed_from_step"] == 3
+        kept = [json.loads(line) for line in open(out / "bpmod_offsets.jsonl.1")]
+        assert [r["step"] for r in kept] == [0, 4]  # the file as it was is kept
+        assert kept[0]["run_id"] == kept[1]["run_id"] == log[0]["run_id"]
+        # a fresh run in the same output_dir starts a fresh log; the earlier one is kept
         again = BPModifiedTrainer(model=tiny_vit(num_layers=4), args=_args(tmp_path / "a", **kw), train_dataset=data)
         again.train()
         log = [json.loads(line) for line in open(tmp_path / "a" / "out" / "bpmod_offsets.jsonl")]
         assert [r["step"] for r in log] == [0, 4]
+        assert (tmp_path / "a" / "out" / "bpmod_offsets.jsonl.1").is_file()
 
 
 def _assert_same(a, b, where="state"):
