@@ -1,0 +1,127 @@
+"""Non-finite losses or gradients never reach the weights: the step is skipped, and too many in a row stop training."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import TrainerCallback, default_data_collator
+
+from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.guard import NonFiniteTrainingError
+from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit
+
+BATCH = 16
+COMMON = dict(
+    per_device_train_batch_size=BATCH,
+    learning_rate=1e-3,
+    report_to="none",
+    use_cpu=True,
+    save_strategy="no",
+    seed=0,
+    data_seed=0,
+    disable_tqdm=True,
+    logging_steps=1,
+    bp_modified=True,
+    offset_batch_size=16,
+    offset_micro_batch_size=8,
+    offset_period=2,
+)
+FACTORIES = {"vit": lambda: tiny_vit(num_layers=3), "resnet": lambda: tiny_resnet(depths=(1, 1))}
+
+
+def _args(tmp_path, **kw):
+    return BPModifiedTrainingArguments(output_dir=str(tmp_path / "out"), **{**COMMON, **kw})
+
+
+class Poison:
+    """The data collator, with ``poison(batch)`` applied to the training micro-batches whose index (from 0) is in
+    ``which`` (``None``: all). The offset pass's micro-batches (of ``offset_micro_batch_size``) are left alone unless
+    ``refresh=True``."""
+
+    def __init__(self, poison, which=None, refresh=False) -> None:
+        self.poison, self.which, self.refresh, self.count = poison, which, refresh, 0
+
+    def __call__(self, features):
+        batch = default_data_collator(features)
+        if len(features) == BATCH:
+            if self.which is None or self.count in self.which:
+                self.poison(batch)
+            self.count += 1
+        elif self.refresh:
+            self.poison(batch)
+        return batch
+
+
+def nan_pixel(batch):
+    batch["pixel_values"][3, 1, 2, 2] = float("nan")
+
+
+def inf_pixel(batch):
+    batch["pixel_values"][0, 0, 0, 0] = float("inf")
+
+
+class Recorder(TrainerCallback):
+    """Everything an optimizer step may change, before and after each step."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer, self.before, self.after = trainer, {}, {}
+
+    def _state(self):
+        t = self.trainer
+        return copy.deepcopy(
+            {
+                "model": t.model.state_dict(),
+                "heads": t.aux_heads.state_dict(),
+                "optimizer": t.optimizer.state_dict()["state"],
+                "offset": t.offset.state.state_dict(),
+            }
+        )
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.before[state.global_step] = self._state()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.after[state.global_step - 1] = self._state()
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) if a.is_floating_point() else a.equal(b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _finite(trainer) -> bool:
+    tensors = [*trainer.model.state_dict().values(), *trainer.aux_heads.state_dict().values()]
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def _train(tmp_path, arch, collator, **kw):
+    trainer = BPModifiedTrainer(
+        model=FACTORIES[arch](),
+        args=_args(tmp_path, **{"max_steps": 5, **kw}),
+        train_dataset=SyntheticImages(96),
+        data_collator=collator,
+    )
+    recorder = Recorder(trainer)
+    trainer.add_callback(recorder)
+    return trainer, recorder
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+@pytest.mark.parametrize("poison", [nan_pixel, inf_pixel])
+def test_a_non_finite_image_skips_its_step_and_training_goes_on(tmp_path, arch, poison):
+    trainer, rec = _train(tmp_path, arch, Poison(poison, which={2}), optim="adamw_torch")
+    with pytest.warns(RuntimeWarning, match=r"Step 2: the loss of head 1 is not finite; the optimizer step is skipped"):
+        trainer.train()
+    assert _equal(rec.before[2], rec.after[2])  # weights, buffers, heads, optimizer moments and step counts
+    for step in (1, 3):  # the steps around it train
+        assert not _equal(rec.before[step]["model"], rec.after[step]["model"])
+        assert not _equal(rec.before[step]["optimizer"], rec.after[step]["optimizer"])
+    assert trainer.state.global_step == 5
+    assert _finite(trainer)
+    assert trainer.guard.skipped_in_a_row == 0
