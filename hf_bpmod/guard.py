@@ -46,20 +46,36 @@ class NonFiniteTrainingError(RuntimeError):
     """Training stopped after too many non-finite steps (or offset refreshes) in a row."""
 
 
+def _innermost(optimizer: Any) -> Any:
+    """The optimizer that updates the weights: the one inside a wrapper such as accelerate's ``AcceleratedOptimizer``
+    (so that the wrapper's ``step``, and a learning-rate scheduler's tracking of it, still run)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def _skip_once(optimizer: Any) -> None:
-    """Make the next ``optimizer.step()`` a no-op that then restores the optimizer's own ``step``."""
+    """Make the next ``step()`` of the optimizer that updates the weights a no-op, which then puts back the ``step``
+    it replaced."""
+    inner = _innermost(optimizer)
+    previous = vars(inner).get("step")  # an instance attribute (a scheduler's or accelerate's wrapper), if any
 
     def skipped(*args: Any, **kwargs: Any) -> None:
-        del optimizer.step  # the instance attribute: the class's `step` is seen again
-        return None
+        _disarm(inner)
 
     skipped.__hf_bpmod_skip__ = True  # type: ignore[attr-defined]
-    optimizer.step = skipped
+    skipped.__hf_bpmod_previous__ = previous  # type: ignore[attr-defined]
+    inner.step = skipped
 
 
-def _disarm(optimizer: Any) -> None:
-    if getattr(vars(optimizer).get("step"), "__hf_bpmod_skip__", False):
-        del optimizer.step
+def _disarm(inner: Any) -> None:
+    step = vars(inner).get("step")
+    if getattr(step, "__hf_bpmod_skip__", False):
+        previous = step.__hf_bpmod_previous__
+        if previous is None:
+            del inner.step
+        else:
+            inner.step = previous
 
 
 class NonFiniteGuard:
@@ -107,7 +123,7 @@ class NonFiniteGuard:
     def start_step(self) -> None:
         """At the first micro-batch of an optimizer step: remember the buffers, forget the previous step's losses."""
         if self._optimizer is not None:  # a skip that no `optimizer.step()` consumed
-            _disarm(self._optimizer)
+            _disarm(_innermost(self._optimizer))
             self._optimizer = None
         self._losses = []
         seen: set[int] = set()

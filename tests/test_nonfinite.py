@@ -1,5 +1,6 @@
 """Non-finite losses or gradients never reach the weights: the step is skipped, and too many in a row stop training."""
 
+import contextlib
 import copy
 import math
 
@@ -116,7 +117,9 @@ def _train(tmp_path, arch, collator, **kw):
 @pytest.mark.parametrize("poison", [nan_pixel, inf_pixel])
 def test_a_non_finite_image_skips_its_step_and_training_goes_on(tmp_path, arch, poison):
     trainer, rec = _train(tmp_path, arch, Poison(poison, which={2}), optim="adamw_torch")
-    with pytest.warns(RuntimeWarning, match=r"Step 2: the loss of head 1 is not finite; the optimizer step is skipped"):
+    with pytest.warns(
+        RuntimeWarning, match=r"Step 2: the loss of head 1 is not finite; the optimizer step is skipped"
+    ):
         trainer.train()
     assert _equal(rec.before[2], rec.after[2])  # weights, buffers, heads, optimizer moments and step counts
     for step in (1, 3):  # the steps around it train
@@ -125,3 +128,73 @@ def test_a_non_finite_image_skips_its_step_and_training_goes_on(tmp_path, arch, 
     assert trainer.state.global_step == 5
     assert _finite(trainer)
     assert trainer.guard.skipped_in_a_row == 0
+
+
+@pytest.mark.parametrize("allowed", [0, 2])
+def test_all_nan_data_stops_after_max_nonfinite_steps_with_the_model_untouched(tmp_path, allowed):
+    trainer, rec = _train(tmp_path, "resnet", Poison(nan_pixel), max_nonfinite_steps=allowed)
+    with pytest.warns(RuntimeWarning) if allowed else contextlib.nullcontext():
+        with pytest.raises(NonFiniteTrainingError) as error:
+            trainer.train()
+    message = str(error.value)
+    assert f"Step {allowed}: the loss of head 1 is not finite" in message
+    assert f"max_nonfinite_steps={allowed}" in message
+    assert "Check the data (NaN or Inf pixels or labels" in message and "learning rate" in message
+    assert "left as they were after the last finite step" in message
+    initial, after = rec.before[0], rec._state()
+    assert _equal(initial["model"], after["model"]) and _equal(initial["heads"], after["heads"])
+    assert after["optimizer"] == {}  # no step was ever taken
+    assert _finite(trainer)
+
+
+def _one_hot(batch):
+    batch["labels"] = torch.nn.functional.one_hot(batch["labels"], 5).float()
+
+
+def test_a_nan_label_skips_its_step(tmp_path):
+    def nan_label(batch):
+        batch["labels"][5, 1] = float("nan")
+
+    class MultiLabel(Poison):
+        def __call__(self, features):
+            batch = default_data_collator(features)
+            _one_hot(batch)
+            if len(features) == BATCH:
+                if self.count in self.which:
+                    nan_label(batch)
+                self.count += 1
+            return batch
+
+    trainer, rec = _train(tmp_path, "vit", MultiLabel(None, which={1}))
+    trainer.model.config.problem_type = "multi_label_classification"
+    with pytest.warns(RuntimeWarning, match=r"Step 1: the loss of head 1 is not finite"):
+        trainer.train()
+    assert _equal(rec.before[1], rec.after[1])
+    assert not _equal(rec.before[2]["model"], rec.after[2]["model"])
+    assert _finite(trainer)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_caught_and_named(tmp_path):
+    trainer, rec = _train(tmp_path, "vit", Poison(lambda b: None, which=set()))
+    block = trainer.block_chain.block_params[1][0]
+    block.register_hook(lambda g: g if trainer.state.global_step != 3 else torch.full_like(g, math.inf))
+    with pytest.warns(RuntimeWarning, match=r"Step 3: the gradient of block 1 is not finite"):
+        trainer.train()
+    assert _equal(rec.before[3], rec.after[3])
+    assert _finite(trainer)
+
+
+def test_non_finite_refreshes_keep_the_offset_and_count_in_a_row(tmp_path):
+    # every refresh sees a NaN image, training batches are clean: refreshes at steps 0, 2 and 4 fail
+    trainer, rec = _train(tmp_path, "resnet", Poison(nan_pixel, which=set(), refresh=True), max_nonfinite_steps=1)
+    with pytest.raises(
+        NonFiniteTrainingError, match=r"Step 2: the offset refresh gave non-finite statistics, the 2nd"
+    ):
+        trainer.train()
+    assert trainer.offset.state.blocks == []  # no offset was ever made of non-finite statistics
+    assert trainer.state.global_step == 2 and _finite(trainer)  # steps 0 and 1 trained with clean batches
+    assert not _equal(rec.before[0]["model"], rec.after[1]["model"])
+
+    trainer, _ = _train(tmp_path, "resnet", Poison(nan_pixel, which=set(), refresh=True), max_nonfinite_steps=2)
+    with pytest.raises(NonFiniteTrainingError, match=r"Step 4: the offset refresh .* the 3rd refresh in a row"):
+        trainer.train()  # two failures in a row are allowed, the third stops
