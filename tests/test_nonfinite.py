@@ -198,3 +198,44 @@ def test_non_finite_refreshes_keep_the_offset_and_count_in_a_row(tmp_path):
     trainer, _ = _train(tmp_path, "resnet", Poison(nan_pixel, which=set(), refresh=True), max_nonfinite_steps=2)
     with pytest.raises(NonFiniteTrainingError, match=r"Step 4: the offset refresh .* the 3rd refresh in a row"):
         trainer.train()  # two failures in a row are allowed, the third stops
+
+
+def _small_chain():
+    from hf_bpmod.chain import BlockChain
+
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)) for _ in range(3)]
+    heads = [torch.nn.Linear(4, 2) for _ in range(3)]
+    return BlockChain(blocks=blocks, heads=heads), torch.nn.ModuleList(blocks + heads)
+
+
+def test_every_process_reaches_the_same_verdict_from_its_own_losses():
+    # process 1's loss of head 2 is NaN, its gradients (averaged over both) finite: without the sum across
+    # processes process 0 would step and process 1 skip, and their weights would part
+    from hf_bpmod.guard import NonFiniteGuard
+
+    chain, modules = _small_chain()
+    other: dict[str, torch.Tensor] = {}
+
+    def reduce_sum(t):
+        t += other["vector"]
+
+    guards = [NonFiniteGuard(chain, [modules], 3, reduce_sum=reduce_sum) for _ in range(2)]
+    optimizer = torch.optim.SGD(modules.parameters(), lr=0.1)
+    verdicts = []
+    for rank, guard in enumerate(guards):
+        guard.start_step()
+        for p in modules.parameters():
+            p.grad = torch.ones_like(p)
+        losses = {1: torch.tensor(1.0), 2: torch.tensor(math.nan if rank == 1 else 1.0), 3: torch.tensor(1.0)}
+        guard.add_losses(losses)
+        # what the other process adds: its three losses (process 1's head 2 is NaN) and its gradients' max-abs
+        other["vector"] = torch.tensor([1.0, math.nan if rank == 0 else 1.0, 1.0] + [1.0] * len(guard.params))
+        with pytest.warns(RuntimeWarning, match="Step 7: the loss of head 2 is not finite"):
+            verdicts.append(guard.finish_step(7, optimizer))
+        assert all(p.grad is None for p in modules.parameters())
+        before = [p.detach().clone() for p in modules.parameters()]
+        optimizer.step()  # the armed skip
+        assert all(torch.equal(a, p) for a, p in zip(before, modules.parameters()))
+        assert "step" not in vars(optimizer)  # the optimizer's own step is back
+    assert verdicts == [False, False]
