@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -239,3 +240,18 @@ def test_every_process_reaches_the_same_verdict_from_its_own_losses():
         assert all(torch.equal(a, p) for a, p in zip(before, modules.parameters()))
         assert "step" not in vars(optimizer)  # the optimizer's own step is back
     assert verdicts == [False, False]
+
+
+def test_under_fp16_scaling_the_scaler_skips_and_the_guard_only_puts_the_batchnorm_statistics_back(tmp_path):
+    # fp16 needs a GPU: an enabled CPU GradScaler stands in for it (as in tests/test_precision.py)
+    trainer, rec = _train(tmp_path, "resnet", Poison(nan_pixel, which={2}), max_nonfinite_steps=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+    trainer.accelerator.scaler = scaler
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # an overflow is no warning and not counted: 0 allowed
+        trainer.train()
+    assert trainer.optimizer.scaler is scaler and scaler.get_scale() == 2.0**9  # the scaler saw it and skipped
+    for part in ("model", "heads", "optimizer"):  # the weights by the scaler, the running statistics by the guard
+        assert _equal(rec.before[2][part], rec.after[2][part])  # (the offset refresh due at step 2 ran)
+    assert not _equal(rec.before[3]["model"], rec.after[3]["model"])
+    assert trainer.guard.skipped_in_a_row == 0 and _finite(trainer)
