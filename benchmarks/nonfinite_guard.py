@@ -44,7 +44,7 @@ def time_shape(key: str, batch: int, warmup: int, reps: int, device: torch.devic
     base = unwrap_model(model)
     aux_heads = adapter.aux_heads(base, 1).to(device).train()
     chain = adapter.chain(base, aux_heads)
-    params = [p for p in model.parameters() if p.requires_grad] + [p for p in aux_heads.parameters() if p.requires_grad]
+    params = [p for m in (model, aux_heads) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     guard = NonFiniteGuard(chain, [base, aux_heads], max_nonfinite_steps=10)
     g = torch.Generator().manual_seed(0)

@@ -207,8 +207,9 @@ class BPModifiedTrainer(Trainer):
         return precision.loss_scale(self.accelerator, self.args.device)
 
     def _finish_optimizer_step_gradients(self) -> None:
-        """Once per optimizer step: average the gradients (and BatchNorm statistics) across processes, then
-        ``g^ = a g_h + lambda Delta`` (eq. 5), refreshing the offset first when a period starts."""
+        """Once per optimizer step: average the gradients (and BatchNorm statistics) across processes, skip the step
+        if a loss or gradient is not finite (:mod:`hf_bpmod.guard`), then ``g^ = a g_h + lambda Delta`` (eq. 5),
+        refreshing the offset first when a period starts."""
         self._zero_aux_grads = True
         num_processes = self.accelerator.num_processes
         if num_processes > 1:
