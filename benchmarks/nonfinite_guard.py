@@ -4,8 +4,8 @@
 For each shape (ViT-B/16 and ResNet-50 at random init, LoRA/LoKr r=1 and full fine-tune) one FF step (h = 1) as
 :class:`hf_bpmod.BPModifiedTrainer` runs it: ``zero_grad``, ``local_gradients(..., accumulate=True)`` on one fixed
 random batch of ``--batch`` images, the SGD step (momentum 0.9). Within the same step the guard's three calls are
-timed: ``start_step`` (the buffer snapshot), ``add_losses`` and ``finish_step`` (the per-tensor max-abs of every
-gradient, block and head, and the one synchronisation that reads the verdict). The table gives the medians and
+timed: ``start_step`` (the buffer snapshot), ``add_losses`` and ``finish_step`` (the float32 sum of every gradient
+tensor, blocks and heads, and the one synchronisation that reads the verdict). The table gives the medians and
 the guard's share of the step without it. Part of ``run_all.py`` (``make bench``).
 
     python benchmarks/nonfinite_guard.py                       # CPU, B = 8, every paper shape
@@ -110,7 +110,7 @@ def main() -> None:
         "",
         f"FF (h = 1) steps with SGD on one fixed random batch; medians of {opts.reps} steps after {opts.warmup} "
         "warm-up. The guard: the buffer snapshot at the step's start, the losses, and the check of every gradient "
-        "(one `torch._foreach_norm(ord=inf)` and one synchronisation). Goal: at most 1% of a step. "
+        "(one float32 sum per gradient tensor and one synchronisation). Goal: at most 1% of a step. "
         f"Command: `{command.strip()}`.",
         "",
     ]

@@ -230,7 +230,7 @@ def test_every_process_reaches_the_same_verdict_from_its_own_losses():
             p.grad = torch.ones_like(p)
         losses = {1: torch.tensor(1.0), 2: torch.tensor(math.nan if rank == 1 else 1.0), 3: torch.tensor(1.0)}
         guard.add_losses(losses)
-        # what the other process adds: its three losses (process 1's head 2 is NaN) and its gradients' max-abs
+        # what the other process adds: its three losses (process 1's head 2 is NaN) and its gradients' sums
         other["vector"] = torch.tensor([1.0, math.nan if rank == 0 else 1.0, 1.0] + [1.0] * len(guard.params))
         with pytest.warns(RuntimeWarning, match="Step 7: the loss of head 2 is not finite"):
             verdicts.append(guard.finish_step(7, optimizer))
