@@ -6,7 +6,7 @@ Runs, one after the other, each in its own process (so that one's threads and me
 the Trainer), ``memory_speed.py`` (peak memory and step time against BP and gradient checkpointing),
 ``vjp_floor.py`` (the passes of one block: the step-time floor of each horizon), ``apply_offset.py`` (applying
 the offset at every step, one pass against two) and ``checkpointing.py`` (what gradient checkpointing saves under
-local losses). Then it
+local losses) and ``nonfinite_guard.py`` (the non-finite guard's share of a step). Then it
 concatenates the markdown each one wrote, prints it and writes it to ``benchmarks/results/README.md``.
 
 The children run with ``OMP_WAIT_POLICY=PASSIVE`` (unless set): spinning OpenMP threads collapse when other processes
@@ -36,6 +36,7 @@ BENCHMARKS = [
     ("vjp_floor.py", [], ["vjp_floor.md"]),
     ("apply_offset.py", [], ["apply_offset.md"]),
     ("checkpointing.py", [], ["checkpointing.md"]),
+    ("nonfinite_guard.py", [], ["nonfinite_guard.md"]),
 ]
 
 

@@ -104,9 +104,9 @@ class OffsetController:
                 f"`offset_batch_size={max(2 * self.settings.micro_batch_size, n // 10)}`) or set `bp_modified=False`."
             )
 
-    def refresh(self, global_step: int, data: OffsetData, loss_scale: float = 1.0) -> None:
+    def refresh(self, global_step: int, data: OffsetData, loss_scale: float = 1.0) -> bool:
         """Algorithm 1, lines 4-9, at the start of a period: a fresh sample of ``B'`` examples, the statistics,
-        and the new offset (the previous one is kept if a statistic is not finite)."""
+        and the new offset. Whether the statistics were finite (if not, the previous offset is kept)."""
         state = self.state
         period = self.settings.period_steps(data.steps_per_epoch)
         indices = offset_sample(data.size, self.settings.sample_size, self.settings.seed, state.period_index)
@@ -138,6 +138,7 @@ class OffsetController:
         state.period_index += 1
         state.next_refresh_step = global_step + period
         self._log(record)
+        return offsets is not None
 
     # ------------------------------------------------------------------ the refresh log
     def start_log(self, start_step: int) -> None:

@@ -18,6 +18,12 @@ def forward_context(trainer: Any) -> contextlib.ExitStack:
     return stack
 
 
+def scaler_enabled(accelerator: Any) -> bool:
+    """Whether fp16's gradient scaler is on (it then skips steps with non-finite gradients itself)."""
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler is not None and scaler.is_enabled()
+
+
 def loss_scale(accelerator: Any, device: torch.device) -> float:
     """The fp16 loss scale (1 without an enabled scaler).
 

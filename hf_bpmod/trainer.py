@@ -25,6 +25,7 @@ from . import compat, distributed, losses, precision, run_lock
 from .adapters import get_adapter, unwrap_model
 from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
 from .config import BPModifiedTrainingArguments
+from .guard import NonFiniteGuard
 from .local_grad import local_gradients
 from .model_card import CARD_TAGS, add_method_section, method_description
 from .offset_controller import OffsetController, OffsetData
@@ -102,6 +103,10 @@ class BPModifiedTrainer(Trainer):
         )
         if self.uses_offset and self.train_dataset is not None:
             self.offset.check_dataset(self.train_dataset)
+        reduce_sum = dist.all_reduce if num_processes > 1 else None
+        self.guard = NonFiniteGuard(
+            self.block_chain, [base, self.aux_heads], args.max_nonfinite_steps, reduce_sum=reduce_sum
+        )
 
     # ------------------------------------------------------------------ set-up
     def _resolve_bp_modified(self, args: BPModifiedTrainingArguments) -> bool:
@@ -184,6 +189,7 @@ class BPModifiedTrainer(Trainer):
         if self._zero_aux_grads:
             self.aux_heads.zero_grad(set_to_none=True)
             self._zero_aux_grads = False
+            self.guard.start_step()
         pixel_values, labels = self._split_inputs(self._prepare_inputs(inputs))
         result = local_gradients(
             self.block_chain,
@@ -194,6 +200,7 @@ class BPModifiedTrainer(Trainer):
             loss_scale=self._grad_scale(),
             forward_context=self._forward_context,
         )
+        self.guard.add_losses(result.head_losses)
         if self.accelerator.sync_gradients:
             self._finish_optimizer_step_gradients()
         return result.loss
@@ -205,8 +212,9 @@ class BPModifiedTrainer(Trainer):
         return precision.loss_scale(self.accelerator, self.args.device)
 
     def _finish_optimizer_step_gradients(self) -> None:
-        """Once per optimizer step: average the gradients (and BatchNorm statistics) across processes, then
-        ``g^ = a g_h + lambda Delta`` (eq. 5), refreshing the offset first when a period starts."""
+        """Once per optimizer step: average the gradients (and BatchNorm statistics) across processes, skip the step
+        if a loss or gradient is not finite (:mod:`hf_bpmod.guard`), then ``g^ = a g_h + lambda Delta`` (eq. 5),
+        refreshing the offset first when a period starts."""
         self._zero_aux_grads = True
         num_processes = self.accelerator.num_processes
         if num_processes > 1:
@@ -214,7 +222,8 @@ class BPModifiedTrainer(Trainer):
             distributed.average_gradients(params, num_processes)
             if self.args.ddp_broadcast_buffers is not False:
                 distributed.average_buffers((unwrap_model(self.model), self.aux_heads), num_processes)
-        if not self.uses_offset:
+        scaler_on = precision.scaler_enabled(self.accelerator)
+        if not self.guard.finish_step(self.state.global_step, self.optimizer, scaler_on) or not self.uses_offset:
             return
         if self.offset.due(self.state.global_step):
             self._refresh_offset()
@@ -222,7 +231,8 @@ class BPModifiedTrainer(Trainer):
 
     # ------------------------------------------------------------------ the offset's data
     def _refresh_offset(self) -> None:
-        self.offset.refresh(self.state.global_step, self._offset_data(), self._grad_scale())
+        finite = self.offset.refresh(self.state.global_step, self._offset_data(), self._grad_scale())
+        self.guard.refresh_done(self.state.global_step, finite)
 
     def _offset_data(self) -> OffsetData:
         """The training set as the offset pass reads it: the training collator and column filtering, the loss of
