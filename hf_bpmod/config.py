@@ -146,6 +146,10 @@ def check_log_file(value: Any) -> str:
 class BPModifiedTrainingArguments(TrainingArguments):
     """``TrainingArguments`` for :class:`~hf_bpmod.BPModifiedTrainer` (BP-modified local loss, Ren & Li).
 
+    Every argument below is checked when the arguments are built, and a bad one raises a ``ValueError`` that names
+    it. A boolean or a number may be given as a string (as from a YAML or JSON file): it is read as the command line
+    reads it (`"false"`, `"no"`, `"0"` are False; `"10"` is 10); a count never takes a float.
+
     Args:
         local_horizon (`int`, *optional*, defaults to `1`):
             The horizon ``h`` of eq. 4: block ``t`` learns from the loss of the head on ``x_{min(t+h, T)}``. ``1`` is
@@ -192,9 +196,11 @@ class BPModifiedTrainingArguments(TrainingArguments):
             `offset_scaling="aligned"` and to no cap (`float("inf")`) for the paper's rules and `"fixed"`, which stay
             as written.
         offset_seed (`int`, *optional*):
-            Seed of the offset sampler (defaults to `seed`). The sampler never touches the training data order.
+            Seed of the offset sampler (defaults to `seed`): an integer from ``-2**63`` to ``2**64 - 1``, the range
+            torch's generators take. The sampler never touches the training data order.
         offset_log_file (`str`, *optional*, defaults to `"bpmod_offsets.jsonl"`):
-            JSON-lines file in `output_dir` with one record per offset refresh (per-block a, lambda, bias, ...).
+            JSON-lines file with one record per offset refresh (per-block a, lambda, bias, ...): a path relative to
+            `output_dir` that stays inside it (e.g. `"logs/offsets.jsonl"`; no absolute path, no `..` out of it).
         max_nonfinite_steps (`int`, *optional*, defaults to `10`):
             Optimizer steps whose local losses or gradients are not finite are skipped (weights, optimizer state and
             heads untouched), as are offset refreshes with non-finite statistics (the previous offset is kept); after
