@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -12,6 +16,10 @@ from .compat import non_reentrant_checkpointing, sync_activation_checkpointing_k
 from .offset_pass import OffsetSettings
 
 SCALING_MODES = ("aligned", "optimal", "bias_only", "fixed")
+MAX_COUNT = 2**31 - 1  # the largest count (steps, examples, blocks) an argument may hold
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what ``torch.manual_seed`` accepts
+_TRUE = ("yes", "y", "true", "t", "on", "1")  # HfArgumentParser's and transformers' ``strtobool`` spellings
+_FALSE = ("no", "n", "false", "f", "off", "0")
 _PERIOD = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>epochs?|steps?)?\s*$")
 
 
@@ -26,21 +34,121 @@ def parse_offset_period(period: str | float | int) -> tuple[float, str]:
     match = _PERIOD.match(text)
     if match is None:
         raise ValueError(
-            f"`offset_period` ({period!r}) is not understood: use a number of optimizer steps (`'200'` or "
+            f"`offset_period` ({_shown(period)}) is not understood: use a number of optimizer steps (`'200'` or "
             "`'200steps'`) or of epochs (`'epoch'`, `'1epoch'`, `'0.25epoch'`)."
         )
     value = float(match["value"])
     unit = "epoch" if (match["unit"] or "step").startswith("epoch") else "step"
     if value <= 0:
-        raise ValueError(f"`offset_period` ({period!r}) must be positive.")
+        raise ValueError(f"`offset_period` ({_shown(period)}) must be positive, e.g. `'200'` or `'epoch'`.")
+    if not value <= MAX_COUNT:  # also rejects a number of digits that float() turns into inf
+        raise ValueError(
+            f"`offset_period` ({_shown(period)}) must be at most {MAX_COUNT} {unit}s, e.g. `'200'` or `'epoch'`; "
+            "`bp_modified=False` trains without the offset."
+        )
     if unit == "step" and value != int(value):
-        raise ValueError(f"`offset_period` ({period!r}) counts optimizer steps and must be a whole number.")
+        raise ValueError(
+            f"`offset_period` ({_shown(period)}) counts optimizer steps and must be a whole number, e.g. "
+            f"`'{max(1, round(value))}'`."
+        )
     return value, unit
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to a readable length for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:45]}...{text[-10:]} ({len(text)} characters)"
+
+
+def parse_bool(name: str, value: Any, optional: bool = False) -> bool | None:
+    """An argument's boolean as ``HfArgumentParser`` reads it from the command line: ``True``/``False``, ``1``/``0``
+    or a string ``"true"``/``"false"``, ``"yes"``/``"no"``, ``"t"``/``"f"``, ``"y"``/``"n"``, ``"on"``/``"off"``,
+    ``"1"``/``"0"`` (any case); ``None`` where ``optional``. Anything else raises ``ValueError`` naming ``name``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    accepted = "True, False" + (" or None (the default)" if optional else "")
+    raise ValueError(
+        f"`{name}` ({_shown(value)}) must be {accepted}; strings are read as on the command line: "
+        f"{'/'.join(_TRUE)} for True, {'/'.join(_FALSE)} for False."
+    )
+
+
+def parse_int(name: str, value: Any, minimum: int, maximum: int, hint: str) -> int:
+    """An argument's integer in ``[minimum, maximum]``: an ``int`` (not a ``bool``) or a string ``int()`` reads, as
+    from the command line. A float, even a whole one, is refused: the argument counts something."""
+    number = None
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            pass
+    elif not isinstance(value, (bool, float)):
+        try:
+            number = operator.index(value)  # int and integer types of numpy / torch
+        except TypeError:
+            pass
+    limits = f">= {minimum}" if maximum == MAX_COUNT else f"from {minimum} to {maximum}"
+    if number is None:
+        whole = isinstance(value, float) and math.isfinite(value) and value == int(value)
+        fix = f"write `{name}={int(value)}`" if whole else hint
+        raise ValueError(f"`{name}` ({_shown(value)}) must be an integer {limits}; {fix}.")
+    if number < minimum:
+        raise ValueError(f"`{name}` ({_shown(value)}) must be an integer {limits}; {hint}.")
+    if number > maximum:
+        raise ValueError(f"`{name}` ({_shown(value)}) must be at most {maximum}; {hint}.")
+    return number
+
+
+def parse_float(name: str, value: Any, *, condition: str, hint: str) -> float:
+    """An argument's real number: an ``int`` or ``float`` (not a ``bool``), or a string ``float()`` reads, as from
+    the command line. NaN is always refused; the caller checks the range (``condition`` says it in the message)."""
+    number = None
+    try:
+        if isinstance(value, str):
+            number = float(value.strip())
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            number = float(value)
+    except (ValueError, OverflowError):
+        pass
+    if number is None or math.isnan(number):
+        raise ValueError(f"`{name}` ({_shown(value)}) must be {condition}; {hint}.")
+    return number
+
+
+def check_log_file(value: Any) -> str:
+    """``offset_log_file``, normalised: a non-empty relative file path that stays inside ``output_dir``."""
+    hint = "give a file name relative to `output_dir`, e.g. `'bpmod_offsets.jsonl'` or `'logs/bpmod_offsets.jsonl'`"
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ValueError(f"`offset_log_file` ({_shown(value)}) must be a non-empty file name; {hint}.")
+    if os.path.isabs(value) or os.path.splitdrive(value)[0] or value.startswith(("/", "\\")):
+        raise ValueError(
+            f"`offset_log_file` ({_shown(value)}) must be relative: the log is written inside `output_dir`; {hint}."
+        )
+    normal = os.path.normpath(value)
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise ValueError(
+            f"`offset_log_file` ({_shown(value)}) must stay inside `output_dir` (no `..` leading out of it); {hint}."
+        )
+    if value.endswith(("/", os.sep)) or normal == os.curdir:
+        raise ValueError(f"`offset_log_file` ({_shown(value)}) names a folder, not a file; {hint}.")
+    return normal
 
 
 @dataclass
 class BPModifiedTrainingArguments(TrainingArguments):
     """``TrainingArguments`` for :class:`~hf_bpmod.BPModifiedTrainer` (BP-modified local loss, Ren & Li).
+
+    Every argument below is checked when the arguments are built, and a bad one raises a ``ValueError`` that names
+    it. A boolean or a number may be given as a string (as from a YAML or JSON file): it is read as the command line
+    reads it (`"false"`, `"no"`, `"0"` are False; `"10"` is 10); a count never takes a float.
 
     Args:
         local_horizon (`int`, *optional*, defaults to `1`):
@@ -88,9 +196,11 @@ class BPModifiedTrainingArguments(TrainingArguments):
             `offset_scaling="aligned"` and to no cap (`float("inf")`) for the paper's rules and `"fixed"`, which stay
             as written.
         offset_seed (`int`, *optional*):
-            Seed of the offset sampler (defaults to `seed`). The sampler never touches the training data order.
+            Seed of the offset sampler (defaults to `seed`): an integer from ``-2**63`` to ``2**64 - 1``, the range
+            torch's generators take. The sampler never touches the training data order.
         offset_log_file (`str`, *optional*, defaults to `"bpmod_offsets.jsonl"`):
-            JSON-lines file in `output_dir` with one record per offset refresh (per-block a, lambda, bias, ...).
+            JSON-lines file with one record per offset refresh (per-block a, lambda, bias, ...): a path relative to
+            `output_dir` that stays inside it (e.g. `"logs/offsets.jsonl"`; no absolute path, no `..` out of it).
         max_nonfinite_steps (`int`, *optional*, defaults to `10`):
             Optimizer steps whose local losses or gradients are not finite are skipped (weights, optimizer state and
             heads untouched), as are offset refreshes with non-finite statistics (the previous offset is kept); after
@@ -191,46 +301,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
                 "differentiated block by block. Use plain data parallelism (DDP via torchrun / accelerate launch); "
                 "local losses already keep activation memory at O(h) blocks."
             )
-        if self.bp_modified not in (None, True, False):
-            raise ValueError(
-                f"`bp_modified` ({self.bp_modified!r}) must be True, False or None (the architecture's default)."
-            )
-        if self.bp_modified is not None:
-            self.bp_modified = bool(self.bp_modified)
-        self._check_int("local_horizon", 1, "use 1 (Forward-Forward), 2 (LoCo), 5 (MPC) or more")
-        if self.block_granularity not in ("layer", "layer+stem", "stage"):
-            raise ValueError(
-                f"`block_granularity` ({self.block_granularity!r}) must be 'layer' (one block per residual layer), "
-                "'layer+stem' (the same, with the ResNet stem as a block of its own) or 'stage' (one block per ResNet "
-                "stage)."
-            )
-        self._check_int("max_nonfinite_steps", 0, "the non-finite steps allowed in a row, e.g. 10")
-        self._check_int("offset_batch_size", 2, "B' is the number of examples per offset refresh, e.g. 320")
-        self._check_int("offset_micro_batch_size", 1, "b' is the micro-batch size of the offset pass, e.g. 8")
-        if self.offset_batch_size % self.offset_micro_batch_size:
-            raise ValueError(
-                f"`offset_micro_batch_size` ({self.offset_micro_batch_size}) must divide `offset_batch_size` "
-                f"({self.offset_batch_size}); e.g. use {self._divisor_hint()}."
-            )
-        if self.offset_batch_size // self.offset_micro_batch_size < 2:
-            raise ValueError(
-                f"`offset_batch_size` ({self.offset_batch_size}) must hold at least two micro-batches of "
-                f"`offset_micro_batch_size` ({self.offset_micro_batch_size}) to estimate the gradient variance."
-            )
-        parse_offset_period(self.offset_period)
-        if self.offset_reliability is None:
-            self.offset_reliability = self.offset_scaling == "aligned"
-        if self.offset_scaling not in SCALING_MODES:
-            raise ValueError(f"`offset_scaling` ({self.offset_scaling!r}) must be one of {SCALING_MODES}.")
-        if self.offset_max_ratio is None:
-            self.offset_max_ratio = 0.1 if self.offset_scaling == "aligned" else float("inf")
-        if not self.offset_max_ratio > 0:  # also rejects NaN
-            raise ValueError(
-                f"`offset_max_ratio` ({self.offset_max_ratio!r}) must be positive: the largest share of the local "
-                "gradient the offset may take, e.g. 0.1; use float('inf') for no cap."
-            )
-        if not 0.0 <= self.offset_fixed_lambda <= 1.0:
-            raise ValueError(f"`offset_fixed_lambda` ({self.offset_fixed_lambda}) must lie in [0, 1].")
+        self._check_arguments()
         super().__post_init__()
         if self.gradient_checkpointing:  # after TrainingArguments, which parses the kwargs and resolves their aliases
             if (self.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
@@ -260,12 +331,122 @@ class BPModifiedTrainingArguments(TrainingArguments):
             seed=self.seed if self.offset_seed is None else self.offset_seed,
         )
 
-    def _check_int(self, name: str, minimum: int, hint: str) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`{name}` ({value!r}) must be an integer >= {minimum}; {hint}.")
+    def _check_arguments(self) -> None:
+        """Check the type, range and finiteness of every argument this class adds, and normalise each to its type
+        (a boolean or number given as a string, as from a YAML or JSON file, is read as the command line reads it).
+        Each error names the argument, its value and a value that works."""
+        self.bp_modified = parse_bool("bp_modified", self.bp_modified, optional=True)
+        self.local_horizon = parse_int(
+            "local_horizon", self.local_horizon, 1, MAX_COUNT, "use 1 (Forward-Forward), 2 (LoCo), 5 (MPC) or more"
+        )
+        if not isinstance(self.block_granularity, str) or self.block_granularity not in (
+            "layer",
+            "layer+stem",
+            "stage",
+        ):
+            raise ValueError(
+                f"`block_granularity` ({_shown(self.block_granularity)}) must be 'layer' (one block per residual "
+                "layer), 'layer+stem' (the same, with the ResNet stem as a block of its own) or 'stage' (one block "
+                "per ResNet stage)."
+            )
+        self.max_nonfinite_steps = parse_int(
+            "max_nonfinite_steps",
+            self.max_nonfinite_steps,
+            0,
+            MAX_COUNT,
+            "the non-finite steps allowed in a row, e.g. 10",
+        )
+        self.rebuild_bpmod_state = parse_bool("rebuild_bpmod_state", self.rebuild_bpmod_state)
+        self.offset_batch_size = parse_int(
+            "offset_batch_size",
+            self.offset_batch_size,
+            2,
+            MAX_COUNT,
+            "B' is the number of examples per offset refresh, e.g. 320",
+        )
+        self.offset_micro_batch_size = parse_int(
+            "offset_micro_batch_size",
+            self.offset_micro_batch_size,
+            1,
+            MAX_COUNT,
+            "b' is the micro-batch size of the offset pass, e.g. 8",
+        )
+        if self.offset_batch_size % self.offset_micro_batch_size:
+            raise ValueError(
+                f"`offset_micro_batch_size` ({self.offset_micro_batch_size}) must divide `offset_batch_size` "
+                f"({self.offset_batch_size}); e.g. use {self._divisor_hint()}."
+            )
+        if self.offset_batch_size // self.offset_micro_batch_size < 2:
+            raise ValueError(
+                f"`offset_batch_size` ({self.offset_batch_size}) must hold at least two micro-batches of "
+                f"`offset_micro_batch_size` ({self.offset_micro_batch_size}) to estimate the gradient variance; "
+                f"e.g. use {self._divisor_hint()}."
+            )
+        if isinstance(self.offset_period, bool) or not isinstance(self.offset_period, (str, int, float)):
+            raise ValueError(
+                f"`offset_period` ({_shown(self.offset_period)}) must be a string such as `'200'` or `'200steps'` "
+                "(optimizer steps) or `'epoch'`, `'1epoch'`, `'0.25epoch'` (epochs)."
+            )
+        parse_offset_period(self.offset_period)
+        if not isinstance(self.offset_scaling, str) or self.offset_scaling not in SCALING_MODES:
+            raise ValueError(f"`offset_scaling` ({_shown(self.offset_scaling)}) must be one of {SCALING_MODES}.")
+        self.offset_reliability = parse_bool("offset_reliability", self.offset_reliability, optional=True)
+        if self.offset_reliability is None:
+            self.offset_reliability = self.offset_scaling == "aligned"
+        self.offset_bias_correction = parse_bool("offset_bias_correction", self.offset_bias_correction)
+        if self.offset_max_ratio is None:
+            self.offset_max_ratio = 0.1 if self.offset_scaling == "aligned" else float("inf")
+        self.offset_max_ratio = parse_float(
+            "offset_max_ratio",
+            self.offset_max_ratio,
+            condition="a positive number",
+            hint="the largest share of the local gradient the offset may take, e.g. 0.1; use float('inf') for no cap",
+        )
+        if not self.offset_max_ratio > 0:
+            raise ValueError(
+                f"`offset_max_ratio` ({self.offset_max_ratio!r}) must be positive: the largest share of the local "
+                "gradient the offset may take, e.g. 0.1; use float('inf') for no cap."
+            )
+        self.offset_fixed_a = parse_float(
+            "offset_fixed_a",
+            self.offset_fixed_a,
+            condition="a finite number",
+            hint="the scale of the local gradient for `offset_scaling='fixed'`, e.g. 1.0",
+        )
+        if not math.isfinite(self.offset_fixed_a):
+            raise ValueError(
+                f"`offset_fixed_a` ({self.offset_fixed_a!r}) must be a finite number: the scale of the local gradient "
+                "for `offset_scaling='fixed'`, e.g. 1.0."
+            )
+        self.offset_fixed_lambda = parse_float(
+            "offset_fixed_lambda",
+            self.offset_fixed_lambda,
+            condition="a number in [0, 1]",
+            hint="the weight of the offset for `offset_scaling='fixed'`, e.g. 0.5",
+        )
+        if not 0.0 <= self.offset_fixed_lambda <= 1.0:
+            raise ValueError(
+                f"`offset_fixed_lambda` ({self.offset_fixed_lambda}) must lie in [0, 1]: the weight of the offset for "
+                "`offset_scaling='fixed'`, e.g. 0.5."
+            )
+        if self.offset_seed is not None:
+            self.offset_seed = parse_int(
+                "offset_seed",
+                self.offset_seed,
+                SEED_RANGE[0],
+                SEED_RANGE[1],
+                "the range torch's generators accept; e.g. 42, or None to use `seed`",
+            )
+        self.offset_log_file = check_log_file(self.offset_log_file)
 
     def _divisor_hint(self) -> str:
-        divisors = [d for d in range(1, self.offset_batch_size + 1) if self.offset_batch_size % d == 0]
-        near = min(divisors, key=lambda d: abs(d - self.offset_micro_batch_size))
+        """A value of ``offset_micro_batch_size`` that passes the checks: the divisor of ``offset_batch_size`` nearest
+        the one given that leaves at least two micro-batches."""
+        size = self.offset_batch_size
+        divisors = set()
+        for d in range(1, math.isqrt(size) + 1):
+            if size % d == 0:
+                divisors.update((d, size // d))
+        usable = [d for d in sorted(divisors) if size // d >= 2]  # never empty: size >= 2, so 1 is usable
+        near = min(usable, key=lambda d: abs(d - self.offset_micro_batch_size))
         return f"`offset_micro_batch_size={near}`"

@@ -68,10 +68,12 @@ SINGLE_PROCESS = Processes()
 
 def offset_sample(dataset_size: int, sample_size: int, seed: int, period_index: int) -> list[int]:
     """The ``B'`` example indices of refresh number ``period_index``: a fresh draw without replacement from a
-    generator of its own, reproducible from ``(seed, period_index)`` alone."""
+    generator of its own, reproducible from ``(seed, period_index)`` alone. Any integer seed works: the generator's
+    seed is ``seed * 1_000_003 + period_index`` taken modulo ``2**64``, which torch reads as it reads that number
+    itself (a negative seed as its two's complement)."""
     if sample_size > dataset_size:
         raise ValueError(f"Cannot draw {sample_size} examples from a training set of {dataset_size}.")
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(period_index))
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(period_index)) % 2**64)
     return torch.randperm(dataset_size, generator=generator)[:sample_size].tolist()
 
 

@@ -677,7 +677,7 @@ def test_bp_modified_defaults_to_the_architectures_measured_choice(tmp_path, cap
     assert ArchitectureAdapter.offset_by_default is True  # an adapter a user registers: the paper's method
 
     with pytest.raises(ValueError, match="must be True, False or None"):
-        _args(tmp_path, bp_modified="yes")
+        _args(tmp_path, bp_modified="maybe")
 
 
 @pytest.mark.parametrize("recorded", [True, False])

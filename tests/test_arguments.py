@@ -1,0 +1,375 @@
+"""Every argument ``BPModifiedTrainingArguments`` adds is checked when the arguments are built: a value is either
+refused there, with an error that names the argument, or it trains. Plain tests for the known cases, then a
+property-based test that throws values of every type at every field."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+
+import pytest
+import torch
+import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import HfArgumentParser
+
+from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.config import MAX_COUNT, SEED_RANGE
+from hf_bpmod.offset_pass import offset_sample
+from hf_bpmod.testing import SyntheticImages, tiny_resnet
+
+# One optimizer step of a tiny ResNet with the offset on: the first refresh (two micro-batches) runs before it.
+TRAIN = dict(
+    report_to="none",
+    use_cpu=True,
+    max_steps=1,
+    per_device_train_batch_size=8,
+    bp_modified=True,
+    offset_batch_size=16,
+    offset_micro_batch_size=8,
+    offset_period="1",
+    save_strategy="no",
+    logging_strategy="no",
+    disable_tqdm=True,
+)
+MODEL = tiny_resnet(depths=(1, 1))
+DATA = SyntheticImages(32)
+
+
+def _args(output_dir, **kw) -> BPModifiedTrainingArguments:
+    return BPModifiedTrainingArguments(output_dir=str(output_dir), **{**TRAIN, **kw})
+
+
+def _train_one_step(args: BPModifiedTrainingArguments) -> BPModifiedTrainer:
+    trainer = BPModifiedTrainer(model=copy.deepcopy(MODEL), args=args, train_dataset=DATA)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------- the known cases
+@pytest.mark.parametrize("value", [float("nan"), "nan", float("inf"), -float("inf"), "-inf", 10**400])
+def test_non_finite_fixed_a_is_refused(tmp_path, value):
+    """A NaN ``a`` used to be accepted, and every refresh was then skipped under a warning blaming the data."""
+    with pytest.raises(ValueError, match=r"`offset_fixed_a` \(.*\) must be a finite number.*e\.g\. 1\.0"):
+        _args(tmp_path, offset_scaling="fixed", offset_fixed_a=value)
+
+
+@pytest.mark.parametrize(
+    "field", ["offset_reliability", "offset_bias_correction", "rebuild_bpmod_state", "bp_modified"]
+)
+@pytest.mark.parametrize(
+    "text, expected",
+    [("false", False), ("False", False), ("NO", False), ("0", False), ("true", True), ("Yes", True), ("1", True)],
+)
+def test_booleans_given_as_strings_are_read_as_the_command_line_reads_them(tmp_path, field, text, expected):
+    """``"false"`` from a YAML or JSON file used to count as true (a non-empty string)."""
+    args = _args(tmp_path, **{field: text})
+    assert getattr(args, field) is expected
+
+
+def test_boolean_strings_reach_the_offset_settings_as_booleans(tmp_path):
+    settings_ = _args(tmp_path, offset_reliability="false", offset_bias_correction="False").offset_settings()
+    assert settings_.check_reliability is False and settings_.bias_correction is False
+
+
+@pytest.mark.parametrize(
+    "field", ["offset_reliability", "offset_bias_correction", "rebuild_bpmod_state", "bp_modified"]
+)
+@pytest.mark.parametrize("value", ["maybe", "", 2, 0.0, [True]])
+def test_other_booleans_are_refused(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"`{field}` \(.*\) must be True, False.*yes/y/true/t/on/1 for True"):
+        _args(tmp_path, **{field: value})
+
+
+def test_none_is_refused_where_a_boolean_has_no_default_of_its_own(tmp_path):
+    with pytest.raises(ValueError, match=r"`offset_bias_correction` \(None\) must be True, False;"):
+        _args(tmp_path, offset_bias_correction=None)
+    assert _args(tmp_path, offset_reliability=None, offset_scaling="fixed").offset_reliability is False
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("abc", r"must be an integer from -9223372036854775808 to 18446744073709551615; .*e\.g\. 42"),
+        (10**30, r"must be at most 18446744073709551615"),
+        (SEED_RANGE[0] - 1, r"must be an integer from -9223372036854775808"),
+        (1.5, r"must be an integer from .*e\.g\. 42"),
+        (42.0, r"must be an integer .*; write `offset_seed=42`"),
+        (True, r"must be an integer"),
+    ],
+)
+def test_bad_seeds_are_refused(tmp_path, value, message):
+    """``"abc"`` and ``10**30`` used to crash at step 0 without naming the argument; ``1.5`` was truncated."""
+    with pytest.raises(ValueError, match=rf"`offset_seed` \({re.escape(repr(value))}\) {message}"):
+        _args(tmp_path, offset_seed=value)
+
+
+@pytest.mark.parametrize("seed", [SEED_RANGE[0], -1, 2**63, SEED_RANGE[1]])
+def test_every_seed_torch_accepts_trains(tmp_path, seed):
+    """The sampler's own seed, ``seed * 1_000_003 + period_index``, is reduced to a range torch accepts."""
+    _train_one_step(_args(tmp_path, offset_seed=seed))
+    assert _args(tmp_path, offset_seed=str(seed)).offset_seed == seed  # as from the command line
+
+
+def test_the_sampler_draws_what_it_drew_before_for_every_seed_that_worked():
+    """Reducing the generator's seed modulo ``2**64`` changes no draw that torch accepted unreduced (torch reads a
+    negative seed as its two's complement): runs resumed across the change redraw the same samples."""
+
+    def unreduced(size, count, seed, index):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        return torch.randperm(size, generator=generator)[:count].tolist()
+
+    largest = (2**64 - 1 - 1000) // 1_000_003
+    smallest = -(2**63) // 1_000_003 + 1
+    for seed in (0, 1, 42, 12345, -1, -42, 2**32, largest, smallest):
+        for index in (0, 1, 7, 1000):
+            assert offset_sample(50, 10, seed, index) == unreduced(50, 10, seed, index)
+    # seeds whose product overflowed torch's range now draw too, differently per refresh
+    draws = [offset_sample(50, 10, SEED_RANGE[1], index) for index in (0, 1, 10**9)]
+    assert all(sorted(set(d)) == sorted(d) and all(0 <= i < 50 for i in d) for d in draws)
+    assert draws[0] != draws[1] != draws[2]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("", "must be a non-empty file name"),
+        ("  ", "must be a non-empty file name"),
+        (3, "must be a non-empty file name"),
+        (None, "must be a non-empty file name"),
+        ("a\0b", "must be a non-empty file name"),
+        ("/tmp/bpmod_offsets.jsonl", "must be relative"),
+        ("../../bpmod_offsets.jsonl", r"must stay inside `output_dir`"),
+        ("logs/../../bpmod_offsets.jsonl", r"must stay inside `output_dir`"),
+        ("..", r"must stay inside `output_dir`"),
+        (".", "names a folder, not a file"),
+        ("logs/", "names a folder, not a file"),
+    ],
+)
+def test_the_log_file_must_be_a_file_inside_the_output_dir(tmp_path, value, message):
+    """``""`` and ``3`` used to crash at step 0; an absolute or ``..`` path wrote outside ``output_dir``."""
+    with pytest.raises(ValueError, match=rf"`offset_log_file` \(.*\) {message}.*; give a file name relative to"):
+        _args(tmp_path / "out", offset_log_file=value)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_log_file_in_a_subfolder_is_written_there(tmp_path):
+    args = _args(tmp_path / "out", offset_log_file="logs/./runs/../offsets.jsonl")
+    assert args.offset_log_file == os.path.join("logs", "offsets.jsonl")
+    _train_one_step(args)
+    (record,) = [json.loads(line) for line in open(tmp_path / "out" / "logs" / "offsets.jsonl")]
+    assert record["period_index"] == 0
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("offset_fixed_lambda", "abc", r"must be a number in \[0, 1\]; .*e\.g\. 0\.5"),
+        ("offset_fixed_lambda", float("nan"), r"must be a number in \[0, 1\]"),
+        ("offset_fixed_lambda", 2.0, r"must lie in \[0, 1\]"),
+        ("offset_fixed_lambda", None, r"must be a number in \[0, 1\]"),
+        ("offset_max_ratio", "nan", "must be a positive number"),
+        ("offset_max_ratio", 0, "must be positive"),
+        ("offset_max_ratio", [0.1], "must be a positive number"),
+        ("local_horizon", 1.5, r"must be an integer >= 1; use 1 \(Forward-Forward\)"),
+        ("local_horizon", 2.0, r"must be an integer >= 1; write `local_horizon=2`"),
+        ("local_horizon", "two", "must be an integer >= 1"),
+        ("local_horizon", True, "must be an integer >= 1"),
+        ("local_horizon", MAX_COUNT + 1, f"must be at most {MAX_COUNT}"),
+        ("max_nonfinite_steps", -1, "must be an integer >= 0"),
+        ("max_nonfinite_steps", None, "must be an integer >= 0"),
+        ("offset_batch_size", "1e3", "must be an integer >= 2"),
+        ("offset_micro_batch_size", 0, "must be an integer >= 1"),
+        ("offset_period", None, "must be a string such as"),
+        ("offset_period", True, "must be a string such as"),
+        ("offset_period", "9" * 400, f"must be at most {MAX_COUNT} steps"),
+        ("offset_period", f"{MAX_COUNT + 1}epochs", f"must be at most {MAX_COUNT} epochs"),
+        ("offset_period", "nan", "is not understood"),
+        ("offset_scaling", ["fixed"], "must be one of"),
+        ("block_granularity", {}, "must be 'layer'"),
+    ],
+)
+def test_each_error_names_the_argument_and_its_value(tmp_path, field, value, message):
+    """``offset_fixed_lambda="abc"`` used to raise a ``TypeError`` naming no argument."""
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:45]
+    with pytest.raises(ValueError, match=rf"`{field}` \({re.escape(shown)}.*\) {message}"):
+        _args(tmp_path, **{field: value})
+
+
+def test_numbers_given_as_strings_are_read_as_the_command_line_reads_them(tmp_path):
+    args = _args(
+        tmp_path,
+        local_horizon="2",
+        offset_batch_size=" 32 ",
+        offset_micro_batch_size="8",
+        max_nonfinite_steps="0",
+        offset_scaling="fixed",
+        offset_fixed_a="-0.5",
+        offset_fixed_lambda="1",
+        offset_max_ratio="inf",
+    )
+    assert (args.local_horizon, args.offset_batch_size, args.offset_micro_batch_size) == (2, 32, 8)
+    assert args.max_nonfinite_steps == 0
+    assert (args.offset_fixed_a, args.offset_fixed_lambda, args.offset_max_ratio) == (-0.5, 1.0, float("inf"))
+    assert all(type(v) is float for v in (args.offset_fixed_a, args.offset_fixed_lambda, args.offset_max_ratio))
+    assert args.offset_settings().max_ratio is None  # inf: no cap
+
+
+def test_the_divisor_hint_always_suggests_a_value_that_works(tmp_path):
+    """The hint used to suggest ``offset_batch_size`` itself (one micro-batch: refused) as the nearest divisor."""
+    hints = 0
+    for size in range(2, 41):
+        for micro in range(1, 46):
+            try:
+                _args(tmp_path, offset_batch_size=size, offset_micro_batch_size=micro)
+            except ValueError as error:
+                hint = re.search(r"e\.g\. use `offset_micro_batch_size=(\d+)`", str(error))
+                assert hint is not None, str(error)
+                _args(tmp_path, offset_batch_size=size, offset_micro_batch_size=int(hint[1]))
+                hints += 1
+    assert hints > 1000
+    with pytest.raises(ValueError, match=r"e\.g\. use `offset_micro_batch_size=5`"):
+        _args(tmp_path, offset_batch_size=10, offset_micro_batch_size=9)  # once `=10`, itself refused
+    with pytest.raises(ValueError, match=r"`offset_micro_batch_size=1`"):
+        _args(tmp_path, offset_batch_size=MAX_COUNT, offset_micro_batch_size=MAX_COUNT)  # a prime: quickly found
+
+
+def test_the_command_line_and_config_files_are_read_the_same_way(tmp_path):
+    """``HfArgumentParser`` (the example script's parser) reads flags from the command line and dicts from YAML or
+    JSON files; both end up as typed values."""
+    parser = HfArgumentParser(BPModifiedTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir", str(tmp_path), "--report_to", "none", "--offset_reliability", "false",
+            "--offset_bias_correction", "true", "--rebuild_bpmod_state", "--offset_seed", "7",
+            "--offset_fixed_a", "0.5", "--offset_log_file", "logs/x.jsonl",
+        ]
+    )  # fmt: skip
+    assert args.offset_reliability is False and args.offset_bias_correction is True
+    assert args.rebuild_bpmod_state is True and args.offset_seed == 7 and args.offset_fixed_a == 0.5
+    (from_file,) = parser.parse_dict(
+        {
+            "output_dir": str(tmp_path),
+            "report_to": "none",
+            "offset_reliability": "false",
+            "offset_bias_correction": "False",
+            "offset_seed": "7",
+        }
+    )
+    assert from_file.offset_reliability is False and from_file.offset_bias_correction is False
+    assert from_file.offset_seed == 7
+    for flags, field in ((["--offset_log_file", "../x.jsonl"], "offset_log_file"), (["--offset_fixed_a", "nan"], "")):
+        with pytest.raises(ValueError, match=f"`{field or 'offset_fixed_a'}`"):
+            parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "none", *flags])
+
+
+def test_refused_arguments_leave_the_environment_as_it_was(tmp_path):
+    environment = dict(os.environ)
+    for kw in (dict(offset_seed="abc", bf16=True), dict(offset_log_file="/x", gradient_checkpointing=True)):
+        with pytest.raises(ValueError):
+            _args(tmp_path, **kw)
+    assert dict(os.environ) == environment
+
+
+# ---------------------------------------------------------------------------------------------- property-based
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 40),
+    st.integers(-(2**80), 2**80),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "0",
+            "1",
+            "2",
+            "8",
+            "16",
+            "-1",
+            "1.5",
+            "nan",
+            "inf",
+            "-inf",
+            "1e3",
+            "true",
+            "False",
+            "YES",
+            "n",
+            "on",
+        ]
+    ),
+    st.sampled_from(["maybe", "none", "epoch", "0.25epoch", "4steps", "x.jsonl", "/x.jsonl", "../x", "a/../../b"]),
+    st.lists(st.integers(0, 3), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+)
+# Values near the valid ones of each field, so that the accepted path is exercised too.
+_NEAR = {
+    "local_horizon": st.sampled_from([1, 2, 3, 4, 10**6, MAX_COUNT, MAX_COUNT + 1, "2"]),
+    "block_granularity": st.sampled_from(["layer", "layer+stem", "stage", "Layer", "stage "]),
+    "bp_modified": st.sampled_from([True, False, None, "true", "False", "0", 1, 0]),
+    "offset_batch_size": st.sampled_from([2, 8, 16, 24, 32, "16", 33, 10**9]),
+    "offset_micro_batch_size": st.sampled_from([1, 2, 4, 8, 16, "4", 3, 10**9]),
+    "offset_period": st.sampled_from(["1", "3steps", "epoch", "0.5epoch", 2, 2.0, 2.5, "0", str(MAX_COUNT)]),
+    "offset_scaling": st.sampled_from(["aligned", "optimal", "bias_only", "fixed", "Fixed"]),
+    "offset_fixed_a": st.one_of(st.floats(-1e6, 1e6), st.sampled_from([0, 1, "0.5", -2])),
+    "offset_fixed_lambda": st.one_of(st.floats(-0.5, 1.5), st.sampled_from([0, 1, "0.25"])),
+    "offset_bias_correction": st.sampled_from([True, False, "yes", "off", None]),
+    "offset_reliability": st.sampled_from([True, False, None, "t", "F"]),
+    "offset_max_ratio": st.one_of(st.floats(0, 10), st.sampled_from([float("inf"), "inf", "0.1", 1])),
+    "offset_seed": st.one_of(st.integers(SEED_RANGE[0] - 10, SEED_RANGE[1] + 10), st.sampled_from(["42", " -7 "])),
+    "offset_log_file": st.sampled_from(["a.jsonl", "logs/a.jsonl", "./a", "a/../b", "a/../../b", "/a", "~"]),
+    "max_nonfinite_steps": st.sampled_from([0, 1, 10, "3", -1, MAX_COUNT]),
+    "rebuild_bpmod_state": st.sampled_from([True, False, "true", "n", 1, None]),
+}
+# What each field holds once accepted, whatever it was given as (a YAML "false" must not stay a truthy string).
+_TYPES = {
+    **dict.fromkeys(["local_horizon", "offset_batch_size", "offset_micro_batch_size", "max_nonfinite_steps"], int),
+    **dict.fromkeys(["offset_fixed_a", "offset_fixed_lambda", "offset_max_ratio"], float),
+    **dict.fromkeys(["offset_bias_correction", "offset_reliability", "rebuild_bpmod_state"], bool),
+    **dict.fromkeys(["block_granularity", "offset_scaling", "offset_log_file"], str),
+    "bp_modified": (bool, type(None)),
+    "offset_seed": (int, type(None)),
+    "offset_period": (str, int, float),
+}
+# The settings a field only matters under.
+_CONTEXT = {"offset_fixed_a": dict(offset_scaling="fixed"), "offset_fixed_lambda": dict(offset_scaling="fixed")}
+
+
+@pytest.mark.parametrize("field", sorted(_NEAR))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_value_is_refused_when_built_or_trains(field, data):
+    """Each field, given any value: either ``BPModifiedTrainingArguments`` refuses it (``ValueError`` or
+    ``TypeError`` naming the field), or ``BPModifiedTrainer`` refuses it when it is built, before any training
+    (a check that needs the data, e.g. ``offset_batch_size`` against the training set), or one step trains."""
+    value = data.draw(st.one_of(_ANY, _NEAR[field]), label=field)
+    environment = dict(os.environ)
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as output_dir:
+        try:
+            args = _args(output_dir, **{**_CONTEXT.get(field, {}), field: value})
+        except (ValueError, TypeError) as error:
+            assert f"`{field}`" in str(error), str(error)
+            assert dict(os.environ) == environment
+            return
+        held = getattr(args, field)
+        assert isinstance(held, _TYPES[field]) and not (_TYPES[field] in (int, float) and isinstance(held, bool))
+        try:
+            trainer = BPModifiedTrainer(model=copy.deepcopy(MODEL), args=args, train_dataset=DATA)
+        except ValueError as error:
+            assert f"`{field}`" in str(error), str(error)
+            return
+        trainer.train()
+        assert trainer.state.global_step == 1
+        log = os.path.realpath(os.path.join(output_dir, args.offset_log_file))
+        assert log.startswith(os.path.realpath(output_dir) + os.sep)
+    os.environ.clear()
+    os.environ.update(environment)
