@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from . import compat, distributed, losses, precision, setup_checks
+from . import compat, distributed, head_clipping, losses, precision, setup_checks
 from .adapters import get_adapter, unwrap_model
 from .checkpoint import check_block_split, load_bpmod_state, save_bpmod_state, saved_method
 from .config import BPModifiedTrainingArguments
@@ -82,6 +82,7 @@ class BPModifiedTrainer(Trainer):
         self.aux_heads = self.adapter.aux_heads(base, args.local_horizon, args.block_granularity).to(args.device)
         distributed.broadcast_from_main_process(self.aux_heads)  # not part of the DDP model: start equal everywhere
         self.add_callback(_OffsetLogStart(self))
+        self.add_callback(head_clipping.ClipAuxHeadGradients(self.aux_heads))
         self.block_chain = self.adapter.chain(base, self.aux_heads, args.block_granularity)
         setup_checks.warn_if_offset_cannot_apply(self)
         missed = self.block_chain.uncovered_parameters(self.model)
