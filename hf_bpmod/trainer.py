@@ -84,7 +84,7 @@ class BPModifiedTrainer(Trainer):
         self.add_callback(_OffsetLogStart(self))
         self.add_callback(head_clipping.ClipAuxHeadGradients(self.aux_heads))
         self.block_chain = self.adapter.chain(base, self.aux_heads, args.block_granularity)
-        setup_checks.warn_if_offset_cannot_apply(self)
+        setup_checks.warn_about_ignored_settings(self)
         missed = self.block_chain.uncovered_parameters(self.model)
         if missed:
             warnings.warn(

@@ -80,7 +80,7 @@ def test_no_warning_where_the_offset_was_not_asked_for_or_applies(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="hf_bpmod.trainer"):
         trainer = BPModifiedTrainer(model=tiny_resnet(depths=(2, 2)), args=args, train_dataset=SyntheticImages(32))
     assert trainer.uses_offset == (bp_modified is not False and horizon < 4)
-    assert "has no effect" not in caplog.text
+    assert "bp_modified=True has no effect" not in caplog.text
 
 
 # ---------------------------------------------------------------- block_granularity a ViT does not have
@@ -175,3 +175,31 @@ def test_fp16_loss_scale_is_removed_before_the_heads_are_clipped(tmp_path, monke
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert moved_scaled == pytest.approx(moved_plain, rel=1e-5)
+
+
+# ---------------------------------------------------------------- offset arguments that are not read
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        (
+            dict(bp_modified=False, offset_period="5", offset_batch_size=64),
+            "offset_batch_size=64, offset_period='5' have no effect with bp_modified=False",
+        ),
+        (
+            dict(bp_modified=True, offset_fixed_lambda=0.9),
+            "offset_fixed_lambda=0.9 has no effect with offset_scaling='aligned'",
+        ),
+        (dict(bp_modified=True, offset_scaling="fixed", offset_fixed_lambda=0.9), None),
+        (dict(bp_modified=False), None),
+        (dict(bp_modified=True, offset_period="5", offset_batch_size=64), None),
+    ],
+    ids=["no-offset", "not-fixed-scaling", "fixed-scaling", "defaults", "offset-on"],
+)
+def test_offset_arguments_that_are_not_read_are_warned_about(tmp_path, caplog, kw, expected):
+    args = _args(tmp_path, max_steps=1, **kw)
+    with caplog.at_level(logging.WARNING, logger="hf_bpmod.trainer"):
+        BPModifiedTrainer(model=tiny_resnet(depths=(2, 2)), args=args, train_dataset=SyntheticImages(320))
+    if expected is None:
+        assert "no effect" not in caplog.text
+    else:
+        assert expected in caplog.text
