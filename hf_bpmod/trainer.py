@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from . import compat, distributed, losses, precision, run_lock
+from . import compat, distributed, head_clipping, losses, precision, run_lock, setup_checks
 from .adapters import get_adapter, unwrap_model
 from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
 from .config import BPModifiedTrainingArguments
@@ -83,7 +83,9 @@ class BPModifiedTrainer(Trainer):
         self.aux_heads = self.adapter.aux_heads(base, args.local_horizon, args.block_granularity).to(args.device)
         distributed.broadcast_from_main_process(self.aux_heads)  # not part of the DDP model: start equal everywhere
         self.add_callback(_OffsetLogStart(self))
+        self.add_callback(head_clipping.ClipAuxHeadGradients(self.aux_heads))
         self.block_chain = self.adapter.chain(base, self.aux_heads, args.block_granularity)
+        setup_checks.warn_about_ignored_settings(self)
         missed = self.block_chain.uncovered_parameters(self.model)
         if missed:
             warnings.warn(

@@ -40,8 +40,36 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def check_single_peft_wrapper(model: nn.Module) -> None:
+    """Refuse a peft model wrapped in another peft model (``get_peft_model`` applied twice).
+
+    peft does not nest: the outer adapter replaces the inner one where both use the same adapter name, the saved
+    adapter's keys name the inner wrapper and do not load onto the base model, and the Trainer, which reads the
+    forward signature of the outer wrapper's base model (the inner wrapper's ``*args, **kwargs``), drops every column
+    of every batch.
+    """
+    levels = 0
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            levels += 1
+            model = model.get_base_model()
+        else:
+            break
+    if levels > 1:
+        raise ValueError(
+            f"The model is wrapped in {levels} peft models (`get_peft_model` applied to a model that already is a "
+            "PeftModel); peft does not nest them, so it would not train or save correctly. Wrap the base model once "
+            "(one peft config naming every target module), or, to keep a first adapter's trained weights, merge it "
+            "into the base model with `model = model.merge_and_unload()` before calling `get_peft_model` again."
+        )
+
+
 def get_adapter(model: nn.Module) -> ArchitectureAdapter:
-    """The registered adapter for ``model`` (plain, peft-wrapped or DDP-wrapped); a clear error if there is none."""
+    """The registered adapter for ``model`` (plain, peft-wrapped once or DDP-wrapped); a clear error if there is none
+    or if ``model`` is peft-wrapped more than once."""
+    check_single_peft_wrapper(model)
     base = unwrap_model(model)
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)

@@ -1,4 +1,5 @@
-"""ViT (``ViTForImageClassification``): block 0 = embeddings + encoder layer 0, block t = encoder layer t.
+"""ViT (``ViTForImageClassification``): block 0 = embeddings + encoder layer 0, block t = encoder layer t
+(``block_granularity="layer"``, the only granularity a ViT has).
 
 The head is the final ``layernorm`` and the ``classifier`` on token 0. The layer list is ``vit.layers`` in
 transformers >= 5.9 and ``vit.encoder.layer`` before; it is found by structure, not by path.
@@ -60,6 +61,11 @@ class ViTAdapter(ArchitectureAdapter):
             raise ValueError(
                 "`block_granularity='layer+stem'` is for ResNets: a ViT's CLS token after the patch embedding does "
                 "not depend on the image, so the embedding cannot learn from a local loss of its own. Use 'layer'."
+            )
+        if granularity == "stage":
+            raise ValueError(
+                "`block_granularity='stage'` is for ResNets: a ViT has no stages (all its encoder layers work at one "
+                "width), so 'stage' would mean one block per layer. Use 'layer'."
             )
         vit = self._backbone(model)
         layers = find_layer_list(vit, model.config.num_hidden_layers)
