@@ -13,16 +13,16 @@ from torch import nn
 from transformers import TrainerCallback
 
 
-def clip_aux_head_gradients(heads: nn.ModuleDict, max_norm: float | None) -> dict[str, float]:
+def clip_aux_head_gradients(heads: nn.ModuleDict, max_norm: float | None) -> dict[str, torch.Tensor]:
     """Clip every head's gradient to the norm ``max_norm`` (nothing for ``None`` or ``<= 0``, as the Trainer);
-    returns each head's norm before clipping."""
-    norms: dict[str, float] = {}
+    returns each head's norm before clipping (tensors: reading them would wait for the device)."""
+    norms: dict[str, torch.Tensor] = {}
     if not max_norm or max_norm <= 0:
         return norms
     for name, head in heads.items():
         params = [p for p in head.parameters() if p.grad is not None]
         if params:
-            norms[name] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norms[name] = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return norms
 
 
