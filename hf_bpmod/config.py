@@ -16,6 +16,8 @@ from .compat import non_reentrant_checkpointing, sync_activation_checkpointing_k
 from .offset_pass import OffsetSettings
 
 SCALING_MODES = ("aligned", "optimal", "bias_only", "fixed")
+#: The largest ``|offset_fixed_a|``: it multiplies the gradients, which must stay finite in float32.
+MAX_FIXED_A = 1e6
 MAX_COUNT = 2**31 - 1  # the largest count (steps, examples, blocks) an argument may hold
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what ``torch.manual_seed`` accepts
 _TRUE = ("yes", "y", "true", "t", "on", "1")  # HfArgumentParser's and transformers' ``strtobool`` spellings
@@ -179,7 +181,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
             at the local gradient's step size), `"bias_only"` (``lambda = 0``,
             ``a = a*_bias``: Table 3) or `"fixed"` (`offset_fixed_a`, `offset_fixed_lambda`).
         offset_fixed_a (`float`, *optional*, defaults to `1.0`):
-            ``a`` for `offset_scaling="fixed"`.
+            ``a`` for `offset_scaling="fixed"`, at most 1e6 in size.
         offset_fixed_lambda (`float`, *optional*, defaults to `0.5`):
             ``lambda`` in [0, 1] for `offset_scaling="fixed"`.
         offset_bias_correction (`bool`, *optional*, defaults to `False`):
@@ -417,6 +419,11 @@ class BPModifiedTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`offset_fixed_a` ({self.offset_fixed_a!r}) must be a finite number: the scale of the local gradient "
                 "for `offset_scaling='fixed'`, e.g. 1.0."
+            )
+        if abs(self.offset_fixed_a) > MAX_FIXED_A:
+            raise ValueError(
+                f"`offset_fixed_a` ({self.offset_fixed_a!r}) must lie in [-{MAX_FIXED_A:g}, {MAX_FIXED_A:g}]: it scales "
+                "the local gradient, and the scaled gradient must stay within float32's range; e.g. 1.0."
             )
         self.offset_fixed_lambda = parse_float(
             "offset_fixed_lambda",

@@ -59,6 +59,13 @@ def test_non_finite_fixed_a_is_refused(tmp_path, value):
         _args(tmp_path, offset_scaling="fixed", offset_fixed_a=value)
 
 
+@pytest.mark.parametrize("value", [3.4028234663852886e38, -1e7, "1e300"])
+def test_a_fixed_a_that_would_overflow_the_gradients_is_refused(tmp_path, value):
+    """A finite but huge ``a`` multiplies every gradient out of float32's range at the first step."""
+    with pytest.raises(ValueError, match=r"`offset_fixed_a` \(.*\) must lie in \[-1e\+06, 1e\+06\]"):
+        _args(tmp_path, offset_scaling="fixed", offset_fixed_a=value)
+
+
 @pytest.mark.parametrize(
     "field", ["offset_reliability", "offset_bias_correction", "rebuild_bpmod_state", "bp_modified"]
 )

@@ -98,7 +98,9 @@ def _refused(checkpoint, tmp_path, file, match):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert str(error.value).startswith(str(checkpoint / file) + ": ")
     assert "`rebuild_bpmod_state=True`" in str(error.value)
-    assert not trainer.optimizer.state and trainer.state.global_step == 3  # nothing half-loaded, no step taken
+    # nothing half-loaded, no step taken (the Trainer restores its step count before the optimizer in transformers 5,
+    # after it in 4.52)
+    assert not trainer.optimizer.state and trainer.state.global_step in (0, 3)
 
 
 def _rewrite_json(checkpoint, change):
