@@ -29,6 +29,7 @@ import safetensors.torch
 import torch
 from transformers.utils import logging
 
+from ._files import write_atomically
 from .offset import BlockOffset
 from .offset_pass import OffsetState
 
@@ -61,15 +62,6 @@ class MissingBPModStateError(BPModStateError, FileNotFoundError):
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def _write_atomically(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_bpmod_state(state: dict[str, Any], checkpoint: str) -> None:
     """Write ``state`` (as ``BPModifiedTrainer.bpmod_state_dict`` returns it) into ``checkpoint``: the tensors,
     then the JSON that describes them (each atomically, the JSON last)."""
@@ -88,7 +80,7 @@ def save_bpmod_state(state: dict[str, Any], checkpoint: str) -> None:
     data = safetensors.torch.save(
         {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}
     )
-    _write_atomically(os.path.join(checkpoint, STATE_TENSORS), data)
+    write_atomically(os.path.join(checkpoint, STATE_TENSORS), data)
     description = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -102,7 +94,7 @@ def save_bpmod_state(state: dict[str, Any], checkpoint: str) -> None:
         },
         "tensors": {"file": STATE_TENSORS, "sha256": hashlib.sha256(data).hexdigest()},
     }
-    _write_atomically(json_path, (json.dumps(description, indent=1, allow_nan=False) + "\n").encode())
+    write_atomically(json_path, (json.dumps(description, indent=1, allow_nan=False) + "\n").encode())
 
 
 # ---------------------------------------------------------------------------------------------------- reading

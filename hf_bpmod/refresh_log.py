@@ -22,6 +22,8 @@ import re
 import uuid
 from typing import Any
 
+from ._files import write_atomically
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,12 +107,7 @@ class RefreshLog:
                 f"Resuming from step {start_step}: the {dropped} refresh record(s) the earlier run made from that "
                 f"step on are dropped from {path} (made again now); the file as it was is kept as {copy}."
             )
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, b"".join(keep))
 
     def append(self, record: dict[str, Any]) -> None:
         """Append ``record`` with this run's id as one whole line, flushed to disk."""
