@@ -74,7 +74,6 @@ class OffsetController:
         self.processes = processes
         self.preserve = list(preserve)
         self.forward_context = forward_context
-        self.log_path = log_path
         self.log = RefreshLog(log_path) if log_path is not None else None
         self.state = OffsetState()
         self.pending_logs: dict[str, float] | None = None

@@ -30,8 +30,8 @@ def loss_scale(accelerator: Any, device: torch.device) -> float:
     The losses never pass through ``scaler.scale`` (they are scaled by this number inside the chain), which is
     what creates the scaler's scale tensor; its ``unscale_`` and ``step`` fail without it, so it is created here the
     public way, on the training device."""
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
+    if not scaler_enabled(accelerator):
         return 1.0
+    scaler = accelerator.scaler
     scaler.scale(torch.ones((), device=device))
     return float(scaler.get_scale())

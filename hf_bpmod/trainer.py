@@ -95,17 +95,17 @@ class BPModifiedTrainer(Trainer):
             )
         self._zero_aux_grads = True
         num_processes = self.accelerator.num_processes
+        reduce_sum = dist.all_reduce if num_processes > 1 else None
         self.offset = OffsetController(
             self.block_chain,
             args.offset_settings(),
-            processes=Processes(args.process_index, num_processes, dist.all_reduce if num_processes > 1 else None),
+            processes=Processes(args.process_index, num_processes, reduce_sum),
             preserve=[self.model, self.aux_heads],
             forward_context=self._forward_context,
             log_path=os.path.join(args.output_dir, args.offset_log_file) if args.should_save else None,
         )
         if self.uses_offset and self.train_dataset is not None:
             self.offset.check_dataset(self.train_dataset)
-        reduce_sum = dist.all_reduce if num_processes > 1 else None
         self.guard = NonFiniteGuard(
             self.block_chain, [base, self.aux_heads], args.max_nonfinite_steps, reduce_sum=reduce_sum
         )
