@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
@@ -33,6 +34,79 @@ def tiny_resnet(depths: tuple[int, ...] = (2, 2), num_labels: int = 5, seed: int
         embedding_size=8, hidden_sizes=hidden, depths=list(depths), layer_type=layer_type, num_labels=num_labels
     )
     return ResNetForImageClassification(config)
+
+
+def _tiny_settings(kind: str, image_size: int) -> tuple[str, str, dict]:
+    """``(config class, model class, config kwargs)`` of a tiny model of ``kind`` for ``image_size`` px inputs."""
+    encoder = dict(
+        image_size=image_size,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    swin = dict(image_size=image_size, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=2)
+    convnext = dict(num_stages=2, patch_size=2, hidden_sizes=[8, 16], depths=[2, 2])
+    table = {
+        "vit": ("ViTConfig", "ViTForImageClassification", encoder),
+        "deit": ("DeiTConfig", "DeiTForImageClassification", encoder),
+        "deit_distilled": ("DeiTConfig", "DeiTForImageClassificationWithTeacher", encoder),
+        "beit": ("BeitConfig", "BeitForImageClassification", {**encoder, "use_relative_position_bias": True}),
+        "beit_shared": (
+            "BeitConfig",
+            "BeitForImageClassification",
+            {**encoder, "use_shared_relative_position_bias": True, "use_mean_pooling": False},
+        ),
+        "dinov2": (
+            "Dinov2Config",
+            "Dinov2ForImageClassification",
+            {k: v for k, v in encoder.items() if k != "intermediate_size"} | {"mlp_ratio": 2},
+        ),
+        "swin": ("SwinConfig", "SwinForImageClassification", {**swin, "drop_path_rate": 0.0}),
+        "swinv2": ("Swinv2Config", "Swinv2ForImageClassification", {**swin, "drop_path_rate": 0.0}),
+        "resnet": (
+            "ResNetConfig",
+            "ResNetForImageClassification",
+            dict(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2]),
+        ),
+        "convnext": ("ConvNextConfig", "ConvNextForImageClassification", convnext),
+        "convnextv2": ("ConvNextV2Config", "ConvNextV2ForImageClassification", convnext),
+        "regnet": (
+            "RegNetConfig",
+            "RegNetForImageClassification",
+            dict(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], groups_width=8),
+        ),
+    }
+    if kind not in table:
+        raise KeyError(f"No tiny model of kind {kind!r}; kinds: {sorted(table)}.")
+    return table[kind]
+
+
+#: Every kind :func:`tiny_model` builds: one or more per supported architecture.
+TINY_KINDS = (
+    "vit",
+    "deit",
+    "deit_distilled",
+    "beit",
+    "beit_shared",
+    "dinov2",
+    "swin",
+    "swinv2",
+    "resnet",
+    "convnext",
+    "convnextv2",
+    "regnet",
+)
+
+
+def tiny_model(kind: str, num_labels: int = 5, image_size: int = 16, seed: int = 0, **overrides):
+    """A small image classifier of ``kind`` (one of :data:`TINY_KINDS`) from a config, for ``image_size`` px RGB
+    inputs; ``overrides`` go to the config. Dropout and drop-path are 0, so train and eval mode compute the same."""
+    config_name, model_name, settings = _tiny_settings(kind, image_size)
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(num_channels=3, num_labels=num_labels, **{**settings, **overrides})
+    return getattr(transformers, model_name)(config)
 
 
 def emulate_legacy_vit_layout(model: nn.Module) -> nn.Module:
