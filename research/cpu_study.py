@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import transformers
 from torch.utils.data import Dataset
 from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
@@ -62,6 +63,44 @@ class TensorImages(Dataset):
         return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
 
 
+# The other architectures, at the ViT's and the ResNet's scale (28 px, 6 or 8 blocks), for the family check of
+# research/family_check.py: transformer encoders as the ViT, convolutional nets as the ResNet.
+_ENCODER = dict(image_size=28, patch_size=4, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                intermediate_size=128)  # fmt: skip
+FAMILY_MODELS = {
+    "deit": ("DeiTConfig", "DeiTForImageClassification", _ENCODER),
+    "beit": ("BeitConfig", "BeitForImageClassification", {**_ENCODER, "use_relative_position_bias": True}),
+    "dinov2": (
+        "Dinov2Config",
+        "Dinov2ForImageClassification",
+        {k: v for k, v in _ENCODER.items() if k != "intermediate_size"} | {"mlp_ratio": 2},
+    ),
+    "swin": (
+        "SwinConfig",
+        "SwinForImageClassification",
+        dict(
+            image_size=28,
+            patch_size=2,
+            embed_dim=16,
+            depths=[2, 2, 2],
+            num_heads=[2, 4, 8],
+            window_size=4,
+            drop_path_rate=0.0,
+        ),
+    ),
+    "convnext": (
+        "ConvNextConfig",
+        "ConvNextForImageClassification",
+        dict(num_stages=4, patch_size=2, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2]),
+    ),
+    "regnet": (
+        "RegNetConfig",
+        "RegNetForImageClassification",
+        dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2], groups_width=8),
+    ),
+}
+
+
 def build_model(kind: str, num_labels: int = 10, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "vit":
@@ -76,6 +115,10 @@ def build_model(kind: str, num_labels: int = 10, seed: int = 0):
             downsample_in_first_stage=False, num_labels=num_labels,
         )  # fmt: skip
         return ResNetForImageClassification(config)
+    if kind in FAMILY_MODELS:
+        config_name, model_name, settings = FAMILY_MODELS[kind]
+        config = getattr(transformers, config_name)(num_channels=3, num_labels=num_labels, **settings)
+        return getattr(transformers, model_name)(config)
     raise ValueError(kind)
 
 
