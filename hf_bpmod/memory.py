@@ -93,3 +93,24 @@ class SavedStorageMeter(SavedTensorMeter):
     @staticmethod
     def _unpack(packed: SavedStorageMeter._StoragePacked) -> torch.Tensor:
         return packed.tensor
+
+
+def peak_saved_bytes(
+    model: torch.nn.Module, horizon: int | None, pixel_values: torch.Tensor, labels: torch.Tensor
+) -> int:
+    """Peak bytes saved for backward (each storage once, parameters excluded) in one local-gradient step of
+    ``model`` at horizon ``horizon`` (``None``: the number of blocks, i.e. backprop), with fresh auxiliary heads."""
+    from .adapters import get_adapter
+    from .local_grad import local_gradients
+
+    adapter = get_adapter(model)
+    dtype = next(model.parameters()).dtype
+    if horizon is None:
+        horizon = adapter.chain(model).num_blocks
+    chain = adapter.chain(model, adapter.aux_heads(model, horizon).to(dtype))
+    params = list(model.parameters()) + [p for ps in chain.head_params for p in ps]
+    meter = SavedStorageMeter(exclude=params)
+    loss_fn = lambda logits: torch.nn.functional.cross_entropy(logits, labels)  # noqa: E731
+    with meter.measure():
+        local_gradients(chain, pixel_values, loss_fn, horizon, accumulate=True)
+    return meter.peak_bytes

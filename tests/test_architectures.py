@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter, local_gradients
-from hf_bpmod.memory import SavedStorageMeter
-from hf_bpmod.testing import SyntheticImages, tiny_model
+from hf_bpmod.memory import peak_saved_bytes
+from hf_bpmod.testing import SyntheticImages, embedded_short_run, tiny_model
 
 #: The tiny-model kinds (``hf_bpmod.testing.TINY_KINDS``) of the architectures with an adapter.
 KINDS = ["vit", "resnet"]
@@ -141,14 +141,8 @@ def test_trained_model_reloads_with_no_missing_or_unexpected_keys(tmp_path, kind
 def saved_activation_bytes(kind: str, horizon: int | None, image_size: int = 32, batch: int = 8) -> int:
     """Peak bytes saved for backward in one local-gradient step (``horizon=None``: h = T, backprop)."""
     model = tiny_model(kind, image_size=image_size).train()
-    h = horizon or _chain(model, 1).num_blocks
-    chain = _chain(model, h)
     x, y = torch.randn(batch, 3, image_size, image_size), torch.randint(0, 5, (batch,))
-    params = list(model.parameters()) + [p for ps in chain.head_params for p in ps]
-    meter = SavedStorageMeter(exclude=params)
-    with meter.measure():
-        local_gradients(chain, x, lambda logits: F.cross_entropy(logits, y), h, accumulate=True)
-    return meter.peak_bytes
+    return peak_saved_bytes(model, horizon, x, y)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -166,21 +160,5 @@ def test_offset_default_follows_the_family(kind):
 def test_short_run_on_the_embedded_data_learns(tmp_path, kind):
     """4,000 Animal-Shape-MNIST images, 3 epochs at h = 1: the model beats chance (0.10) by 0.20 or more on 500
     held-out images."""
-    from hf_bpmod.data import collate_fn, load_animal_shape_mnist, with_pixel_values
-
-    data = load_animal_shape_mnist(seed=0)
-    train = with_pixel_values(data["train"].select(range(4000)), image_size=28, image_mean=0.5, image_std=0.5)
-    test = with_pixel_values(data["test"].select(range(500)), image_size=28, image_mean=0.5, image_std=0.5)
-    model = tiny_model(kind, num_labels=10, image_size=28)
-    args = BPModifiedTrainingArguments(
-        output_dir=str(tmp_path),
-        local_horizon=1,
-        num_train_epochs=3,
-        remove_unused_columns=False,
-        **{**COMMON, "per_device_train_batch_size": 32, "learning_rate": 1e-2, "logging_steps": 50},
-    )
-    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=train, data_collator=collate_fn)
-    trainer.train()
-    predictions = trainer.predict(test)
-    accuracy = (predictions.predictions.argmax(-1) == predictions.label_ids).mean()
+    accuracy = embedded_short_run(kind, str(tmp_path))
     assert accuracy >= 0.30, accuracy
