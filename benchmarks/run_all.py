@@ -6,7 +6,8 @@ Runs, one after the other, each in its own process (so that one's threads and me
 the Trainer), ``memory_speed.py`` (peak memory and step time against BP and gradient checkpointing),
 ``vjp_floor.py`` (the passes of one block: the step-time floor of each horizon), ``apply_offset.py`` (applying
 the offset at every step, one pass against two) and ``checkpointing.py`` (what gradient checkpointing saves under
-local losses) and ``nonfinite_guard.py`` (the non-finite guard's share of a step). Then it
+local losses) ``nonfinite_guard.py`` (the non-finite guard's share of a step) and ``architectures.py`` (each supported
+architecture's saved activations at h = 1 against BP, and a short run). Then it
 concatenates the markdown each one wrote, prints it and writes it to ``benchmarks/results/README.md``.
 
 The children run with ``OMP_WAIT_POLICY=PASSIVE`` (unless set): spinning OpenMP threads collapse when other processes
@@ -37,6 +38,7 @@ BENCHMARKS = [
     ("apply_offset.py", [], ["apply_offset.md"]),
     ("checkpointing.py", [], ["checkpointing.md"]),
     ("nonfinite_guard.py", [], ["nonfinite_guard.md"]),
+    ("architectures.py", ["--accuracy"], ["architectures.md"]),
 ]
 
 
