@@ -25,7 +25,7 @@ from .base import ArchitectureAdapter, BlockGranularity, register_adapter, unwra
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
-except ImportError:  # transformers < 4.52: no layer checkpoints itself
+except ImportError:  # a release without it: no layer checkpoints itself
     GradientCheckpointingLayer = ()  # noqa: N816
 
 
@@ -233,9 +233,8 @@ def _query_value_names(model: nn.Module, pairs: tuple[list[str], ...]) -> list[s
     for pair in pairs:
         if set(pair) <= leaf_names:
             return list(pair)
-    tried = " nor ".join("/".join(pair) for pair in pairs)
+    tried = " or ".join("/".join(pair) for pair in pairs)
     raise ValueError(
-        f"Found neither {tried} in {type(model).__name__}: pass `target_modules` to the peft config yourself."
-        if len(pairs) > 1
-        else f"Found no {tried} in {type(model).__name__}: pass `target_modules` to the peft config yourself."
+        f"Found no query/value projections ({tried}) in {type(model).__name__}: pass `target_modules` to the peft "
+        "config yourself."
     )
