@@ -76,6 +76,10 @@ def parallelism_config(accelerator: Any) -> Any:
 #: Delete the second pair when: transformers >= 5.9. A ViT's query and value projections, as peft targets, by name.
 VIT_QUERY_VALUE_NAMES = (["q_proj", "v_proj"], ["query", "value"])
 
+#: Delete the second pair when: transformers >= 5.9. A Swin's query and value projections, as peft targets, by name
+#: (SwinV2 names them query/value in every supported release).
+SWIN_QUERY_VALUE_NAMES = (["q_proj", "v_proj"], ["query", "value"])
+
 
 def optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, dict[str, Any]]:
     """Delete when: transformers >= 5.0.

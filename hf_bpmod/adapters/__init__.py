@@ -2,6 +2,7 @@
 
 from .base import ADAPTERS, ArchitectureAdapter, BlockGranularity, get_adapter, register_adapter, unwrap_model
 from .resnet import ResNetAdapter
+from .swin import SwinAdapter, Swinv2Adapter
 from .vit import ViTAdapter
 
 __all__ = [
@@ -9,6 +10,8 @@ __all__ = [
     "ArchitectureAdapter",
     "BlockGranularity",
     "ResNetAdapter",
+    "SwinAdapter",
+    "Swinv2Adapter",
     "ViTAdapter",
     "get_adapter",
     "register_adapter",
