@@ -81,7 +81,11 @@ def test_unsupported_model_error_lists_supported_types():
     model = BertForSequenceClassification(
         BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
     )
-    with pytest.raises(ValueError, match=r"model_type='bert'.*Supported model types: resnet, vit"):
+    from hf_bpmod.adapters import ADAPTERS
+
+    supported = ", ".join(sorted(ADAPTERS))
+    assert {"vit", "resnet", "swin"} <= set(ADAPTERS)
+    with pytest.raises(ValueError, match=rf"model_type='bert'.*Supported model types: {supported}\."):
         get_adapter(model)
 
 

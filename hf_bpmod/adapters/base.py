@@ -77,7 +77,7 @@ def get_adapter(model: nn.Module) -> ArchitectureAdapter:
         supported = ", ".join(sorted(ADAPTERS))
         raise ValueError(
             f"hf_bpmod cannot split a {type(base).__name__} (config.model_type={model_type!r}) into blocks. "
-            f"Supported model types: {supported} (e.g. ViTForImageClassification, ResNetForImageClassification). "
+            f"Supported model types: {supported}. "
             "Register an adapter with `hf_bpmod.adapters.register_adapter` to add one."
         )
     return ADAPTERS[model_type]()
