@@ -232,7 +232,8 @@ def plot_block_accuracy(log_history: list[dict[str, Any]], path: str, prefix: st
         axes.plot(blocks, [accuracies[s] for s in blocks], marker="o", label=f"epoch {epoch:g}")
     axes.set_xlabel("block s (the model cut after block s)")
     axes.set_ylabel(f"{prefix} accuracy")
-    axes.set_xticks(sorted({s for accuracies in by_epoch.values() for s in accuracies}))
+    ticks = sorted({s for accuracies in by_epoch.values() for s in accuracies})
+    axes.set_xticks(ticks, [str(s) for s in ticks[:-1]] + [f"{ticks[-1]}\n(model)"])  # the last head is the model's
     axes.set_ylim(0, 1)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
