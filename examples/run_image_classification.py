@@ -17,6 +17,10 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
         --local_horizon 2 --bp_modified true --learning_rate 1e-3 --per_device_train_batch_size 64 \\
         --num_train_epochs 5 --eval_strategy epoch --save_strategy epoch --logging_steps 50 --seed 0
 
+    # Every head's accuracy after each epoch (eval_block_{s}_accuracy), plotted in <output_dir>/block_accuracy.png.
+    python examples/run_image_classification.py --output_dir runs/vit-blocks --eval_block_accuracy true \\
+        --num_train_epochs 3 --eval_strategy epoch
+
     # A small ResNet from a config.
     python examples/run_image_classification.py --output_dir runs/resnet-animal --model_type resnet \\
         --config_overrides "embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic"
@@ -79,6 +83,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
 
+from hf_bpmod.block_metrics import plot_block_accuracy
 from hf_bpmod.data import EMBEDDED_DATASET_NAME, collate_fn, load_animal_shape_mnist, with_pixel_values
 from hf_bpmod.metrics import compute_accuracy_metrics
 
@@ -621,6 +626,11 @@ def main() -> None:
         eval_metrics["eval_samples"] = len(eval_dataset)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+    per_epoch = training_args.eval_strategy == "epoch"
+    if training_args.eval_block_accuracy and per_epoch and trainer.is_world_process_zero():
+        plot = os.path.join(training_args.output_dir, "block_accuracy.png")
+        if plot_block_accuracy(trainer.state.log_history, plot):  # accuracy of every head, one line per epoch
+            logger.info(f"Accuracy per block and epoch: {plot}")
 
     kwargs = {
         "finetuned_from": model_args.model_name_or_path,

@@ -210,6 +210,11 @@ class BPModifiedTrainingArguments(TrainingArguments):
         rebuild_bpmod_state (`bool`, *optional*, defaults to `False`):
             Resume from a checkpoint whose auxiliary heads and offset state are missing or damaged: fresh heads and
             offsets are built instead (and the trainer says so). Off: such a checkpoint is refused.
+        eval_block_accuracy (`bool`, *optional*, defaults to `False`):
+            Also report every head's evaluation accuracy, `eval_block_{s}_accuracy`: how good the model is if cut
+            after block `s` (the auxiliary head on the block output `x_s`; `s = T` is the model's own head). One
+            forward through the blocks scores every head inside the Trainer's evaluation loop. Single-label
+            classification only. The training loss of every head is always logged, as `block_{s}_loss`.
     """
 
     # Local learning
@@ -280,6 +285,15 @@ class BPModifiedTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "On resume, build fresh auxiliary heads and offsets if the checkpoint's are missing or damaged."
+        },
+    )
+
+    # Metrics
+    eval_block_accuracy: bool = field(
+        default=False,
+        metadata={
+            "help": "Also report each head's evaluation accuracy, eval_block_{s}_accuracy: the model cut after block "
+            "s (single-label classification only)."
         },
     )
 
@@ -359,6 +373,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
             "the non-finite steps allowed in a row, e.g. 10",
         )
         self.rebuild_bpmod_state = parse_bool("rebuild_bpmod_state", self.rebuild_bpmod_state)
+        self.eval_block_accuracy = parse_bool("eval_block_accuracy", self.eval_block_accuracy)
         self.offset_batch_size = parse_int(
             "offset_batch_size",
             self.offset_batch_size,

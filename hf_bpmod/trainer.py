@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from . import compat, distributed, head_clipping, losses, precision, run_lock, setup_checks
+from . import block_metrics, compat, distributed, head_clipping, losses, precision, run_lock, setup_checks
 from .adapters import get_adapter, unwrap_model
 from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
 from .config import BPModifiedTrainingArguments
@@ -66,6 +66,7 @@ class BPModifiedTrainer(Trainer):
         if kwargs.get("model_init") is not None:
             raise ValueError("`model_init` is not supported by BPModifiedTrainer: pass an instantiated `model`.")
         self.adapter = get_adapter(model)  # fails here, before any work, for unsupported models
+        block_metrics.check_eval_block_accuracy(args, model)
         self.bp_modified = self._resolve_bp_modified(args)
         if args.gradient_checkpointing:
             compat.check_layer_checkpointing(model)
@@ -109,6 +110,8 @@ class BPModifiedTrainer(Trainer):
         self.guard = NonFiniteGuard(
             self.block_chain, [base, self.aux_heads], args.max_nonfinite_steps, reduce_sum=reduce_sum
         )
+        self.block_metrics = block_metrics.BlockMetrics(self, reduce_sum)  # per-block losses and accuracies
+        self.add_callback(self.block_metrics)
 
     # ------------------------------------------------------------------ set-up
     def _resolve_bp_modified(self, args: BPModifiedTrainingArguments) -> bool:
@@ -153,13 +156,20 @@ class BPModifiedTrainer(Trainer):
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ):
-        """The Trainer's loss, for evaluation only (``training_step`` computes its own), as the mean over the batch.
+        """The Trainer's loss, for evaluation only (``training_step`` computes its own), as the mean over the batch
+        (with ``eval_block_accuracy``, from one forward through the blocks that scores every head on the way).
 
         ``num_items_in_batch`` is dropped: ``ResNetForImageClassification.forward`` accepts ``**kwargs`` but ignores
         it, and the Trainer then multiplies its batch mean by the number of processes. Without it every model
         returns its batch mean and the Trainer averages those.
         """
+        if self.block_metrics.collecting and "labels" in inputs:
+            return self.block_metrics.compute_loss(inputs, return_outputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's loop; with ``eval_block_accuracy`` its metrics gain ``{prefix}_block_{s}_accuracy``."""
+        return self.block_metrics.evaluation_loop(super().evaluation_loop, *args, **kwargs)
 
     def _split_inputs(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if "pixel_values" not in inputs or "labels" not in inputs:
@@ -203,6 +213,7 @@ class BPModifiedTrainer(Trainer):
             forward_context=self._forward_context,
         )
         self.guard.add_losses(result.head_losses)
+        self.block_metrics.add_losses(result.head_losses, self.accelerator.sync_gradients)
         if self.accelerator.sync_gradients:
             self._finish_optimizer_step_gradients()
         return result.loss
@@ -261,7 +272,7 @@ class BPModifiedTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
-            logs = {**logs, **self.offset.pop_logs()}
+            logs = {**logs, **self.offset.pop_logs(), **self.block_metrics.pop_logs()}
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints

@@ -26,7 +26,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "vit_h1": dict(
         model="vit",
         batches={2: (16, 1), 1: (32, 1)},
-        # 3 offset micro-batches over 2 ranks (not divisible); an evaluation in the middle of training
+        # 3 offset micro-batches over 2 ranks (not divisible); an evaluation in the middle of training, with every
+        # head's accuracy, and one more on ODD_EVAL_SIZE examples, which 2 ranks split unevenly
         args=dict(
             bp_modified=True,
             local_horizon=1,
@@ -34,6 +35,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
             offset_period="2",
             eval_strategy="steps",
             eval_steps=2,
+            eval_block_accuracy=True,
         ),
     ),
     "vit_h2": dict(
@@ -60,6 +62,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 MAX_STEPS = 3
 TRAIN_SIZE = 128
 EVAL_SIZE = 32
+ODD_EVAL_SIZE = 27  # batches of 8 per rank: the last global batch of 11 is padded to 16 across the 2 ranks
 
 
 class _DDPForwardCounter:
@@ -183,6 +186,9 @@ def run(name: str, out_dir: str, world_size: int) -> dict[str, Any]:
     train_calls = _DDPForwardCounter.calls - calls_before
     seconds = time.perf_counter() - start
     final_eval = trainer.evaluate()
+    odd_eval = None
+    if args.eval_block_accuracy:
+        odd_eval = trainer.evaluate(SyntheticImages(ODD_EVAL_SIZE, seed=2), metric_key_prefix="odd")
     return {
         "name": name,
         "world_size": world_size,
@@ -200,6 +206,12 @@ def run(name: str, out_dir: str, world_size: int) -> dict[str, Any]:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "eval_losses": [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h],
         "final_eval_loss": final_eval["eval_loss"],
+        "block_losses": [
+            {k: v for k, v in h.items() if k.startswith("block_") or k == "loss"}
+            for h in trainer.state.log_history
+            if "loss" in h
+        ],
+        "odd_eval": odd_eval,
     }
 
 

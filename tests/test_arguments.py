@@ -67,7 +67,8 @@ def test_a_fixed_a_that_would_overflow_the_gradients_is_refused(tmp_path, value)
 
 
 @pytest.mark.parametrize(
-    "field", ["offset_reliability", "offset_bias_correction", "rebuild_bpmod_state", "bp_modified"]
+    "field",
+    ["offset_reliability", "offset_bias_correction", "rebuild_bpmod_state", "bp_modified", "eval_block_accuracy"],
 )
 @pytest.mark.parametrize(
     "text, expected",
@@ -85,7 +86,8 @@ def test_boolean_strings_reach_the_offset_settings_as_booleans(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field", ["offset_reliability", "offset_bias_correction", "rebuild_bpmod_state", "bp_modified"]
+    "field",
+    ["offset_reliability", "offset_bias_correction", "rebuild_bpmod_state", "bp_modified", "eval_block_accuracy"],
 )
 @pytest.mark.parametrize("value", ["maybe", "", 2, 0.0, [True]])
 def test_other_booleans_are_refused(tmp_path, field, value):
@@ -254,10 +256,10 @@ def test_the_command_line_and_config_files_are_read_the_same_way(tmp_path):
         [
             "--output_dir", str(tmp_path), "--report_to", "none", "--offset_reliability", "false",
             "--offset_bias_correction", "true", "--rebuild_bpmod_state", "--offset_seed", "7",
-            "--offset_fixed_a", "0.5", "--offset_log_file", "logs/x.jsonl",
+            "--offset_fixed_a", "0.5", "--offset_log_file", "logs/x.jsonl", "--eval_block_accuracy",
         ]
     )  # fmt: skip
-    assert args.offset_reliability is False and args.offset_bias_correction is True
+    assert args.offset_reliability is False and args.offset_bias_correction is True and args.eval_block_accuracy
     assert args.rebuild_bpmod_state is True and args.offset_seed == 7 and args.offset_fixed_a == 0.5
     (from_file,) = parser.parse_dict(
         {
@@ -335,12 +337,15 @@ _NEAR = {
     "offset_log_file": st.sampled_from(["a.jsonl", "logs/a.jsonl", "./a", "a/../b", "a/../../b", "/a", "~"]),
     "max_nonfinite_steps": st.sampled_from([0, 1, 10, "3", -1, MAX_COUNT]),
     "rebuild_bpmod_state": st.sampled_from([True, False, "true", "n", 1, None]),
+    "eval_block_accuracy": st.sampled_from([True, False, "true", "off", 0, None]),
 }
 # What each field holds once accepted, whatever it was given as (a YAML "false" must not stay a truthy string).
 _TYPES = {
     **dict.fromkeys(["local_horizon", "offset_batch_size", "offset_micro_batch_size", "max_nonfinite_steps"], int),
     **dict.fromkeys(["offset_fixed_a", "offset_fixed_lambda", "offset_max_ratio"], float),
-    **dict.fromkeys(["offset_bias_correction", "offset_reliability", "rebuild_bpmod_state"], bool),
+    **dict.fromkeys(
+        ["offset_bias_correction", "offset_reliability", "rebuild_bpmod_state", "eval_block_accuracy"], bool
+    ),
     **dict.fromkeys(["block_granularity", "offset_scaling", "offset_log_file"], str),
     "bp_modified": (bool, type(None)),
     "offset_seed": (int, type(None)),

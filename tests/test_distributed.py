@@ -162,6 +162,38 @@ def test_batchnorm_statistics_are_shared_and_evaluation_is_of_the_saved_model(tw
     assert ranks[1]["final_eval_loss"] == ranks[0]["final_eval_loss"]
 
 
+@pytest.mark.distributed
+def test_per_block_metrics_are_those_of_all_processes(two_process_runs, tmp_path):
+    """Every head's training loss is averaged over both processes (every rank logs the same numbers, the one-process
+    run's), and every head's accuracy on 27 examples, split unevenly over the ranks (the last batch padded with
+    repeated examples), is that of the saved model and heads on the 27 examples, computed here in one forward."""
+    ranks = two_process_runs["runs"]["vit_h1"]
+    one = script.run("vit_h1", str(tmp_path), world_size=1)
+    heads = [f"block_{s}_loss" for s in range(1, 5)]
+    assert len(ranks[0]["block_losses"]) == script.MAX_STEPS
+    for logged in (*ranks, one):
+        assert all(sorted(k for k in entry if k != "loss") == heads for entry in logged["block_losses"])
+        assert all(entry["block_4_loss"] == pytest.approx(entry["loss"], abs=5e-5) for entry in logged["block_losses"])
+    assert ranks[0]["block_losses"] == ranks[1]["block_losses"]
+    for two, reference in zip(ranks[0]["block_losses"], one["block_losses"]):
+        assert [two[k] for k in heads] == pytest.approx([reference[k] for k in heads], rel=1e-5)
+
+    scores = [{k: v for k, v in r["odd_eval"].items() if "block" in k or k == "odd_loss"} for r in ranks]
+    assert scores[0] == scores[1] and len(scores[0]) == 5
+    model = tiny_vit(num_layers=4)
+    model.load_state_dict({**ranks[0]["params"], **ranks[0]["buffers"]})
+    aux_heads = get_adapter(model).aux_heads(model, 1)
+    aux_heads.load_state_dict(ranks[0]["aux"])
+    data = SyntheticImages(script.ODD_EVAL_SIZE, seed=2)
+    with torch.no_grad():
+        out = model.eval()(pixel_values=data.pixel_values, output_hidden_states=True)
+        logits = {s: aux_heads[str(s)].eval()(out.hidden_states[s]) for s in (1, 2, 3)} | {4: out.logits}
+    for s, z in logits.items():
+        expected = (z.argmax(-1) == data.labels).sum().item() / len(data)
+        assert ranks[0]["odd_eval"][f"odd_block_{s}_accuracy"] == expected
+    assert [k for k in ranks[0]["odd_eval"] if "block" in k] == [f"odd_block_{s}_accuracy" for s in range(1, 5)]
+
+
 def _chain_and_fetch():
     model = tiny_vit(num_layers=4)
     adapter = get_adapter(model)

@@ -243,3 +243,25 @@ def test_eval_strategy_alone_still_trains(tmp_path):
     ]  # fmt: skip
     run_example(argv, tmp_path)
     assert (tmp_path / "out" / "train_results.json").exists()
+
+
+def test_every_heads_accuracy_per_epoch_is_reported_and_plotted(tmp_path):
+    """``--eval_block_accuracy`` with ``--eval_strategy epoch``: every head's training loss in the logs, every head's
+    accuracy after each epoch and in the final results (the model's own head's is ``eval_accuracy``), and the plot
+    ``block_accuracy.png`` (one line per epoch) in the output folder."""
+    argv = [
+        *common_args(tmp_path), *TINY_VIT, "--dataset_name", str(make_image_folder(tmp_path / "images", per_class=10)),
+        "--num_train_epochs", "2", "--bp_modified", "false", "--eval_strategy", "epoch", "--eval_block_accuracy", "true",
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    metrics = check_outputs(run_example(argv, tmp_path), out, n_eval=5, n_train=25)
+    assert metrics["eval_block_2_accuracy"] == metrics["eval_accuracy"] and "eval_block_1_accuracy" in metrics
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    trained = [entry for entry in history if "loss" in entry]
+    assert trained and all({"block_1_loss", "block_2_loss"} <= set(entry) for entry in trained)
+    evaluated = [entry["epoch"] for entry in history if "eval_block_1_accuracy" in entry]
+    assert evaluated == [1.0, 2.0]
+    plot = out / "block_accuracy.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(plot) as image:
+        assert image.size == (600, 400) and len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 10
