@@ -34,9 +34,8 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
     python examples/run_image_classification.py --output_dir runs/resnet-lokr \\
         --model_name_or_path microsoft/resnet-50 --ignore_mismatched_sizes --peft lokr --dataset_name uoft-cs/cifar10
 
-    # A model from a config file (random weights), or from the small default config of another supported type.
+    # A model with random weights from a config file (or a Hub model's config).
     python examples/run_image_classification.py --output_dir runs/from-config --config_name path/to/config.json
-    python examples/run_image_classification.py --output_dir runs/resnet-small --model_type resnet
 
     # A local image folder (one sub-folder per class), or separate train/validation folders.
     python examples/run_image_classification.py --output_dir runs/folder --dataset_name path/to/images
