@@ -33,9 +33,13 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
     python examples/run_image_classification.py --output_dir runs/vit-lora \\
         --model_name_or_path google/vit-base-patch16-224-in21k --peft lora --peft_rank 1 --peft_alpha 4
 
-    # Fine-tune a pretrained ResNet-50 with LoKr on its convolutions, on a Hub dataset.
+    # Fine-tune a pretrained ResNet-50 with LoKr on its convolutions, on a Hub dataset; its 1000-class ImageNet head
+    # is replaced by a new 10-class one.
     python examples/run_image_classification.py --output_dir runs/resnet-lokr \\
-        --model_name_or_path microsoft/resnet-50 --peft lokr --dataset_name uoft-cs/cifar10
+        --model_name_or_path microsoft/resnet-50 --ignore_mismatched_sizes --peft lokr --dataset_name uoft-cs/cifar10
+
+    # A model with random weights from a config file (or a Hub model's config).
+    python examples/run_image_classification.py --output_dir runs/from-config --config_name path/to/config.json
 
     # A local image folder (one sub-folder per class), or separate train/validation folders.
     python examples/run_image_classification.py --output_dir runs/folder --dataset_name path/to/images
@@ -47,18 +51,42 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
 
 Without ``--do_train``/``--do_eval`` the script both trains and evaluates. Resume a run with
 ``--resume_from_checkpoint path/to/checkpoint-500`` (or ``--resume_from_checkpoint last`` for the newest checkpoint
-in ``--output_dir``). The last line printed is ``final eval accuracy: 0.xxxx (top-5 0.xxxx)``.
+in ``--output_dir``). The last line printed (once, by the main process) is
+``final eval accuracy: 0.xxxx (top-5 0.xxxx)``.
+
+Models: ``--model_type`` and the model types of ``--model_name_or_path``/``--config_name`` must be ones hf_bpmod
+has an architecture adapter for (``--help`` lists them); anything else is refused before the data loads. A pretrained
+model whose head does not fit the data's classes needs ``--ignore_mismatched_sizes``, as in transformers' script.
+Nothing loaded runs code from the Hub unless ``--trust_remote_code`` is given. Offline: with ``HF_HUB_OFFLINE=1``
+models load from the local cache (or pass a local folder); when the Hub is unreachable the script tries it once and
+then uses the cache, instead of retrying each file.
+
+What a training run saves in ``--output_dir``:
+
+- no peft: the trained model (``AutoModelForImageClassification.from_pretrained(output_dir)``);
+- ``--peft`` on a pretrained model: the adapter and the trained classifier, naming the pretrained model as its base
+  (``PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base, num_labels=...), output_dir)``);
+- ``--peft`` on a model built from a config: the trained model with the adapters merged into the base weights, a
+  plain transformers model (``AutoModelForImageClassification.from_pretrained(output_dir)``), because the base
+  weights are random and exist nowhere else: an adapter alone could not be reloaded. This is also what
+  ``--push_to_hub`` uploads (with ``--hub_strategy end``). The checkpoints hold the adapters, for resuming, and name
+  the untrained base weights, saved once in ``output_dir/_base_model`` (left out of Hub uploads), as their base.
+
+The script logs what it saved and the line that reloads it.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import copy
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import transformers
@@ -83,67 +111,109 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
 
+<<<<<<< HEAD
 from hf_bpmod.block_metrics import plot_block_accuracy
+=======
+from hf_bpmod.adapters import ADAPTERS
+>>>>>>> i20-example
 from hf_bpmod.data import EMBEDDED_DATASET_NAME, collate_fn, load_animal_shape_mnist, with_pixel_values
 from hf_bpmod.metrics import compute_accuracy_metrics
 
 logger = logging.getLogger(__name__)
 
-#: Model types that can be built from a config (``--model_type``) and their small default configs.
+#: Small starting configs for models built from a config (``--model_type``), changed by ``--config_overrides``. A
+#: registered model type without an entry starts from transformers' default config. Either way ``image_size`` (where
+#: the config has one) is ``--image_size``, else the training images' size, and ``num_channels`` is 3.
 SCRATCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "vit": {
-        "image_size": 28,
         "patch_size": 4,
-        "num_channels": 3,
         "hidden_size": 64,
         "num_hidden_layers": 6,
         "num_attention_heads": 4,
         "intermediate_size": 128,
     },
+    "deit": {
+        "patch_size": 4,
+        "hidden_size": 64,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+    },
+    "beit": {
+        "patch_size": 4,
+        "hidden_size": 64,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "use_relative_position_bias": True,
+    },
+    "dinov2": {"patch_size": 4, "hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4, "mlp_ratio": 2},
+    "swin": {"patch_size": 2, "embed_dim": 32, "depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_size": 7},
+    "swinv2": {"patch_size": 2, "embed_dim": 32, "depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_size": 7},
     "resnet": {
-        "num_channels": 3,
         "embedding_size": 32,
         "hidden_sizes": [32, 64, 128, 256],
         "depths": [1, 1, 1, 1],
         "layer_type": "basic",
     },
+    "convnext": {"num_stages": 3, "patch_size": 2, "hidden_sizes": [32, 64, 128], "depths": [2, 2, 2]},
+    "convnextv2": {"num_stages": 3, "patch_size": 2, "hidden_sizes": [32, 64, 128], "depths": [2, 2, 2]},
+    "regnet": {"embedding_size": 32, "hidden_sizes": [32, 64, 128, 256], "depths": [1, 1, 1, 1], "groups_width": 16},
 }
+#: Where a peft run on a model built from a config keeps the untrained base weights its checkpoints' adapters need,
+#: inside ``output_dir``; ``push_to_hub`` leaves ``_*`` folders out of the upload.
+BASE_MODEL_DIR = "_base_model"
 PEFT_METHODS = ("none", "lora", "lokr")
 IMAGE_COLUMN_CANDIDATES = ("image", "img")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label")
 
 
+def supported_model_types() -> list[str]:
+    """The model types hf_bpmod can split into blocks: those with a registered architecture adapter."""
+    return sorted(ADAPTERS)
+
+
 @dataclass
 class ModelArguments:
-    """Which model to train: a pretrained one (``model_name_or_path``) or one built from a config."""
+    """Which model to train: a pretrained one (``model_name_or_path``) or one built from a config (``model_type`` or
+    ``config_name``)."""
 
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Pretrained model: a Hub name (e.g. google/vit-base-patch16-224-in21k) or a local folder. Its "
-            "classifier is re-initialised for the data's labels. Leave unset to build a model from a config "
-            "(--model_type)."
+            "help": "Pretrained model: a Hub name (e.g. google/vit-base-patch16-224-in21k) or a local folder. Leave "
+            "unset to build a model from a config (--model_type or --config_name)."
         },
     )
     model_type: str | None = field(
         default=None,
         metadata={
-            "help": "Build a model from scratch: 'vit' (default when no --model_name_or_path) or 'resnet', starting "
-            "from a small config (see SCRATCH_DEFAULTS) changed by --config_overrides."
+            "help": "Build a model from a config of this type, starting from a small config (SCRATCH_DEFAULTS in the "
+            "script) changed by --config_overrides: one of "
+            + ", ".join(supported_model_types())
+            + " (the model types hf_bpmod has an adapter for). Default: vit, when neither --model_name_or_path nor "
+            "--config_name is given."
+        },
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pretrained config name or path if not the same as model_name_or_path. Without "
+            "--model_name_or_path, a model with random weights is built from this config."
         },
     )
     config_overrides: str | None = field(
         default=None,
         metadata={
-            "help": "Config changes for a model built from scratch, e.g. "
+            "help": "Config changes for a model built from --model_type, e.g. "
             "'hidden_size=64,num_hidden_layers=6,num_attention_heads=4' or 'hidden_sizes=[16,32],depths=[1,1]'."
         },
     )
     image_size: int | None = field(
         default=None,
         metadata={
-            "help": "Input resolution. Defaults: the image processor's size for pretrained models, the native size "
-            "of the training images for models built from scratch."
+            "help": "Input resolution. Defaults: the image processor's size for pretrained models, the config's "
+            "image_size for --config_name, the native size of the training images for --model_type."
         },
     )
     image_processor_name: str | None = field(
@@ -158,12 +228,32 @@ class ModelArguments:
     token: str | None = field(
         default=None, metadata={"help": "Hub token for private models or data sets (default: the stored login)."}
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Whether to trust the execution of code from models defined on the Hub (their own modeling or "
+            "configuration files). Off by default, so nothing loaded runs code; set it only for repositories you "
+            "trust and whose code you have read, as it executes that code on your machine. The model's type must "
+            "still be a supported one."
+        },
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Load a pretrained model whose weights have other shapes than this run needs (e.g. a 1000-class "
+            "head for data with 10 classes, or position embeddings for another --image_size): those weights are "
+            "re-initialised. Without it such a mismatch is an error."
+        },
+    )
     peft: str = field(
         default="none",
         metadata={
-            "help": "Parameter-efficient fine-tuning: 'none', 'lora' or 'lokr'. Adapters go on the attention "
-            "query/value projections of transformers (ViT) or on the convolutions of CNNs (ResNet); the "
-            "classifier is trained in full.",
+            "help": "Parameter-efficient fine-tuning: 'none', 'lora' or 'lokr', on the architecture's default "
+            "targets (e.g. the attention query/value projections of a ViT, the convolutions of a ResNet); the "
+            "classifier is trained in full. On a pretrained model the run saves the adapter; on a model built from a "
+            "config it saves the adapters merged into the base weights (the base is random, so the adapter alone "
+            "could not be reloaded), and its checkpoints keep the adapter with the untrained base in "
+            f"output_dir/{BASE_MODEL_DIR}.",
             "choices": list(PEFT_METHODS),
         },
     )
@@ -171,22 +261,23 @@ class ModelArguments:
     peft_alpha: float = field(default=4.0, metadata={"help": "Scaling alpha of the LoRA/LoKr adapters."})
 
     def __post_init__(self) -> None:
-        if self.model_name_or_path and self.model_type:
+        if self.model_type and (self.model_name_or_path or self.config_name):
+            given = "--model_name_or_path" if self.model_name_or_path else "--config_name"
             raise ValueError(
-                "Pass either --model_name_or_path (a pretrained model) or --model_type (a model built from a "
-                "config), not both."
+                f"Pass either {given} or --model_type (a model built from a small default config), not both: the "
+                "config already names the model type."
             )
-        if self.model_name_or_path and self.config_overrides:
+        if self.config_overrides and (self.model_name_or_path or self.config_name):
             raise ValueError(
-                "--config_overrides only applies to a model built from scratch (--model_type); drop it or drop "
-                "--model_name_or_path."
+                "--config_overrides only applies to a model built from --model_type; drop it, or change the config "
+                "given by --config_name/--model_name_or_path."
             )
-        if not self.model_name_or_path and self.model_type is None:
+        if not self.model_name_or_path and not self.config_name and self.model_type is None:
             self.model_type = "vit"
-        if self.model_type is not None and self.model_type not in SCRATCH_DEFAULTS:
+        if self.model_type is not None and self.model_type not in ADAPTERS:
             raise ValueError(
-                f"--model_type {self.model_type!r} is not supported; choose one of {sorted(SCRATCH_DEFAULTS)}, or "
-                "pass --model_name_or_path for any other image classifier."
+                f"--model_type {self.model_type!r} is not supported: hf_bpmod can only split the model types it has "
+                f"an adapter for into blocks: {', '.join(supported_model_types())}."
             )
         if self.peft not in PEFT_METHODS:
             raise ValueError(f"--peft must be one of {PEFT_METHODS}, got {self.peft!r}.")
@@ -194,6 +285,16 @@ class ModelArguments:
             raise ValueError(f"--peft_rank must be a positive int, got {self.peft_rank}.")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"--image_size must be positive, got {self.image_size}.")
+
+    @property
+    def from_config(self) -> bool:
+        """Whether the model is built from a config (random weights) rather than loaded pretrained."""
+        return self.model_name_or_path is None
+
+    @property
+    def merges_peft_on_save(self) -> bool:
+        """Whether the final save merges the peft adapters into the base weights (a base built from a config)."""
+        return self.peft != "none" and self.from_config
 
 
 @dataclass
@@ -389,65 +490,273 @@ def make_plain_image_processor(image_size: int, mean: list[float], std: list[flo
     )
 
 
+class HubAccess(NamedTuple):
+    """How the model side loads: the keyword arguments of every ``from_pretrained`` call, and why the Hub cannot be
+    used (``None`` when it can)."""
+
+    kwargs: dict[str, Any]
+    problem: str | None
+
+
+def hub_unreachable_reason() -> str | None:
+    """Try the Hub once (one HEAD request, no retries, ``HF_HUB_ETAG_TIMEOUT`` seconds at most); why it failed, or
+    ``None`` if it answered."""
+    from huggingface_hub import constants, utils
+
+    try:
+        response = utils.get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as error:  # requests' and httpx's connection and timeout errors share no base class
+        return f"{type(error).__name__}: {error}"
+    if response.status_code >= 500:
+        return f"HTTP {response.status_code}"
+    return None
+
+
+def hub_access(model_args: ModelArguments) -> HubAccess:
+    """The loading arguments of the model side. Where a name to load is not a local path and the Hub is unreachable
+    (tried once), loading uses the local cache only (``local_files_only``), as huggingface_hub would after retrying
+    each file for half a minute or more, so a cached model loads at once and a missing one fails at once."""
+    from huggingface_hub import constants
+
+    kwargs: dict[str, Any] = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    names = [model_args.model_name_or_path, model_args.config_name, model_args.image_processor_name]
+    remote = [name for name in names if name is not None and not os.path.exists(name)]
+    if not remote:
+        return HubAccess(kwargs, None)
+    if constants.HF_HUB_OFFLINE:
+        return HubAccess(kwargs, "HF_HUB_OFFLINE is set, so nothing is downloaded")
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return HubAccess(kwargs, None)
+    logger.warning(
+        f"The Hugging Face Hub ({constants.ENDPOINT}) is unreachable ({reason}): loading {remote} from the local "
+        "cache only."
+    )
+    kwargs["local_files_only"] = True
+    return HubAccess(kwargs, f"the Hub ({constants.ENDPOINT}) is unreachable ({reason})")
+
+
+def load_error_message(argument: str, name: str, access: HubAccess, error: BaseException) -> str:
+    """What went wrong loading ``--argument name`` and how to fix it; for a Hub name, how to run offline."""
+    if os.path.exists(name):
+        return f"--{argument} {name!r} could not be loaded: {error}"
+    offline = (
+        "To run offline, pass a local folder (one written by save_pretrained), or download the model once where the "
+        f"Hub is reachable (e.g. `hf download {name}`) and run with HF_HUB_OFFLINE=1 and the same cache (HF_HOME, or "
+        "--cache_dir)."
+    )
+    if access.problem is not None:
+        return (
+            f"--{argument} {name!r} is neither a local folder nor in the local Hugging Face cache, and "
+            f"{access.problem}. {offline} On a slow network, a larger HF_HUB_ETAG_TIMEOUT (seconds) gives the Hub "
+            f"longer to answer. ({type(error).__name__}: {error})"
+        )
+    return (
+        f"--{argument} {name!r} could not be loaded: {error} Check the name (a Hub model id or a local folder), and "
+        f"--token for a private model. {offline}"
+    )
+
+
+@contextlib.contextmanager
+def explained_load_errors(argument: str, name: str, access: HubAccess) -> Iterator[None]:
+    """Re-raise a loading ``OSError`` (file not found, Hub unreachable, not in the cache) with its fix."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(load_error_message(argument, name, access, error)) from error
+
+
+def check_supported_model_type(model_type: str | None, source: str) -> None:
+    """Refuse a model type that has no registered architecture adapter, listing the supported ones."""
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"{source} is a {model_type!r} model, which hf_bpmod cannot split into blocks. Supported model types: "
+            f"{', '.join(supported_model_types())}. Pick a model of one of these types."
+        )
+
+
+def check_model_source(model_args: ModelArguments, access: HubAccess) -> None:
+    """Read only the config of ``--config_name`` / ``--model_name_or_path`` (no weights, no code) and refuse an
+    unsupported model type, before any data is loaded."""
+    if model_args.model_type is not None:
+        return  # checked when the arguments were parsed
+    argument = "config_name" if model_args.config_name else "model_name_or_path"
+    name = getattr(model_args, argument)
+    load_kwargs = {k: v for k, v in access.kwargs.items() if k != "trust_remote_code"}
+    with explained_load_errors(argument, name, access):
+        config_dict, _ = transformers.PretrainedConfig.get_config_dict(name, **load_kwargs)
+    check_supported_model_type(config_dict.get("model_type"), f"--{argument} {name!r}")
+
+
+def _smallest_stage_size(default_config: Any, settings: dict[str, Any], overrides: dict[str, Any]) -> int:
+    """Tokens per side in the last stage of a hierarchical transformer (Swin: patches, then halved, rounding up, at
+    each further stage)."""
+    merged = {**settings, **overrides}
+    patch = merged.get("patch_size", default_config.patch_size)
+    size = -(-merged["image_size"] // patch)
+    for _ in range(len(merged.get("depths", default_config.depths)) - 1):
+        size = -(-size // 2)
+    return max(1, size)
+
+
+def scratch_config(
+    model_type: str, overrides: dict[str, Any], image_size: int, label_kwargs: dict[str, Any] | None = None
+) -> transformers.PretrainedConfig:
+    """The config of a ``model_type`` model built from scratch: :data:`SCRATCH_DEFAULTS` (or transformers' default
+    config), ``image_size`` where the config has one, 3 channels, then ``overrides``."""
+    default_config = AutoConfig.for_model(model_type)
+    settings = dict(SCRATCH_DEFAULTS.get(model_type, {}))
+    if hasattr(default_config, "image_size"):
+        settings["image_size"] = image_size
+    if hasattr(default_config, "num_channels"):
+        settings["num_channels"] = 3
+    unknown = sorted(key for key in overrides if not hasattr(default_config, key))
+    if unknown:
+        raise ValueError(
+            f"--config_overrides sets {unknown}, which a {model_type} config does not have; valid keys include: "
+            f"{sorted(k for k in default_config.to_dict() if not k.startswith('_'))}."
+        )
+    if "window_size" in settings and "window_size" not in overrides:  # Swin: a window fits in every stage
+        settings["window_size"] = min(
+            settings["window_size"], _smallest_stage_size(default_config, settings, overrides)
+        )
+    # Overrides go to the constructor (not setattr) so derived fields, e.g. ResNet's stage_names, follow.
+    return AutoConfig.for_model(model_type, **{**settings, **overrides}, **(label_kwargs or {}))
+
+
+def pin_image_classifier(config: Any) -> None:
+    """Name the classifier class in ``config.architectures`` where transformers maps the model type to several (DeiT:
+    the plain one first, then the one with a distillation token) and the config names none, so ``from_config`` can
+    choose; the first is the plain classifier."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(config.model_type)
+    if isinstance(names, (list, tuple)) and not getattr(config, "architectures", None):
+        config.architectures = [names[0]]
+
+
+def config_image_size(config: Any) -> int | None:
+    """The config's square input size, if it has one."""
+    size = getattr(config, "image_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size) if size else None
+
+
+def _mismatched_names(info: dict[str, Any]) -> list[str]:
+    """Names of the mismatched weights in ``from_pretrained``'s loading info (tuples in transformers >= 5)."""
+    return sorted(key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys", ()))
+
+
 def build_model(
-    model_args: ModelArguments, label_names: list[str], native_size: int
+    model_args: ModelArguments,
+    label_names: list[str],
+    native_size: int,
+    access: HubAccess | None = None,
+    base_model_dir: str | None = None,
 ) -> tuple[torch.nn.Module, Any, int, list[float], list[float]]:
-    """Build or load the model and its image processor; return them with the input size and mean/std."""
+    """Build or load the model and its image processor; return them with the input size and mean/std.
+
+    ``base_model_dir``: for a model built from a config, load these saved base weights instead of new random ones
+    (resuming a peft run, whose adapters were trained on them).
+    """
+    access = access if access is not None else hub_access(model_args)
     label2id = {name: i for i, name in enumerate(label_names)}
     id2label = dict(enumerate(label_names))
     label_kwargs = {"num_labels": len(label_names), "label2id": label2id, "id2label": id2label}
 
-    if model_args.model_name_or_path is None:
-        settings = dict(SCRATCH_DEFAULTS[model_args.model_type])
-        if model_args.model_type == "vit":
-            settings["image_size"] = model_args.image_size or native_size
-        overrides = parse_config_overrides(model_args.config_overrides or "")
-        if model_args.image_size and overrides.get("image_size", model_args.image_size) != model_args.image_size:
-            raise ValueError(
-                f"--image_size {model_args.image_size} contradicts image_size={overrides['image_size']} in "
-                "--config_overrides; give it once."
+    if model_args.from_config:
+        if base_model_dir is not None:
+            model = AutoModelForImageClassification.from_pretrained(
+                base_model_dir, trust_remote_code=model_args.trust_remote_code
             )
-        default_config = AutoConfig.for_model(model_args.model_type)
-        unknown = sorted(key for key in overrides if not hasattr(default_config, key))
-        if unknown:
-            raise ValueError(
-                f"--config_overrides sets {unknown}, which a {model_args.model_type} config does not have; valid "
-                f"keys include: {sorted(k for k in default_config.to_dict() if not k.startswith('_'))}."
+            saved_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            if saved_labels != list(label_names):
+                raise ValueError(
+                    f"The base weights in {base_model_dir} were built for the labels {saved_labels}, but the data has "
+                    f"{list(label_names)}: resume with the data the run started with, or start a new run in another "
+                    "--output_dir."
+                )
+            config = model.config
+            logger.info(f"Loaded the untrained base weights of the run from {base_model_dir}.")
+        elif model_args.config_name:
+            with explained_load_errors("config_name", model_args.config_name, access):
+                config = AutoConfig.from_pretrained(model_args.config_name, **label_kwargs, **access.kwargs)
+            if model_args.image_size and hasattr(config, "image_size"):
+                config.image_size = model_args.image_size
+        else:
+            overrides = parse_config_overrides(model_args.config_overrides or "")
+            if model_args.image_size and overrides.get("image_size", model_args.image_size) != model_args.image_size:
+                raise ValueError(
+                    f"--image_size {model_args.image_size} contradicts image_size={overrides['image_size']} in "
+                    "--config_overrides; give it once."
+                )
+            config = scratch_config(
+                model_args.model_type, overrides, model_args.image_size or native_size, label_kwargs
             )
-        # Overrides go to the constructor (not setattr) so derived fields, e.g. ResNet's stage_names, follow.
-        config = AutoConfig.for_model(model_args.model_type, **{**settings, **overrides}, **label_kwargs)
-        image_size = getattr(config, "image_size", None) or model_args.image_size or native_size
-        model = AutoModelForImageClassification.from_config(config)
-        mean, std = [0.5] * config.num_channels, [0.5] * config.num_channels
+        source = base_model_dir or (
+            f"--config_name {model_args.config_name!r}"
+            if model_args.config_name
+            else f"--model_type {model_args.model_type!r}"
+        )
+        check_supported_model_type(config.model_type, source)
+        if base_model_dir is None:
+            pin_image_classifier(config)
+            model = AutoModelForImageClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
+            logger.info(f"Built a {config.model_type} model from a config: {config.to_diff_dict()}")
+        image_size = config_image_size(config) or model_args.image_size or native_size
+        channels = getattr(config, "num_channels", 3)
+        mean, std = [0.5] * channels, [0.5] * channels
         processor = make_plain_image_processor(image_size, mean, std)
-        logger.info(f"Built a {model_args.model_type} model from a config: {config.to_diff_dict()}")
         return model, processor, image_size, mean, std
 
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+    name = model_args.model_name_or_path
+    processor_name = model_args.image_processor_name or name
     try:
-        processor = AutoImageProcessor.from_pretrained(
-            model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs
-        )
+        with explained_load_errors(
+            "image_processor_name" if model_args.image_processor_name else "model_name_or_path", processor_name, access
+        ):
+            processor = AutoImageProcessor.from_pretrained(processor_name, **access.kwargs)
     except (OSError, ValueError) as error:
+        if model_args.image_processor_name:
+            raise
         logger.warning(f"No image processor found ({error}); normalising with mean/std 0.5.")
         processor = None
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **label_kwargs, **hub_kwargs)
+    config_argument = "config_name" if model_args.config_name else "model_name_or_path"
+    with explained_load_errors(config_argument, model_args.config_name or name, access):
+        config = AutoConfig.from_pretrained(model_args.config_name or name, **label_kwargs, **access.kwargs)
+    check_supported_model_type(config.model_type, f"--{config_argument} {model_args.config_name or name!r}")
     image_size = (
-        model_args.image_size
-        or image_size_from_processor(processor)
-        or getattr(config, "image_size", None)
-        or native_size
+        model_args.image_size or image_size_from_processor(processor) or config_image_size(config) or native_size
     )
-    config_size = getattr(config, "image_size", None)
-    if isinstance(config_size, int) and config_size != image_size:
-        logger.warning(
-            f"Input size {image_size} differs from the pretrained image_size {config_size}: the position "
-            "embeddings are re-initialised for the new size."
-        )
+    pretrained_size = config_image_size(config)
+    if pretrained_size is not None and pretrained_size != image_size:
         config.image_size = image_size
-    model = AutoModelForImageClassification.from_pretrained(
-        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True, **hub_kwargs
-    )
+    # Mismatched weights are found by loading with ignore_mismatched_sizes=True, and refused unless it was asked for,
+    # so the error names them and the flag on every transformers release.
+    with explained_load_errors("model_name_or_path", name, access):
+        model, info = AutoModelForImageClassification.from_pretrained(
+            name, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **access.kwargs
+        )
+    mismatched = _mismatched_names(info)
+    if mismatched and not model_args.ignore_mismatched_sizes:
+        size_note = (
+            f" (--image_size {image_size} is not the pretrained image_size {pretrained_size})"
+            if pretrained_size is not None and pretrained_size != image_size
+            else ""
+        )
+        raise ValueError(
+            f"--model_name_or_path {name!r}: the pretrained weights {mismatched} have other shapes than this run "
+            f"needs, with {len(label_names)} classes{size_note}. Pass --ignore_mismatched_sizes to re-initialise "
+            "them (e.g. a new classifier head for your labels)."
+        )
+    if mismatched:
+        logger.warning(f"--ignore_mismatched_sizes: re-initialised {mismatched}, whose pretrained shapes differ.")
     channels = getattr(config, "num_channels", 3)
     if processor is not None and getattr(processor, "do_normalize", True) and processor.image_mean is not None:
         mean, std = list(processor.image_mean), list(processor.image_std)
@@ -468,8 +777,12 @@ def peft_target_modules(model: torch.nn.Module) -> list[str]:
         raise ValueError(f"{err} Or use --peft none.") from err
 
 
-def apply_peft(model: torch.nn.Module, model_args: ModelArguments) -> torch.nn.Module:
-    """Wrap ``model`` with LoRA or LoKr adapters; the classifier head is trained in full."""
+def apply_peft(
+    model: torch.nn.Module, model_args: ModelArguments, base_model_path: str | None = None
+) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA or LoKr adapters; the classifier head is trained in full. ``base_model_path``: where
+    the base weights are saved, recorded in the adapter's config (``base_model_name_or_path``) in place of the
+    model's own name (none for a model built from a config)."""
     import peft
 
     targets = peft_target_modules(model)
@@ -490,11 +803,127 @@ def apply_peft(model: torch.nn.Module, model_args: ModelArguments) -> torch.nn.M
             r=model_args.peft_rank, alpha=model_args.peft_alpha, target_modules=targets, modules_to_save=[head]
         )
     model = peft.get_peft_model(model, peft_config)
+    if base_model_path is not None:
+        model.peft_config["default"].base_model_name_or_path = base_model_path
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
         f"{model_args.peft} adapters on {targets} (+ full {head!r}): {trainable:,} of {total:,} parameters trainable."
     )
     return model
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def save_merged_model(model: torch.nn.Module, output_dir: str) -> None:
+    """Save ``model`` (a peft model) with its adapters merged into the base weights, as a plain transformers model;
+    adapter files left in ``output_dir`` by earlier saves are removed, so ``from_pretrained`` reads the full model."""
+    from peft.utils import ModulesToSaveWrapper
+
+    merged = copy.deepcopy(model)  # a copy: the trainer's model keeps its adapters
+    # The fully trained modules (the head) first, as merge_and_unload would: peft 0.21's LoKr merge fails on a
+    # Sequential one such as ResNet's head.
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, attribute = name.rpartition(".")
+            setattr(merged.get_submodule(parent), attribute, module.modules_to_save[merged.active_adapter])
+    merged = merged.merge_and_unload()
+    merged.save_pretrained(output_dir)
+    for name in ADAPTER_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+class ExampleTrainer(BPModifiedTrainer):
+    """``BPModifiedTrainer`` whose save to ``output_dir`` (``save_model()``, ``push_to_hub``) writes the merged
+    model when ``merge_peft_on_save``: the peft adapters on a base built from a config, which no one else has.
+    Checkpoints keep the adapter, for resuming."""
+
+    merge_peft_on_save: bool = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        target = output_dir if output_dir is not None else self.args.output_dir
+        if not self.merge_peft_on_save or os.path.abspath(target) != os.path.abspath(self.args.output_dir):
+            super().save_model(output_dir, _internal_call=_internal_call)
+            return
+        if self.args.should_save:
+            os.makedirs(target, exist_ok=True)
+            save_merged_model(self.accelerator.unwrap_model(self.model), target)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(target)
+            torch.save(self.args, os.path.join(target, "training_args.bin"))
+
+
+def peft_base_for_resume(checkpoint: str) -> str:
+    """The untrained base weights a peft checkpoint of a model built from a config was trained on: the folder its
+    adapter config names, else ``_base_model`` next to the checkpoint (an ``output_dir`` that was moved)."""
+    candidates = []
+    adapter_config = os.path.join(checkpoint, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        with open(adapter_config) as f:
+            named = json.load(f).get("base_model_name_or_path")
+        if named:
+            candidates.append(named)
+    candidates.append(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), BASE_MODEL_DIR))
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    raise ValueError(
+        f"--resume_from_checkpoint {checkpoint}: its adapters were trained on base weights saved in "
+        f"{' or '.join(dict.fromkeys(candidates))}, which hold no model. Restore that folder, or train from scratch "
+        "in another --output_dir."
+    )
+
+
+def reload_instructions(model_args: ModelArguments, output_dir: str, num_labels: int) -> str:
+    """What the run saved in ``output_dir`` and how to reload it with plain transformers/peft."""
+    if model_args.peft == "none":
+        return (
+            f"Saved the trained model to {output_dir}: reload it with "
+            f"AutoModelForImageClassification.from_pretrained({output_dir!r})."
+        )
+    if model_args.merges_peft_on_save:
+        base = os.path.join(output_dir, BASE_MODEL_DIR)
+        return (
+            f"Saved the trained model to {output_dir}, the {model_args.peft} adapters merged into the base weights "
+            f"built from the config: reload it with AutoModelForImageClassification.from_pretrained({output_dir!r}). "
+            f"The checkpoints hold the adapters on the untrained base weights in {base}: "
+            f"PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained({base!r}), "
+            "'<checkpoint folder>')."
+        )
+    resize = ", ignore_mismatched_sizes=True" if model_args.ignore_mismatched_sizes else ""
+    return (
+        f"Saved the {model_args.peft} adapter and the trained classifier to {output_dir}: reload them with "
+        f"PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained("
+        f"{model_args.model_name_or_path!r}, num_labels={num_labels}{resize}), {output_dir!r})."
+    )
+
+
+def peft_base_plan(
+    model_args: ModelArguments, training_args: BPModifiedTrainingArguments, checkpoint: str | None
+) -> tuple[str | None, str | None]:
+    """For peft training on a model built from a config: the saved base weights to resume on, or the folder to save
+    the new ones in (``output_dir/_base_model``); ``(None, None)`` otherwise. Refuses what would lose or break a
+    run: replacing the base of an earlier run's checkpoints, and Hub pushes of adapters whose base is not there."""
+    if not (model_args.merges_peft_on_save and training_args.do_train):
+        return None, None
+    if training_args.push_to_hub and training_args.hub_strategy != "end":
+        raise ValueError(
+            f"--push_to_hub with --peft {model_args.peft} on a model built from a config uploads the merged model at "
+            f"the end; --hub_strategy {getattr(training_args.hub_strategy, 'value', training_args.hub_strategy)} would also upload checkpoint adapters, whose base "
+            "weights are not on the Hub. Pass --hub_strategy end."
+        )
+    if checkpoint is not None:
+        return peft_base_for_resume(checkpoint), None
+    save_base = os.path.join(training_args.output_dir, BASE_MODEL_DIR)
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if last is not None and os.path.isdir(save_base):
+        raise ValueError(
+            f"Training from scratch would replace {save_base}, the base weights the adapters in {last} were trained "
+            "on. Pass --resume_from_checkpoint last to continue that run, or another --output_dir."
+        )
+    return None, save_base
 
 
 def _modes_given(argv: list[str]) -> bool:
@@ -558,6 +987,11 @@ def main() -> None:
                 "--resume_from_checkpoint last to resume from it."
             )
 
+    # The model's config first (no weights): an unsupported model or an unreachable name fails before the data loads.
+    access = hub_access(model_args)
+    check_model_source(model_args, access)
+    resume_base, save_base = peft_base_plan(model_args, training_args, checkpoint)
+
     set_seed(training_args.seed)
 
     # Data.
@@ -572,9 +1006,14 @@ def main() -> None:
     logger.info(f"Data: { {k: len(v) for k, v in dataset.items()} }, {len(label_names)} classes: {label_names}")
 
     # Model.
-    model, image_processor, image_size, image_mean, image_std = build_model(model_args, label_names, native_size)
+    model, image_processor, image_size, image_mean, image_std = build_model(
+        model_args, label_names, native_size, access, base_model_dir=resume_base
+    )
     if model_args.peft != "none":
-        model = apply_peft(model, model_args)
+        if save_base is not None and training_args.should_save:
+            model.save_pretrained(save_base)  # the untrained base weights the checkpoints' adapters need
+        base_path = save_base or resume_base
+        model = apply_peft(model, model_args, os.path.abspath(base_path) if base_path else None)
     num_channels = getattr(getattr(model, "config", None), "num_channels", 3)
     logger.info(
         f"Preprocessing: resize to {image_size}x{image_size}, normalise with mean {image_mean}, std {image_std}"
@@ -601,7 +1040,7 @@ def main() -> None:
             )
         eval_dataset = prepare("eval", data_args.max_eval_samples)
 
-    trainer = BPModifiedTrainer(
+    trainer = ExampleTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -610,10 +1049,12 @@ def main() -> None:
         compute_metrics=compute_accuracy_metrics,
         processing_class=image_processor,
     )
+    trainer.merge_peft_on_save = model_args.merges_peft_on_save
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
+        logger.info(reload_instructions(model_args, training_args.output_dir, len(label_names)))
         metrics = train_result.metrics
         metrics["train_samples"] = len(train_dataset)
         trainer.log_metrics("train", metrics)
@@ -643,7 +1084,7 @@ def main() -> None:
     elif training_args.do_train:
         trainer.create_model_card(**kwargs)
 
-    if eval_metrics is not None:
+    if eval_metrics is not None and trainer.is_world_process_zero():  # once, not once per process
         print(
             f"final eval accuracy: {eval_metrics['eval_accuracy']:.4f} "
             f"(top-5 {eval_metrics['eval_top5_accuracy']:.4f})"

@@ -209,8 +209,8 @@ def test_lora_on_a_local_pretrained_vit(script, tmp_path):
         pretrained
     )
     argv = [
-        *common_args(tmp_path), "--model_name_or_path", str(pretrained), "--peft", "lora", "--peft_rank", "2",
-        "--peft_alpha", "4", "--dataset_name", str(make_image_folder(tmp_path / "images", per_class=14)),
+        *common_args(tmp_path), "--model_name_or_path", str(pretrained), "--ignore_mismatched_sizes", "--peft", "lora",
+        "--peft_rank", "2", "--peft_alpha", "4", "--dataset_name", str(make_image_folder(tmp_path / "images", per_class=14)),
         "--max_steps", "4", "--local_horizon", "1", "--bp_modified", "true", "--offset_batch_size", "16",
         "--offset_micro_batch_size", "4",
     ]  # fmt: skip
@@ -223,6 +223,7 @@ def test_lora_on_a_local_pretrained_vit(script, tmp_path):
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 2 and adapter_config["lora_alpha"] == 4
     assert adapter_config["modules_to_save"] == ["classifier"]
+    assert adapter_config["base_model_name_or_path"] == str(pretrained)  # the local base, reloadable offline
     weights = load_file(out / "adapter_model.safetensors")
     assert weights and all("lora_" in k or "classifier" in k for k in weights)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())  # trained
@@ -265,3 +266,32 @@ def test_every_heads_accuracy_per_epoch_is_reported_and_plotted(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(plot) as image:
         assert image.size == (600, 400) and len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 10
+
+
+@pytest.mark.distributed
+def test_two_processes_report_once(tmp_path):
+    """Under ``torchrun`` (2 CPU processes, gloo) the summary lines, the note on what was saved and the final line
+    come once, from the main process; only the per-process rank line comes from each."""
+    argv = [
+        *common_args(tmp_path), *TINY_VIT, "--dataset_name", str(make_image_folder(tmp_path / "images", per_class=8)),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--bp_modified", "false", "--peft", "lora",
+    ]  # fmt: skip
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
+    }  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
+    result = subprocess.run([*command, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert len(re.findall(r"Process rank: \d", output)) == 2
+    for line in (
+        "Data:",
+        "Built a vit model",
+        "Preprocessing: resize",
+        "Saved the trained model to",
+        "final eval accuracy:",
+    ):
+        assert output.count(line) == 1, f"{line!r} {output.count(line)} times:\n{output[-5000:]}"
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    assert (tmp_path / "out" / "model.safetensors").exists()  # the merged model, written once by the main process

@@ -132,6 +132,7 @@ def test_recipe_has_the_papers_settings(script, recipe):
 
     model_name, peft = TASKS[cell["task"]]
     assert model_args.model_name_or_path == model_name and model_args.model_type is None
+    assert model_args.ignore_mismatched_sizes is True  # a new head for the data's classes
     assert model_args.image_size == IMAGE_SIZE
     assert model_args.peft == peft
     if peft != "none":

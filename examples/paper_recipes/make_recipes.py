@@ -236,7 +236,12 @@ def recipe_args(table: Table, row: Row, task_key: str) -> dict[str, dict[str, An
     """The recipe's arguments, in groups; each group's key is the comment written above it."""
     task, data = TASKS[task_key], DATASETS[table.data]
     name = recipe_name(table, row, task_key)
-    model: dict[str, Any] = {"model_name_or_path": task.model_name_or_path, "image_size": 224, "peft": task.peft}
+    model: dict[str, Any] = {
+        "model_name_or_path": task.model_name_or_path,
+        "ignore_mismatched_sizes": True,  # the pretrained head is replaced by one for the data's classes
+        "image_size": 224,
+        "peft": task.peft,
+    }
     if task.peft != "none":
         model.update(peft_rank=1, peft_alpha=4.0)
     h = HORIZONS[row.method]
@@ -259,7 +264,8 @@ def recipe_args(table: Table, row: Row, task_key: str) -> dict[str, dict[str, An
         local_heading = f"Local loss h={h}, no BP offset (the original method)"
     peft_note = "" if task.peft == "none" else f"; {task.peft} with r=1, alpha=4"
     return {
-        f"Model (Section 6: pretrained; images resized to 224x224 and normalised, no augmentation{peft_note})": model,
+        f"Model (Section 6: pretrained, a new head; images resized to 224x224 and normalised, no augmentation"
+        f"{peft_note})": model,
         f"Data ({data.label})": {
             "dataset_name": data.dataset_name,
             "image_column_name": data.image_column,

@@ -1,0 +1,499 @@
+"""The model side of ``examples/run_image_classification.py``, in process: building and loading models, the checks
+that refuse what cannot work before any data is loaded, loading with the Hub offline or unreachable, and what a peft
+run saves (reloaded with plain transformers/peft and compared logit for logit with the trained model).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import random
+import socket
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import datasets
+import pytest
+import torch
+import transformers
+from huggingface_hub import constants
+from PIL import Image, ImageDraw
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    MobileNetV2Config,
+    ViTConfig,
+    ViTImageProcessor,
+)
+
+from hf_bpmod import BPModifiedTrainingArguments, get_adapter
+from hf_bpmod.adapters import ADAPTERS, ResNetAdapter
+from hf_bpmod.testing import tiny_model, tiny_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "run_image_classification.py"
+LABELS = ["circle", "square", "triangle"]
+TINY_CONFIG = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+# Logits of a model and of its saved-and-reloaded copy: the same float32 computation, with the adapters' low-rank
+# products folded into the weights (a different summation order) for a merged model.
+LOGIT_ATOL = 1e-5
+TRANSFORMER_DEFAULTS = ("beit", "deit", "dinov2", "swin", "swinv2", "vit")
+CONVNET_DEFAULTS = ("convnext", "convnextv2", "regnet", "resnet")
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_image_classification"] = module  # HfArgumentParser resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def logging_restored():
+    """``main()`` sets the transformers and datasets verbosity and the root logger's handler: undo it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    verbosity, data_verbosity = transformers.utils.logging.get_verbosity(), datasets.utils.logging.get_verbosity()
+    yield
+    root.handlers[:], root.level = handlers, level
+    transformers.utils.logging.set_verbosity(verbosity)
+    datasets.utils.logging.set_verbosity(data_verbosity)
+
+
+def pixels(n: int = 6, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(pixel_values=x).logits
+
+
+def save_pretrained_vit(folder: Path, num_labels: int = 3, image_size: int = 16) -> Path:
+    tiny_vit(num_layers=2, image_size=image_size, num_labels=num_labels).save_pretrained(folder)
+    ViTImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(folder)
+    return folder
+
+
+def make_image_folder(root: Path, per_class: int = 12, size: int = 16) -> Path:
+    """``root/<class>/<i>.png``: small RGB shapes, one folder per class of :data:`LABELS`."""
+    rng = random.Random(0)
+    for name in LABELS:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("RGB", (size, size), tuple(rng.randrange(60) for _ in range(3)))
+            draw, color, x = ImageDraw.Draw(image), tuple(rng.randrange(150, 256) for _ in range(3)), rng.randrange(3)
+            box = [x, x, x + size - 5, x + size - 5]
+            if name == "circle":
+                draw.ellipse(box, fill=color)
+            elif name == "square":
+                draw.rectangle(box, fill=color)
+            else:
+                draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=color)
+            image.save(root / name / f"{i}.png")
+    return root
+
+
+def parse(script: ModuleType, argv: list[str]):
+    parser = HfArgumentParser((script.ModelArguments, script.DataTrainingArguments, BPModifiedTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def run_main(script: ModuleType, monkeypatch, argv: list[str]):
+    """Run the script's ``main()`` in this process; return the trainer it built."""
+    built = []
+
+    class Recording(script.ExampleTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(script, "ExampleTrainer", Recording)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    script.main()
+    assert len(built) == 1
+    return built[0]
+
+
+def common_args(out: Path) -> list[str]:
+    return [
+        "--output_dir", str(out), "--report_to", "none", "--seed", "0", "--use_cpu", "--disable_tqdm", "true",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64", "--learning_rate", "5e-3",
+        "--logging_steps", "1",
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------ supported models, refused early
+
+
+def test_model_type_help_lists_the_registered_types(script):
+    help_text = next(f for f in script.ModelArguments.__dataclass_fields__.values() if f.name == "model_type")
+    text = help_text.metadata["help"]
+    assert all(model_type in text for model_type in ADAPTERS)
+    assert "any other" not in text and "--model_name_or_path for" not in text
+
+
+def test_unsupported_model_type_is_refused_when_parsing(script, tmp_path):
+    with pytest.raises(ValueError, match="--model_type 'mobilenet_v2' is not supported") as error:
+        parse(script, ["--output_dir", str(tmp_path), "--model_type", "mobilenet_v2"])
+    assert all(model_type in str(error.value) for model_type in ADAPTERS)
+
+
+@pytest.mark.parametrize("argument", ["--model_name_or_path", "--config_name"])
+def test_unsupported_model_is_refused_before_any_data_loads(script, tmp_path, monkeypatch, logging_restored, argument):
+    """Only the config is read (the folder holds nothing else), and the error comes before the data: an empty folder
+    here, whose loading would fail otherwise."""
+    folder = tmp_path / "mobilenet"
+    MobileNetV2Config(num_labels=3).save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    (tmp_path / "empty").mkdir()
+    argv = [*common_args(tmp_path / "out"), argument, str(folder), "--dataset_name", str(tmp_path / "empty")]
+    with pytest.raises(ValueError, match="'mobilenet_v2' model, which hf_bpmod cannot split into blocks") as error:
+        run_main(script, monkeypatch, argv)
+    assert f"{argument} '{folder}'" in str(error.value)
+    assert f"Supported model types: {', '.join(sorted(ADAPTERS))}." in str(error.value)
+
+
+# ------------------------------------------------------------------ models built from a config
+
+
+@pytest.mark.parametrize("model_type", ["vit", "resnet"])
+def test_from_config_default_model(script, model_type):
+    model_args = script.ModelArguments(model_type=model_type)
+    model, processor, image_size, mean, std = script.build_model(model_args, LABELS, native_size=28)
+    defaults = script.SCRATCH_DEFAULTS[model_type]
+    assert all(getattr(model.config, key) == value for key, value in defaults.items())
+    assert model.config.num_channels == 3 and model.config.id2label == dict(enumerate(LABELS))
+    assert image_size == 28 and script.image_size_from_processor(processor) == 28 and mean == std == [0.5] * 3
+    if model_type == "vit":
+        assert model.config.image_size == 28
+    blocks = get_adapter(model).chain(model).num_blocks
+    assert blocks == (defaults["num_hidden_layers"] if model_type == "vit" else sum(defaults["depths"]))
+    assert logits(model, pixels(2, 28)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("model_type", TRANSFORMER_DEFAULTS)
+@pytest.mark.parametrize("size", [16, 28, 32])
+def test_small_default_config_of_each_transformer(script, model_type, size):
+    """Each listed default builds and runs at the input sizes people bring (every stage holds a Swin window)."""
+    config = script.scratch_config(model_type, {}, size, {"num_labels": 3})
+    script.pin_image_classifier(config)
+    model = AutoModelForImageClassification.from_config(config)
+    assert config.image_size == size and logits(model, pixels(2, size)).shape == (2, 3)
+    if model_type == "deit":  # the plain classifier, not the one with a distillation token
+        assert type(model).__name__ == "DeiTForImageClassification"
+
+
+@pytest.mark.parametrize("model_type", CONVNET_DEFAULTS)
+@pytest.mark.parametrize("size", [16, 28, 32])
+def test_small_default_config_of_each_convnet(script, model_type, size):
+    config = script.scratch_config(model_type, {}, size, {"num_labels": 3})
+    model = AutoModelForImageClassification.from_config(config)
+    assert logits(model, pixels(2, size)).shape == (2, 3)
+
+
+def test_every_scratch_default_is_tested(script):
+    assert set(script.SCRATCH_DEFAULTS) == set(TRANSFORMER_DEFAULTS) | set(CONVNET_DEFAULTS)
+
+
+def test_registered_type_without_a_default_starts_from_transformers_config(script, monkeypatch):
+    monkeypatch.setitem(ADAPTERS, "mobilenet_v2", ResNetAdapter)  # registered: the example accepts the type
+    model_args = script.ModelArguments(model_type="mobilenet_v2", config_overrides="depth_multiplier=0.35")
+    model, _, image_size, _, _ = script.build_model(model_args, LABELS, native_size=20)
+    assert model.config.image_size == image_size == 20 and model.config.depth_multiplier == 0.35
+    assert model.config.num_labels == 3 and logits(model, pixels(2, 20)).shape == (2, 3)
+
+
+def test_config_name_builds_a_model_from_that_config(script, tmp_path):
+    folder = tmp_path / "config"
+    ViTConfig(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=3, num_attention_heads=2).save_pretrained(
+        folder
+    )
+    model, _, image_size, _, _ = script.build_model(
+        script.ModelArguments(config_name=str(folder)), LABELS, native_size=28
+    )
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.num_labels) == (24, 3, 3)
+    assert image_size == model.config.image_size == 16  # the config's size, not the images'
+    model, _, image_size, _, _ = script.build_model(
+        script.ModelArguments(config_name=str(folder), image_size=32), LABELS, native_size=28
+    )
+    assert image_size == model.config.image_size == 32
+    with pytest.raises(ValueError, match="--config_overrides only applies to a model built from --model_type"):
+        script.ModelArguments(config_name=str(folder), config_overrides="hidden_size=8")
+    with pytest.raises(ValueError, match="not both"):
+        script.ModelArguments(config_name=str(folder), model_type="vit")
+
+
+# ------------------------------------------------------------------ pretrained models
+
+
+def test_mismatched_head_needs_ignore_mismatched_sizes(script, tmp_path):
+    pretrained = save_pretrained_vit(tmp_path / "vit5", num_labels=5)
+    saved = AutoModelForImageClassification.from_pretrained(pretrained)
+    with pytest.raises(ValueError, match="Pass --ignore_mismatched_sizes") as error:
+        script.build_model(script.ModelArguments(model_name_or_path=str(pretrained)), LABELS, native_size=16)
+    assert "classifier.weight" in str(error.value) and "3 classes" in str(error.value)
+
+    model_args = script.ModelArguments(model_name_or_path=str(pretrained), ignore_mismatched_sizes=True)
+    model, *_ = script.build_model(model_args, LABELS, native_size=16)
+    assert model.classifier.weight.shape == (3, 32) and model.config.id2label == dict(enumerate(LABELS))
+    for name, value in saved.vit.state_dict().items():  # the backbone is the pretrained one
+        assert torch.equal(model.vit.state_dict()[name], value), name
+
+    # A head that fits loads as it is, without the flag.
+    five = [f"c{i}" for i in range(5)]
+    model, *_ = script.build_model(script.ModelArguments(model_name_or_path=str(pretrained)), five, native_size=16)
+    assert torch.equal(model.classifier.weight, saved.classifier.weight)
+
+    # Another input size changes the position embeddings: also a mismatch, named as such.
+    with pytest.raises(ValueError, match="--image_size 32 is not the pretrained image_size 16"):
+        script.build_model(
+            script.ModelArguments(model_name_or_path=str(pretrained), image_size=32), five, native_size=16
+        )
+
+
+def test_trust_remote_code_reaches_every_load(script, tmp_path, monkeypatch):
+    pretrained = save_pretrained_vit(tmp_path / "vit")
+    seen: list[tuple[str, object]] = []
+    for cls in (AutoConfig, AutoImageProcessor, AutoModelForImageClassification):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _name=cls.__name__, _original=original, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code", "missing")))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    for trust in (False, True):
+        seen.clear()
+        model_args = script.ModelArguments(model_name_or_path=str(pretrained), trust_remote_code=trust)
+        script.build_model(model_args, LABELS, native_size=16)
+        assert sorted(name for name, _ in seen) == [
+            "AutoConfig",
+            "AutoImageProcessor",
+            "AutoModelForImageClassification",
+        ]
+        assert all(value is trust for _, value in seen), seen
+
+
+def test_code_in_a_model_folder_does_not_run_by_default(script, tmp_path, monkeypatch):
+    pretrained = save_pretrained_vit(tmp_path / "vit")
+    marker = tmp_path / "code-ran"
+    (pretrained / "configuration_marker.py").write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import ViTConfig\n\n\n"
+        "class MarkerConfig(ViTConfig):\n    pass\n"
+    )
+    config = json.loads((pretrained / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_marker.MarkerConfig"}
+    (pretrained / "config.json").write_text(json.dumps(config))
+    access = script.hub_access(script.ModelArguments(model_name_or_path=str(pretrained)))
+    script.check_model_source(script.ModelArguments(model_name_or_path=str(pretrained)), access)
+    model, *_ = script.build_model(script.ModelArguments(model_name_or_path=str(pretrained)), LABELS, native_size=16)
+    assert type(model.config).__name__ == "ViTConfig" and not marker.exists()
+
+
+# ------------------------------------------------------------------ the Hub: offline, unreachable
+
+
+def closed_port_endpoint() -> str:
+    """An http address on this machine where nothing listens: a connection to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, source: Path) -> None:
+    """Lay ``source``'s files out as huggingface_hub caches a download of ``repo_id`` (revision main)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+
+
+@pytest.fixture
+def unreachable_hub(script, monkeypatch) -> list[str]:
+    """The Hub online in name (HF_HUB_OFFLINE unset) but refusing connections; returns the probes' results."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", closed_port_endpoint())
+    probes: list[str] = []
+    original = script.hub_unreachable_reason
+
+    def probe():
+        probes.append(original())
+        return probes[-1]
+
+    monkeypatch.setattr(script, "hub_unreachable_reason", probe)
+    return probes
+
+
+def test_offline_name_not_in_the_cache_says_how_to_run_offline(script, tmp_path):
+    assert constants.HF_HUB_OFFLINE  # conftest.py
+    model_args = script.ModelArguments(model_name_or_path="hf-bpmod-tests/not-cached", cache_dir=str(tmp_path))
+    access = script.hub_access(model_args)
+    assert access.problem is not None and "HF_HUB_OFFLINE" in access.problem
+    with pytest.raises(OSError, match="--model_name_or_path 'hf-bpmod-tests/not-cached' is neither a local") as error:
+        script.check_model_source(model_args, access)
+    assert "HF_HUB_OFFLINE=1" in str(error.value) and "local folder" in str(error.value)
+
+
+def test_unreachable_hub_fails_at_once_with_the_offline_fix(script, tmp_path, unreachable_hub):
+    model_args = script.ModelArguments(model_name_or_path="hf-bpmod-tests/not-cached", cache_dir=str(tmp_path))
+    access = script.hub_access(model_args)
+    assert len(unreachable_hub) == 1 and "Connect" in unreachable_hub[0]  # one try, a refused connection
+    assert access.kwargs["local_files_only"] is True and "unreachable" in access.problem
+    with pytest.raises(OSError, match="is neither a local folder nor in the local Hugging Face cache") as error:
+        script.check_model_source(model_args, access)
+    message = str(error.value)
+    assert "the Hub (http://127.0.0.1:" in message and "HF_HUB_OFFLINE=1" in message
+    assert "HF_HUB_ETAG_TIMEOUT" in message
+
+
+def test_unreachable_hub_loads_a_cached_model_at_once(script, tmp_path, unreachable_hub):
+    cache = tmp_path / "cache"
+    put_in_hub_cache(cache, "hf-bpmod-tests/tiny-vit", save_pretrained_vit(tmp_path / "vit"))
+    model_args = script.ModelArguments(model_name_or_path="hf-bpmod-tests/tiny-vit", cache_dir=str(cache))
+    access = script.hub_access(model_args)
+    script.check_model_source(model_args, access)
+    model, _, image_size, *_ = script.build_model(model_args, LABELS, native_size=16, access=access)
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "vit")
+    assert image_size == 16 and torch.equal(model.vit.embeddings.cls_token, saved.vit.embeddings.cls_token)
+    assert len(unreachable_hub) == 1
+
+
+def test_local_paths_never_try_the_hub(script, tmp_path, unreachable_hub):
+    model_args = script.ModelArguments(model_name_or_path=str(save_pretrained_vit(tmp_path / "vit")))
+    access = script.hub_access(model_args)
+    assert unreachable_hub == [] and access.problem is None and "local_files_only" not in access.kwargs
+
+
+# ------------------------------------------------------------------ what a peft run saves
+
+
+@pytest.mark.parametrize("method", ["lora", "lokr"])
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_merged_save_reloads_with_plain_transformers(script, tmp_path, method, kind):
+    torch.manual_seed(0)
+    base = tiny_model(kind, num_labels=3)
+    model = script.apply_peft(base, script.ModelArguments(model_type=kind, peft=method, peft_rank=2))
+    with torch.no_grad():  # trained-looking adapters (peft starts them as an identity)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    x = pixels(4)
+    expected = logits(model, x)
+    (tmp_path / "adapter_config.json").write_text("{}")  # left by an earlier adapter save: must go
+    script.save_merged_model(model, str(tmp_path))
+    assert not any((tmp_path / name).exists() for name in script.ADAPTER_FILES)
+    reloaded, info = AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    torch.testing.assert_close(logits(reloaded, x), expected, atol=LOGIT_ATOL, rtol=0)
+    with model.disable_adapter():  # the adapters changed the function: the merge is tested, not a no-op
+        assert (logits(model, x) - expected).abs().max() > 100 * LOGIT_ATOL
+    assert any(method in name for name, _ in model.named_parameters())  # the trainer's model kept its adapters
+
+
+def test_peft_on_a_model_from_a_config_saves_what_reloads(
+    script, tmp_path, monkeypatch, logging_restored, capsys, caplog
+):
+    """A LoRA run on a ViT built from a config: the output folder holds the merged model, which plain transformers
+    reloads with the trained model's logits; each checkpoint holds the adapter naming the saved untrained base, which
+    plain peft reloads with the logits of the model at that step; resuming builds on that base."""
+    from peft import PeftModel
+
+    out = tmp_path / "out"
+    argv = [
+        *common_args(out), "--model_type", "vit", "--config_overrides", TINY_CONFIG,
+        "--dataset_name", str(make_image_folder(tmp_path / "images")), "--peft", "lora", "--peft_rank", "2",
+        "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--bp_modified", "false",
+    ]  # fmt: skip
+    trainer = run_main(script, monkeypatch, argv)
+    stdout = capsys.readouterr().out
+    x = pixels(6)
+    trained = logits(trainer.model, x)
+
+    # The output folder: the merged model, a plain transformers model, and no adapter files.
+    assert not any((out / name).exists() for name in script.ADAPTER_FILES)
+    merged, info = AutoModelForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert merged.config.id2label == dict(enumerate(LABELS))
+    torch.testing.assert_close(logits(merged, x), trained, atol=LOGIT_ATOL, rtol=0)
+    assert AutoImageProcessor.from_pretrained(out).size["height"] == 16
+    assert f"Saved the trained model to {out}, the lora adapters merged" in caplog.text
+    assert stdout.count("final eval accuracy:") == 1
+
+    # The base: the untrained weights, which training left alone (LoRA trains only the adapters and the head).
+    base_dir = out / script.BASE_MODEL_DIR
+    base = AutoModelForImageClassification.from_pretrained(base_dir)
+    patch = "vit.embeddings.patch_embeddings.projection.weight"
+    assert torch.equal(base.state_dict()[patch], trainer.model.get_base_model().state_dict()[patch])
+    assert (logits(base, x) - trained).abs().max() > 100 * LOGIT_ATOL  # and the adapters did learn something
+
+    # The last checkpoint: the adapter on that base, reloaded with plain peft.
+    checkpoint = out / "checkpoint-4"
+    adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base_dir.resolve())
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForImageClassification.from_pretrained(adapter_config["base_model_name_or_path"]), checkpoint
+    )
+    torch.testing.assert_close(logits(reloaded, x), trained, atol=LOGIT_ATOL, rtol=0)
+
+    # Resuming from the first checkpoint trains on the saved base and ends where the first run ended.
+    resumed = run_main(script, monkeypatch, [*argv, "--resume_from_checkpoint", str(out / "checkpoint-2")])
+    assert f"Loaded the untrained base weights of the run from {base_dir.resolve()}" in caplog.text
+    torch.testing.assert_close(logits(resumed.model, x), trained, atol=1e-4, rtol=0)
+
+    # Starting from scratch in the same folder would orphan the checkpoints' base: refused.
+    with pytest.raises(ValueError, match="would replace .*_base_model"):
+        run_main(script, monkeypatch, argv)
+
+
+def test_peft_base_plan(script, tmp_path):
+    model_args = script.ModelArguments(model_type="vit", peft="lora")
+    args = SimpleNamespace(do_train=True, push_to_hub=False, hub_strategy="every_save", output_dir=str(tmp_path))
+    assert script.peft_base_plan(model_args, args, None) == (None, str(tmp_path / script.BASE_MODEL_DIR))
+    assert script.peft_base_plan(script.ModelArguments(model_type="vit"), args, None) == (None, None)
+    assert script.peft_base_plan(model_args, SimpleNamespace(**{**vars(args), "do_train": False}), None) == (
+        None,
+        None,
+    )
+    with pytest.raises(ValueError, match="Pass --hub_strategy end"):
+        script.peft_base_plan(model_args, SimpleNamespace(**{**vars(args), "push_to_hub": True}), None)
+
+    # Resuming: the base the checkpoint's adapter names, else _base_model next to the checkpoint, else an error.
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    AutoConfig.for_model("vit").save_pretrained(elsewhere)
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(elsewhere)}))
+    assert script.peft_base_plan(model_args, args, str(checkpoint)) == (str(elsewhere), None)
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/moved/away"}))
+    with pytest.raises(ValueError, match="which hold no model"):
+        script.peft_base_plan(model_args, args, str(checkpoint))
+    AutoConfig.for_model("vit").save_pretrained(tmp_path / script.BASE_MODEL_DIR)
+    assert script.peft_base_plan(model_args, args, str(checkpoint)) == (str(tmp_path / script.BASE_MODEL_DIR), None)
+
+
+def test_resume_base_weights_are_loaded_not_rebuilt(script, tmp_path):
+    base = tiny_vit(num_layers=2, image_size=16, num_labels=3, seed=5)
+    base.config.id2label, base.config.label2id = dict(enumerate(LABELS)), {n: i for i, n in enumerate(LABELS)}
+    base.save_pretrained(tmp_path / "base")
+    model_args = script.ModelArguments(model_type="vit", config_overrides=TINY_CONFIG, peft="lora")
+    model, *_ = script.build_model(model_args, LABELS, native_size=16, base_model_dir=str(tmp_path / "base"))
+    torch.testing.assert_close(logits(model, pixels()), logits(base, pixels()), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="were built for the labels"):
+        script.build_model(model_args, ["a", "b", "c"], native_size=16, base_model_dir=str(tmp_path / "base"))
