@@ -1,6 +1,8 @@
 """Architecture adapters, one file each, behind a registry keyed by ``config.model_type``."""
 
 from .base import ADAPTERS, ArchitectureAdapter, BlockGranularity, get_adapter, register_adapter, unwrap_model
+from .convnext import ConvNextAdapter, ConvNextV2Adapter
+from .regnet import RegNetAdapter
 from .resnet import ResNetAdapter
 from .vit import ViTAdapter
 
@@ -8,6 +10,9 @@ __all__ = [
     "ADAPTERS",
     "ArchitectureAdapter",
     "BlockGranularity",
+    "ConvNextAdapter",
+    "ConvNextV2Adapter",
+    "RegNetAdapter",
     "ResNetAdapter",
     "ViTAdapter",
     "get_adapter",
