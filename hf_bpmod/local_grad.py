@@ -67,7 +67,9 @@ def _sink(
         if store is not None:
             store[i] = store[i] + g if store[i] is not None else g
         elif p.grad is None:
-            p.grad = g.detach().to(p.dtype)
+            # In the parameter's memory layout, as `backward` leaves it: autograd may return another (channels-last
+            # for a convolution whose input is a permuted view), and torch's fused Adam reads both as one.
+            p.grad = torch.empty_like(p).copy_(g) if g.stride() != p.stride() else g.detach().to(p.dtype)
         else:
             p.grad.add_(g.to(p.grad.dtype))
 

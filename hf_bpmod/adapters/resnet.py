@@ -15,20 +15,11 @@ from ..chain import Sequence_
 from .base import ArchitectureAdapter, BlockGranularity, register_adapter
 
 
-def _stages(model: nn.Module) -> nn.ModuleList:
-    stages = model.resnet.encoder.stages
+def _stages(model: nn.Module, backbone: str) -> nn.ModuleList:
+    stages = getattr(model, backbone).encoder.stages
     if not all(hasattr(stage, "layers") for stage in stages):
-        raise ValueError(f"{type(model).__name__}: expected `resnet.encoder.stages[s].layers`.")
+        raise ValueError(f"{type(model).__name__}: expected `{backbone}.encoder.stages[s].layers`.")
     return stages
-
-
-def _block_stages(model: nn.Module, granularity: BlockGranularity) -> list[int]:
-    """The stage that each block's output belongs to."""
-    stages = _stages(model)
-    if granularity == "stage":
-        return list(range(len(stages)))
-    layers = [s for s, stage in enumerate(stages) for _ in stage.layers]
-    return [-1] + layers if granularity == "layer+stem" else layers  # -1: the stem
 
 
 @register_adapter("resnet")
@@ -40,10 +31,20 @@ class ResNetAdapter(ArchitectureAdapter):
     """
 
     offset_by_default = True
+    #: The attribute of the classifier that holds ``embedder``, ``encoder.stages`` and ``pooler``.
+    backbone = "resnet"
+
+    def _block_stages(self, model: nn.Module, granularity: BlockGranularity) -> list[int]:
+        """The stage that each block's output belongs to (-1: the stem)."""
+        stages = _stages(model, self.backbone)
+        if granularity == "stage":
+            return list(range(len(stages)))
+        layers = [s for s, stage in enumerate(stages) for _ in stage.layers]
+        return [-1] + layers if granularity == "layer+stem" else layers
 
     def blocks(self, model: nn.Module, granularity: BlockGranularity = "layer") -> list[nn.Module]:
-        embedder = model.resnet.embedder
-        stages = _stages(model)
+        embedder = getattr(model, self.backbone).embedder
+        stages = _stages(model, self.backbone)
         if granularity == "stage":
             parts: list[nn.Module] = list(stages)
         elif granularity in ("layer", "layer+stem"):
@@ -55,7 +56,7 @@ class ResNetAdapter(ArchitectureAdapter):
         return [Sequence_(embedder, parts[0])] + [Sequence_(part) for part in parts[1:]]
 
     def head(self, model: nn.Module) -> nn.Module:
-        return Sequence_(model.resnet.pooler, model.classifier)
+        return Sequence_(getattr(model, self.backbone).pooler, model.classifier)
 
     def peft_target_modules(self, model: nn.Module) -> list[str]:
         """Every convolution of the backbone (transformers names them ``convolution``)."""
@@ -63,7 +64,7 @@ class ResNetAdapter(ArchitectureAdapter):
 
     def aux_head(self, model: nn.Module, block_index: int, granularity: BlockGranularity = "layer") -> nn.Module:
         config = model.config
-        stage = _block_stages(model, granularity)[block_index]
+        stage = self._block_stages(model, granularity)[block_index]
         channels = config.embedding_size if stage < 0 else config.hidden_sizes[stage]
         head = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(channels, config.num_labels))
         dtype = next(model.parameters()).dtype
