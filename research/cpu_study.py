@@ -161,7 +161,9 @@ def pretrain(kind: str, seed: int, train: Dataset, out: str, setting: str = "fin
     if os.path.exists(path):
         return path
     run = Run(kind, "bp", "adamw", seed, PRETRAIN_EPOCHS)
-    args = training_arguments(run, os.path.join(out, "work-pretrain"), eval_strategy="no", logging_strategy="no")
+    args = training_arguments(
+        run, os.path.join(out, f"work-pretrain-{os.getpid()}"), eval_strategy="no", logging_strategy="no"
+    )
     model = build_model(kind, len(SPLITS[setting][0]), seed)
     trainer = BPModifiedTrainer(model=model, args=args, train_dataset=train)
     trainer.train()
