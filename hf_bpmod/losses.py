@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,12 @@ def logits_loss(trainer: Trainer, logits: torch.Tensor, labels: torch.Tensor, nu
     if trainer.model_accepts_loss_kwargs and num_items_in_batch is not None:
         return base.loss_function(labels, logits, base.config, num_items_in_batch=num_items_in_batch)
     return base.loss_function(labels, logits, base.config)
+
+
+def forward_takes_labels(model: torch.nn.Module) -> bool:
+    """Whether the model's ``forward`` takes ``labels`` (``DeiTForImageClassificationWithTeacher``'s does not: the
+    trainer computes the loss of its logits itself, in training and in evaluation)."""
+    return "labels" in inspect.signature(unwrap_model(model).forward).parameters
 
 
 def head_loss_fn(trainer: Trainer, labels: torch.Tensor, num_items_in_batch: Any) -> Callable:

@@ -78,6 +78,8 @@ class BPModifiedTrainer(Trainer):
                 stacklevel=2,
             )
         super().__init__(model=model, args=args, **kwargs)
+        if args.label_names is None and not losses.forward_takes_labels(self.model):
+            self.label_names = ["labels"]  # keep the column that the trainer's own loss reads
         distributed.reject_unsupported_backends(self)
         base = unwrap_model(self.model)
         self.aux_heads = self.adapter.aux_heads(base, args.local_horizon, args.block_granularity).to(args.device)
@@ -157,8 +159,15 @@ class BPModifiedTrainer(Trainer):
 
         ``num_items_in_batch`` is dropped: ``ResNetForImageClassification.forward`` accepts ``**kwargs`` but ignores
         it, and the Trainer then multiplies its batch mean by the number of processes. Without it every model
-        returns its batch mean and the Trainer averages those.
+        returns its batch mean and the Trainer averages those. A model whose ``forward`` takes no ``labels`` gets
+        the loss of its logits that training uses.
         """
+        if "labels" in inputs and not losses.forward_takes_labels(model):
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = self._logits_loss(outputs.logits, labels)
+            return (loss, outputs) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs)
 
     def _split_inputs(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
