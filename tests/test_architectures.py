@@ -14,7 +14,7 @@ from hf_bpmod.memory import SavedStorageMeter
 from hf_bpmod.testing import SyntheticImages, tiny_model
 
 #: The tiny-model kinds (``hf_bpmod.testing.TINY_KINDS``) of the architectures with an adapter.
-KINDS = ["vit", "resnet"]
+KINDS = ["vit", "resnet", "deit", "beit", "dinov2"]
 
 #: The offset's default by family: on for convolutional nets, off for transformer encoders.
 CONVOLUTIONAL = {"resnet", "convnext", "convnextv2", "regnet"}
