@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,12 @@ def logits_loss(trainer: Trainer, logits: torch.Tensor, labels: torch.Tensor, nu
     return base.loss_function(labels, logits, base.config)
 
 
+def forward_takes_labels(model: torch.nn.Module) -> bool:
+    """Whether the model's ``forward`` takes ``labels`` (``DeiTForImageClassificationWithTeacher``'s does not: the
+    trainer computes the loss of its logits itself, in training and in evaluation)."""
+    return "labels" in inspect.signature(unwrap_model(model).forward).parameters
+
+
 def head_loss_fn(trainer: Trainer, labels: torch.Tensor, num_items_in_batch: Any) -> Callable:
     """``L`` of a training micro-batch, scaled as the Trainer's ``training_step`` scales its loss (gradient
     accumulation, ``average_tokens_across_devices``)."""
@@ -44,3 +51,12 @@ def head_loss_fn(trainer: Trainer, labels: torch.Tensor, num_items_in_batch: Any
         return trainer._logits_loss(logits, labels, num_items_in_batch) * factor
 
     return loss_fn
+
+
+def loss_of_logits(trainer: Trainer, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool):
+    """The evaluation loss of a model whose ``forward`` takes no ``labels``: the training loss of its logits."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    outputs = model(**inputs)
+    loss = logits_loss(trainer, outputs.logits, labels)
+    return (loss, outputs) if return_outputs else loss

@@ -52,11 +52,15 @@ def _tiny_settings(kind: str, image_size: int) -> tuple[str, str, dict]:
         "vit": ("ViTConfig", "ViTForImageClassification", encoder),
         "deit": ("DeiTConfig", "DeiTForImageClassification", encoder),
         "deit_distilled": ("DeiTConfig", "DeiTForImageClassificationWithTeacher", encoder),
-        "beit": ("BeitConfig", "BeitForImageClassification", {**encoder, "use_relative_position_bias": True}),
+        "beit": (
+            "BeitConfig",
+            "BeitForImageClassification",
+            {**encoder, "use_relative_position_bias": True, "drop_path_rate": 0.0},
+        ),
         "beit_shared": (
             "BeitConfig",
             "BeitForImageClassification",
-            {**encoder, "use_shared_relative_position_bias": True, "use_mean_pooling": False},
+            {**encoder, "use_shared_relative_position_bias": True, "use_mean_pooling": False, "drop_path_rate": 0.0},
         ),
         "dinov2": (
             "Dinov2Config",

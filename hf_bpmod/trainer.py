@@ -48,10 +48,8 @@ class BPModifiedTrainer(Trainer):
     """A drop-in ``Trainer`` that trains each block from a local loss ``h`` blocks ahead (eq. 4), corrected by a
     periodically refreshed offset from the true backprop gradient (eq. 5, Algorithm 1).
 
-    Takes the same arguments as ``transformers.Trainer``; ``args`` must be a
-    :class:`~hf_bpmod.BPModifiedTrainingArguments`. Supported models: those with a registered adapter
-    (``ViTForImageClassification``, ``ResNetForImageClassification``), plain or wrapped by peft.
-    """
+    Takes ``transformers.Trainer``'s arguments; ``args`` must be a :class:`~hf_bpmod.BPModifiedTrainingArguments`.
+    Supported models: those with a registered adapter (``hf_bpmod.adapters.ADAPTERS``), plain or wrapped by peft."""
 
     def __init__(self, model: nn.Module | None = None, args: BPModifiedTrainingArguments | None = None, **kwargs):
         if args is None:
@@ -79,6 +77,8 @@ class BPModifiedTrainer(Trainer):
                 stacklevel=2,
             )
         super().__init__(model=model, args=args, **kwargs)
+        if args.label_names is None and not losses.forward_takes_labels(self.model):
+            self.label_names = ["labels"]  # keep the column that the trainer's own loss reads
         distributed.reject_unsupported_backends(self)
         base = unwrap_model(self.model)
         self.aux_heads = self.adapter.aux_heads(base, args.local_horizon, args.block_granularity).to(args.device)
@@ -156,15 +156,15 @@ class BPModifiedTrainer(Trainer):
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ):
-        """The Trainer's loss, for evaluation only (``training_step`` computes its own), as the mean over the batch
-        (with ``eval_block_accuracy``, from one forward through the blocks that scores every head on the way).
-
-        ``num_items_in_batch`` is dropped: ``ResNetForImageClassification.forward`` accepts ``**kwargs`` but ignores
-        it, and the Trainer then multiplies its batch mean by the number of processes. Without it every model
-        returns its batch mean and the Trainer averages those.
-        """
+        """The Trainer's loss, for evaluation only (``training_step`` computes its own), as the batch mean; with
+        ``eval_block_accuracy`` from one forward through the blocks that scores every head on the way; for a model
+        whose ``forward`` takes no ``labels``, the loss of its logits that training uses. ``num_items_in_batch`` is
+        dropped: ``ResNetForImageClassification.forward`` ignores it, and the Trainer would then multiply its batch
+        mean by the number of processes."""
         if self.block_metrics.collecting and "labels" in inputs:
             return self.block_metrics.compute_loss(inputs, return_outputs)
+        if "labels" in inputs and not losses.forward_takes_labels(model):
+            return losses.loss_of_logits(self, model, inputs, return_outputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs)
 
     def evaluation_loop(self, *args, **kwargs):

@@ -14,7 +14,7 @@ from hf_bpmod.memory import peak_saved_bytes
 from hf_bpmod.testing import SyntheticImages, embedded_short_run, tiny_model
 
 #: The tiny-model kinds (``hf_bpmod.testing.TINY_KINDS``) of the architectures with an adapter.
-KINDS = ["vit", "resnet", "swin", "swinv2", "convnext", "convnextv2", "regnet"]
+KINDS = ["vit", "deit", "beit", "dinov2", "swin", "swinv2", "resnet", "convnext", "convnextv2", "regnet"]
 
 #: The offset's default by family: on for convolutional nets, off for transformer encoders.
 CONVOLUTIONAL = {"resnet", "convnext", "convnextv2", "regnet"}
