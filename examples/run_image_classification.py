@@ -579,7 +579,7 @@ def main() -> None:
     data = load_data(data_args, model_args, training_args.seed)
     dataset, image_column, label_column = data.splits, data.image_column, data.label_column
     label_names = data.label_names
-    source = f"{', '.join(data.sources)} (splits: {sorted(dataset)})"
+    source = ", ".join(data.sources)
     if training_args.do_train and "train" not in dataset:
         raise ValueError(f"--do_train needs training data, and {source} has none; pass --train_file.")
     if training_args.do_eval and "eval" not in dataset:

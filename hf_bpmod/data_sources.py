@@ -27,6 +27,7 @@ from typing import Any
 
 from . import compat
 from ._extras import require_extra
+from ._image_columns import IMAGE_COLUMN_CANDIDATES, LABEL_COLUMN_CANDIDATES, SPLITS, Piece, assemble
 
 with require_extra("hf_bpmod.data"):
     import datasets
@@ -36,34 +37,20 @@ __all__ = ["IMAGE_COLUMN_CANDIDATES", "LABEL_COLUMN_CANDIDATES", "ImageData", "l
 
 logger = logging.getLogger(__name__)
 
-#: Column names taken for the images, in this order, when no ``image_column_name`` is given and no single column is
-#: a ``datasets.Image``.
-IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "file_name", "image_path", "filepath", "path", "file")
-#: Column names taken for the labels, in this order, when no ``label_column_name`` is given and no single column is
-#: a ``datasets.ClassLabel``.
-LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "category", "target")
-
-SPLITS = ("train", "validation", "test")
 #: Split names read from file names, folder names and datasets, as ``datasets.load_dataset`` reads a folder.
 _SPLIT_KEYWORDS = {
-    "train": "train",
-    "training": "train",
-    "validation": "validation",
-    "valid": "validation",
-    "val": "validation",
-    "dev": "validation",
-    "test": "test",
-    "testing": "test",
-    "eval": "test",
-    "evaluation": "test",
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("validation", "valid", "val", "dev"), "validation"),
+    **dict.fromkeys(("test", "testing", "eval", "evaluation"), "test"),
 }
+#: The ``datasets`` builder of each data file extension (a ``.tsv`` is a csv separated by tabs).
 _DATA_FORMATS = {
-    ".parquet": ("parquet", {}),
-    ".arrow": ("arrow", {}),
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"sep": "\t"}),
-    ".json": ("json", {}),
-    ".jsonl": ("json", {}),
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
 }
 _METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 _IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
@@ -107,17 +94,6 @@ class ImageData:
                 kwargs["dataset_args"] = [self.hub_config]
             return kwargs
         return {"dataset": self.sources[0] if len(self.sources) == 1 else list(self.sources), "dataset_tags": []}
-
-
-@dataclass
-class _Piece:
-    """Part of a split as loaded, before its columns are checked: ``where`` names it in errors, ``base_dir`` is
-    where relative image paths start."""
-
-    split: str
-    dataset: datasets.Dataset
-    where: str
-    base_dir: str
 
 
 def load_image_dataset(
@@ -170,7 +146,7 @@ def load_image_dataset(
         pieces = []
         for split, path in given.items():
             loaded = _load_path(path, _FILE_ARGUMENTS[split], cache_dir=cache_dir)
-            pieces += [_Piece(split, piece.dataset, piece.where, piece.base_dir) for piece in loaded]
+            pieces += [Piece(split, piece.dataset, piece.where, piece.base_dir) for piece in loaded]
         sources = list(given.values())
     elif not dataset_name:
         raise ValueError("No data: pass `dataset_name` or `train_file` (with `validation_file`/`test_file`).")
@@ -185,7 +161,13 @@ def load_image_dataset(
     else:
         pieces = _pieces_of(_load_hub(dataset_name, dataset_config_name, cache_dir, token), dataset_name, os.getcwd())
         sources, hub_name = [dataset_name], dataset_name
-    return _assemble(pieces, image_column_name, label_column_name, sources, hub_name, dataset_config_name)
+    splits, image_column, label_column, label_names = assemble(pieces, image_column_name, label_column_name)
+    logger.info(
+        f"Data from {', '.join(sources)}: { ({split: len(ds) for split, ds in splits.items()}) } images, "
+        f"{len(label_names)} classes, columns {image_column!r} (images) and {label_column!r} (labels)."
+    )
+    config = dataset_config_name if hub_name else None
+    return ImageData(splits, image_column, label_column, label_names, sources, hub_name, config)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -193,7 +175,7 @@ def load_image_dataset(
 
 def _looks_like_path(name: str) -> bool:
     """Whether ``name`` is meant as a local path (a Hub name is ``name`` or ``owner/name``)."""
-    extension = os.path.splitext(name)[1].lower()
+    extension = _extension(name)
     return (
         name.startswith((".", "/", "~", "\\"))
         or name.count("/") > 1
@@ -215,10 +197,10 @@ def _load_hub(
         ) from error
 
 
-def _pieces_of(loaded: datasets.DatasetDict | datasets.Dataset, where: str, base_dir: str) -> list[_Piece]:
+def _pieces_of(loaded: datasets.DatasetDict | datasets.Dataset, where: str, base_dir: str) -> list[Piece]:
     """The train/validation/test splits of a loaded dataset (dict), by their names or the usual aliases."""
     if isinstance(loaded, datasets.Dataset):
-        return [_Piece("train", loaded, where, base_dir)]
+        return [Piece("train", loaded, where, base_dir)]
     chosen: dict[str, str] = {}
     for name in loaded:
         split = _SPLIT_KEYWORDS.get(str(name).lower())
@@ -232,22 +214,21 @@ def _pieces_of(loaded: datasets.DatasetDict | datasets.Dataset, where: str, base
         )
     if ignored:
         logger.warning(f"{where}: splits {ignored} are not train, validation or test and are not used.")
-    return [_Piece(split, loaded[name], f"{where} [{name}]", base_dir) for split, name in chosen.items()]
+    return [Piece(split, loaded[name], f"{where} [{name}]", base_dir) for split, name in chosen.items()]
 
 
-def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: str | None = None) -> list[_Piece]:
+def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: str | None = None) -> list[Piece]:
     """A local file or folder as pieces (each of split ``train`` unless ``infer_splits``)."""
     full = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(full):
         raise FileNotFoundError(f"`{argument}` {path!r} does not exist; check the path.")
     if os.path.isfile(full):
-        module = _data_format(full)
-        if module is None:
+        if _extension(full) not in _DATA_FORMATS:
             raise ValueError(
                 f"`{argument}` {path!r}: unknown file type; give a {', '.join(sorted(_DATA_FORMATS))} file or a "
                 "folder (of images, of such files, or saved with save_to_disk)."
             )
-        return [_Piece("train", _load_files(module, [full], cache_dir), path, os.path.dirname(full))]
+        return [Piece("train", _load_files([full], cache_dir), path, os.path.dirname(full))]
     if os.path.isfile(os.path.join(full, "dataset_dict.json")):
         if not infer_splits:
             raise ValueError(
@@ -256,7 +237,7 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
             )
         return _pieces_of(datasets.load_from_disk(full), path, full)
     if os.path.isfile(os.path.join(full, "state.json")) and os.path.isfile(os.path.join(full, "dataset_info.json")):
-        return [_Piece("train", datasets.load_from_disk(full), path, full)]
+        return [Piece("train", datasets.load_from_disk(full), path, full)]
 
     data_files, image_files, metadata_files, others = [], 0, [], []
     for root, dirs, files in os.walk(full):
@@ -267,7 +248,7 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
             file = os.path.join(root, name)
             if name in _METADATA_FILES:
                 metadata_files.append(file)
-            elif _data_format(file) is not None:
+            elif _extension(file) in _DATA_FORMATS:
                 data_files.append(file)
             elif os.path.splitext(name)[1].lower() in _IMAGE_EXTENSIONS:
                 image_files += 1
@@ -276,25 +257,19 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
     # An image folder's metadata is read as a table of image paths, as an image folder's builder reads it.
     tables = metadata_files or data_files
     if tables:
-        groups: dict[tuple[str, str, tuple], list[str]] = {}
-        unsplit = []
-        for file in tables:
-            split = _split_of(os.path.relpath(file, full)) if infer_splits else "train"
-            if split is None:
-                unsplit.append(file)
-                continue
-            groups.setdefault((split, os.path.dirname(file), _data_format(file)), []).append(file)
-        if unsplit and groups:
-            logger.warning(
-                f"`{argument}` {path!r}: {[os.path.relpath(f, full) for f in unsplit]} name no split "
-                f"({'/'.join(SPLITS)}) while other files do, and are not used."
-            )
-        elif unsplit:
-            for file in unsplit:
-                groups.setdefault(("train", os.path.dirname(file), _data_format(file)), []).append(file)
+        splits = {file: _split_of(os.path.relpath(file, full)) if infer_splits else "train" for file in tables}
+        if all(split is None for split in splits.values()):  # no file names a split: all of them are train
+            splits = dict.fromkeys(tables, "train")
+        unused = [os.path.relpath(file, full) for file, split in splits.items() if split is None]
+        if unused:
+            logger.warning(f"`{argument}` {path!r}: {unused} name no split while other files do, and are not used.")
+        groups: dict[tuple[str, str, str], list[str]] = {}
+        for file, split in splits.items():
+            if split is not None:
+                groups.setdefault((split, os.path.dirname(file), _extension(file)), []).append(file)
         return [
-            _Piece(split, _load_files(module, files, cache_dir), _describe(files, full, path), folder)
-            for (split, folder, module), files in groups.items()
+            Piece(split, _load_files(files, cache_dir), _describe(files, full, path), folder)
+            for (split, folder, _), files in groups.items()
         ]
     if image_files:
         if infer_splits:
@@ -309,10 +284,8 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
     )
 
 
-def _data_format(file: str) -> tuple[str, tuple] | None:
-    """``(datasets builder, its options)`` of a data file, or ``None``."""
-    entry = _DATA_FORMATS.get(os.path.splitext(file)[1].lower())
-    return None if entry is None else (entry[0], tuple(sorted(entry[1].items())))
+def _extension(file: str) -> str:
+    return os.path.splitext(file)[1].lower()
 
 
 def _split_of(relative_path: str) -> str | None:
@@ -328,196 +301,8 @@ def _describe(files: list[str], folder: str, path: str) -> str:
     return f"{path} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
-def _load_files(module: tuple[str, tuple], files: list[str], cache_dir: str | None) -> datasets.Dataset:
-    builder, options = module
-    return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **dict(options))
-
-
-# --------------------------------------------------------------------------------------------------- columns
-
-
-def _assemble(
-    pieces: list[_Piece],
-    image_column_name: str | None,
-    label_column_name: str | None,
-    sources: list[str],
-    hub_name: str | None,
-    hub_config: str | None,
-) -> ImageData:
-    """Check and convert the columns of every piece, share one set of classes, and join the pieces of each split."""
-    pieces = sorted(pieces, key=lambda piece: SPLITS.index(piece.split))
-    reference = pieces[0]
-    image_column = _find_column(reference, image_column_name, "image", datasets.Image, IMAGE_COLUMN_CANDIDATES)
-    label_column = _find_column(
-        reference, label_column_name, "label", datasets.ClassLabel, LABEL_COLUMN_CANDIDATES, exclude=image_column
-    )
-    if label_column == image_column:
-        raise ValueError(f"`image_column_name` and `label_column_name` both name {image_column!r}; name two columns.")
-    labels: list[list[str | None] | None] = []
-    for piece in pieces:
-        columns = piece.dataset.column_names
-        if image_column not in columns:
-            raise ValueError(
-                f"{piece.where} has no image column {image_column!r} (columns: {columns}); "
-                f"{'check' if image_column_name else 'name it with'} `image_column_name`."
-            )
-        piece.dataset = _as_images(piece, image_column)
-        labels.append(_label_strings(piece, label_column) if label_column in columns else None)
-        if labels[-1] is None and label_column in columns:  # a test file whose label column is empty
-            piece.dataset = piece.dataset.remove_columns(label_column)
-        if labels[-1] is None and piece.split != "test":
-            raise ValueError(
-                f"{piece.where} has no label column {label_column!r} (columns: {columns}); "
-                f"{'check' if label_column_name else 'name it with'} `label_column_name`. Only test data may be "
-                "unlabelled."
-            )
-    label_names = _label_names(pieces, labels, label_column)
-    index = {name: i for i, name in enumerate(label_names)}
-    test_labelled = {values is not None for piece, values in zip(pieces, labels) if piece.split == "test"}
-    if len(test_labelled) > 1:
-        raise ValueError("Some test files have labels and others have none: label all of them or none.")
-
-    parts: dict[str, list[datasets.Dataset]] = {}
-    for piece, values in zip(pieces, labels):
-        dataset = piece.dataset
-        if values is not None:
-            unseen = sorted({value for value in values if value not in index})
-            if unseen:
-                raise ValueError(
-                    f"{piece.where} has labels the training data lacks: {unseen[:10]}"
-                    f"{' ...' if len(unseen) > 10 else ''} (training classes: {label_names[:20]}"
-                    f"{' ...' if len(label_names) > 20 else ''}). Every {piece.split} class must occur in the "
-                    "training data; drop those rows or add them to the training data."
-                )
-            feature = datasets.ClassLabel(names=label_names)
-            if dataset.features[label_column] != feature:
-                codes = [index[value] for value in values]
-                dataset = dataset.remove_columns(label_column).add_column(label_column, codes, feature=feature)
-        parts.setdefault(piece.split, []).append(dataset)
-
-    splits = datasets.DatasetDict()
-    for split, datasets_ in parts.items():
-        if len(datasets_) == 1:
-            splits[split] = datasets_[0]
-            continue
-        kept = [image_column] + ([label_column] if label_column in datasets_[0].column_names else [])
-        try:
-            splits[split] = datasets.concatenate_datasets([d.select_columns(kept) for d in datasets_])
-        except ValueError as error:
-            wheres = [piece.where for piece in pieces if piece.split == split]
-            raise ValueError(f"The {split} files {wheres} cannot be joined: {error}") from error
-    logger.info(
-        f"Data from {', '.join(sources)}: { ({split: len(ds) for split, ds in splits.items()}) } images, "
-        f"{len(label_names)} classes, columns {image_column!r} (images) and {label_column!r} (labels)."
-    )
-    return ImageData(splits, image_column, label_column, label_names, sources, hub_name, hub_config)
-
-
-def _find_column(
-    piece: _Piece,
-    given: str | None,
-    kind: str,
-    feature_type: type,
-    candidates: tuple[str, ...],
-    exclude: str | None = None,
-) -> str:
-    """The named column, else the one column of ``feature_type``, else the first candidate present."""
-    columns = piece.dataset.column_names
-    if given is not None:
-        if given not in columns:
-            raise ValueError(f"`{kind}_column_name` {given!r} is not a column of {piece.where} (columns: {columns}).")
-        return given
-    typed = [c for c in columns if isinstance(piece.dataset.features[c], feature_type) and c != exclude]
-    if len(typed) == 1:
-        return typed[0]
-    found = next((c for c in candidates if c in columns and c != exclude), None)
-    if found is None:
-        raise ValueError(
-            f"Found no {kind} column in {piece.where} (columns: {columns}; looked for {list(candidates)}); name it "
-            f"with `{kind}_column_name`."
-        )
-    return found
-
-
-def _as_images(piece: _Piece, column: str) -> datasets.Dataset:
-    """``piece``'s dataset with ``column`` a decoding ``datasets.Image``: paths (relative to ``piece.base_dir``)
-    are checked to exist, encoded bytes are decoded when read."""
-    dataset, feature = piece.dataset, piece.dataset.features[column]
-    if isinstance(feature, datasets.Image):
-        return dataset if feature.decode else dataset.cast_column(column, datasets.Image())
-    dtype = getattr(feature, "dtype", None)
-    if dtype in ("string", "large_string"):
-        resolved, missing = [], []
-        for row, path in enumerate(dataset[column]):
-            full = None if path is None else os.path.join(piece.base_dir, os.path.expanduser(path))
-            if full is None or not os.path.isfile(full):
-                missing.append((row, path, full))
-            resolved.append(full)
-        if missing:
-            row, path, full = missing[0]
-            raise FileNotFoundError(
-                f"{piece.where}: {len(missing)} of {len(resolved)} images of column {column!r} were not found, e.g. "
-                f"row {row}: {path!r} (looked for {full}). Paths are read relative to the folder of the file that "
-                f"lists them ({piece.base_dir}); fix them or pass absolute paths."
-            )
-        # Added before the old column goes: a table left with no column would have no rows either.
-        dataset = dataset.add_column(f"{column}__resolved", resolved).remove_columns(column)
-        return dataset.rename_column(f"{column}__resolved", column).cast_column(column, datasets.Image())
-    is_encoded = dtype in ("binary", "large_binary") or (isinstance(feature, dict) and "bytes" in feature)
-    if is_encoded:
-        return dataset.cast_column(column, datasets.Image())
-    raise ValueError(
-        f"{piece.where}: column {column!r} holds {feature}, not images. Give image files, their paths or their "
-        "encoded bytes, or name the image column with `image_column_name`."
-    )
-
-
-def _label_strings(piece: _Piece, column: str) -> list[str | None] | None:
-    """The labels of ``piece`` as class names (``None`` for a missing label), or ``None`` if it has none at all.
-
-    Integers become their decimal strings (a ``ClassLabel`` its names; -1 is a missing label, as in Hub datasets).
-    """
-    feature, values = piece.dataset.features[column], list(piece.dataset[column])
-    if isinstance(feature, datasets.ClassLabel):
-        names = [None if value is None or value < 0 else feature.int2str(value) for value in values]
-    else:
-        names = []
-        for row, value in enumerate(values):
-            if isinstance(value, float) and value == value and value.is_integer():
-                value = int(value)
-            if value is None or (isinstance(value, float) and value != value):
-                names.append(None)
-            elif isinstance(value, (str, int)) and not isinstance(value, bool):
-                names.append(str(value))
-            else:
-                raise ValueError(
-                    f"{piece.where}: label {value!r} in row {row} of column {column!r} is not a class name or an "
-                    "integer; give labels as names or integers, or name the label column with `label_column_name`."
-                )
-    missing = [row for row, name in enumerate(names) if name is None]
-    if not missing:
-        return names
-    if piece.split == "test" and len(missing) == len(names):
-        return None
-    raise ValueError(
-        f"{piece.where}: {len(missing)} of {len(names)} rows have no label (e.g. row {missing[0]}); label every row"
-        f"{' (a test file may also be wholly unlabelled)' if piece.split == 'test' else ''}."
-    )
-
-
-def _label_names(pieces: list[_Piece], labels: list[list[str | None] | None], column: str) -> list[str]:
-    """The classes: those of the training pieces (of the first labelled split if there is no training data), in
-    their ``ClassLabel`` order if they share one, else sorted (numerically for integers)."""
-    split = next((piece.split for piece, values in zip(pieces, labels) if values is not None), None)
-    if split is None:
-        raise ValueError("No split has labels: give labelled training or validation data.")
-    chosen = [(piece, values) for piece, values in zip(pieces, labels) if piece.split == split]
-    features = [piece.dataset.features[column] for piece, _ in chosen]
-    if all(isinstance(f, datasets.ClassLabel) for f in features) and all(
-        f.names == features[0].names for f in features
-    ):
-        return list(features[0].names)
-    present = {value for _, values in chosen for value in values}
-    if all(re.fullmatch(r"-?\d+", value) for value in present):
-        return sorted(present, key=int)
-    return sorted(present)
+def _load_files(files: list[str], cache_dir: str | None) -> datasets.Dataset:
+    """Data files of one extension as one dataset."""
+    options = {"sep": "\t"} if _extension(files[0]) == ".tsv" else {}
+    builder = _DATA_FORMATS[_extension(files[0])]
+    return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **options)
