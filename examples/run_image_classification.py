@@ -38,12 +38,18 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
     python examples/run_image_classification.py --output_dir runs/folders \\
         --train_dir path/to/train --validation_dir path/to/val
 
+    # Files (csv/json listing image paths relative to them, parquet/arrow holding the images), and predictions for
+    # the test file. A folder of such files, or one saved with save_to_disk, goes in --dataset_name (docs/data.md).
+    python examples/run_image_classification.py --output_dir runs/files --train_file data/train.csv \\
+        --validation_file data/val.csv --test_file data/test.csv --do_train --do_eval --do_predict
+
     # All arguments from one JSON or YAML file (keys are the argument names without dashes).
     python examples/run_image_classification.py config.yaml
 
-Without ``--do_train``/``--do_eval`` the script both trains and evaluates. Resume a run with
-``--resume_from_checkpoint path/to/checkpoint-500`` (or ``--resume_from_checkpoint last`` for the newest checkpoint
-in ``--output_dir``). The last line printed is ``final eval accuracy: 0.xxxx (top-5 0.xxxx)``.
+Without ``--do_train``/``--do_eval``/``--do_predict`` the script both trains and evaluates. ``--do_predict`` writes
+``predict_results.json`` and ``predictions.csv`` (test row, predicted class, true class where known) for the test
+split. Resume a run with ``--resume_from_checkpoint path/to/checkpoint-500`` (or ``--resume_from_checkpoint last`` for
+the newest checkpoint in ``--output_dir``). The last line printed is ``final eval accuracy: 0.xxxx (top-5 0.xxxx)``.
 """
 
 from __future__ import annotations
@@ -576,7 +582,8 @@ def main() -> None:
     set_seed(training_args.seed)
 
     # Data.
-    data = load_data(data_args, model_args, training_args.seed)
+    with training_args.main_process_first(desc="loading the data"):  # one process fills the datasets cache
+        data = load_data(data_args, model_args, training_args.seed)
     dataset, image_column, label_column = data.splits, data.image_column, data.label_column
     label_names = data.label_names
     source = ", ".join(data.sources)

@@ -27,6 +27,7 @@ from image_data import (
     image,
     label,
     write_arrow,
+    write_class_folders,
     write_csv,
     write_jsonl,
     write_metadata_folder,
@@ -130,6 +131,9 @@ def make_form(form: str, root: Path) -> tuple[list[str], list[str], list[str]]:
         for split, ids in (("train", TRAIN), ("validation", VAL)):
             write_parquet(root / HUB_FILES[split], ids)
         return ["--dataset_name", "owner/shapes"], ["owner/shapes"], list(CLASSES)
+    if form == "class_folders":  # one sub-folder per class, in separate train and validation folders
+        train, val = write_class_folders(root / "train", TRAIN), write_class_folders(root / "val", VAL)
+        return ["--train_dir", str(train), "--validation_dir", str(val)], [str(train), str(val)], list(CLASSES)
     if form == "metadata_folder":  # an image folder whose metadata.csv gives each file's 'species'
         write_metadata_folder(root / "train", TRAIN)
         write_metadata_folder(root / "validation", VAL)
@@ -144,6 +148,7 @@ FORMS = [
     "arrow_files",
     "save_to_disk_dict",
     "save_to_disk_datasets",
+    "class_folders",
     "metadata_folder",
     "hub_name",
 ]
