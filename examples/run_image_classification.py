@@ -323,8 +323,8 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     """Load the data with ``hf_bpmod.data.load_image_dataset`` and choose what evaluation uses; the returned
     ``splits`` hold ``train``, ``eval`` and ``test`` where the data has them.
 
-    Evaluation uses the validation split; else, if ``--train_val_split`` is set, that share of train; else the test
-    split; else (``--train_val_split`` unset) 15% of train. ``--do_predict`` always uses the test split.
+    Evaluation uses the validation split; else, if ``--train_val_split`` is set, that share of train; else a labelled
+    test split; else (``--train_val_split`` unset) 15% of train. ``--do_predict`` always uses the test split.
     """
     data = load_image_dataset(
         data_args.dataset_name,
@@ -338,6 +338,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         token=model_args.token,
     )
     splits, fraction = data.splits, data_args.train_val_split
+    labelled_test = "test" in splits and data.has_labels("test")
     result = datasets.DatasetDict()
     if "train" in splits:
         result["train"] = splits["train"]
@@ -345,7 +346,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         result["eval"] = splits["validation"]
         if fraction:
             logger.warning("--train_val_split is not used: the data has a validation split, which evaluation uses.")
-    elif "train" in splits and (fraction or (fraction is None and "test" not in splits)):
+    elif "train" in splits and (fraction or (fraction is None and not labelled_test)):
         fraction = fraction or 0.15
         try:
             split = splits["train"].train_test_split(
@@ -356,7 +357,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
             split = splits["train"].train_test_split(test_size=fraction, seed=seed)
         result["train"], result["eval"] = split["train"], split["test"]
         logger.info(f"No validation split: {fraction:.0%} of train is held out for evaluation.")
-    elif "test" in splits:
+    elif labelled_test:
         result["eval"] = splits["test"]
         logger.warning(
             "No validation split: evaluation uses the test split. Pass --validation_file, or --train_val_split to "
@@ -591,8 +592,8 @@ def main() -> None:
         raise ValueError(f"--do_train needs training data, and {source} has none; pass --train_file.")
     if training_args.do_eval and "eval" not in dataset:
         raise ValueError(
-            f"--do_eval needs evaluation data: {source} has no validation or test split and --train_val_split is 0; "
-            "pass --validation_file or set --train_val_split (e.g. 0.15)."
+            f"--do_eval needs evaluation data: {source} has no validation or labelled test split and "
+            "--train_val_split is 0; pass --validation_file or set --train_val_split (e.g. 0.15)."
         )
     if training_args.do_predict and "test" not in dataset:
         raise ValueError(

@@ -245,11 +245,15 @@ def parse(script, argv: list[str]):
         (("train", "test"), ["--train_val_split", "0.25"], {"train": 13, "eval": 5, "test": "test"}),
         (("train",), [], {"train": 15, "eval": 3}),
         (("train",), ["--train_val_split", "0"], {"train": "train"}),
+        (("train", "unlabelled test"), [], {"train": 15, "eval": 3, "test": "test"}),
     ],
 )
 def test_evaluation_split(script, tmp_path, caplog, splits, extra, expected):
     ids = {"train": TRAIN, "validation": VAL, "test": TEST}
-    datasets.DatasetDict({s: cifar_style(ids[s]) for s in splits}).save_to_disk(str(tmp_path / "saved"))
+    saved = {s: cifar_style(ids[s]) for s in splits if s in ids}
+    if "unlabelled test" in splits:
+        saved["test"] = cifar_style(TEST).remove_columns("label")
+    datasets.DatasetDict(saved).save_to_disk(str(tmp_path / "saved"))
     model_args, data_args, args = parse(script, ["--dataset_name", str(tmp_path / "saved"), *extra])
     with caplog.at_level(logging.INFO, logger=script.logger.name):
         data = script.load_data(data_args, model_args, args.seed)
@@ -274,18 +278,30 @@ def test_data_arguments_take_one_source(script):
     assert (data_args.dataset_name, data_args.train_file, data_args.validation_file) == (None, "a", "b")
 
 
-def test_do_predict_without_test_split_fails_before_the_model(script, tmp_path, monkeypatch):
-    datasets.DatasetDict({"train": cifar_style(TRAIN)}).save_to_disk(str(tmp_path / "saved"))
+@pytest.mark.parametrize(
+    ("splits", "flags", "message"),
+    [
+        (("train",), ["--do_predict"], r"--do_predict needs a test split, and .*saved has none; pass --test_file"),
+        (
+            ("train",),
+            ["--do_eval", "--train_val_split", "0"],
+            r"--do_eval needs evaluation data: .*saved has no validation .* pass --validation_file",
+        ),
+        (("validation",), ["--do_train"], r"--do_train needs training data, and .*saved has none; pass --train_file"),
+    ],
+)
+def test_missing_split_fails_before_the_model(script, tmp_path, monkeypatch, splits, flags, message):
+    datasets.DatasetDict({s: cifar_style(TRAIN) for s in splits}).save_to_disk(str(tmp_path / "saved"))
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the data was checked")
 
     monkeypatch.setattr(script, "build_model", no_model)
-    argv = ["--dataset_name", str(tmp_path / "saved"), "--do_predict", "--output_dir", str(tmp_path / "out")]
+    argv = ["--dataset_name", str(tmp_path / "saved"), *flags, "--output_dir", str(tmp_path / "out")]
     monkeypatch.setattr(sys, "argv", ["run_image_classification.py", *argv, "--report_to", "none"])
     verbosity = transformers.utils.logging.get_verbosity()
     try:
-        with pytest.raises(ValueError, match=r"--do_predict needs a test split, and .*saved has none; pass --test"):
+        with pytest.raises(ValueError, match=message):
             script.main()
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
