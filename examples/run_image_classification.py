@@ -245,7 +245,7 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": "Fraction of train split off for evaluation. Unset: evaluation uses the validation split, else "
-            "the test split, else 0.15 of train. Set, it is split off even when the data has a test split (which "
+            "a labelled test split, else 0.15 of train. Set, it is split off even when the data has a test split (which "
             "--do_predict then keeps to itself); 0 never splits."
         },
     )
