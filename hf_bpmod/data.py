@@ -342,4 +342,3 @@ def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     if "labels" in examples[0]:
         batch["labels"] = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long)
     return batch
-
