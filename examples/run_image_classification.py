@@ -46,13 +46,18 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
     python examples/run_image_classification.py --output_dir runs/folders \\
         --train_dir path/to/train --validation_dir path/to/val
 
+    # Files (csv/json listing image paths relative to them, parquet/arrow holding the images), and predictions for
+    # the test file. A folder of such files, or one saved with save_to_disk, goes in --dataset_name (docs/data.md).
+    python examples/run_image_classification.py --output_dir runs/files --train_file data/train.csv \\
+        --validation_file data/val.csv --test_file data/test.csv --do_train --do_eval --do_predict
+
     # All arguments from one JSON or YAML file (keys are the argument names without dashes).
     python examples/run_image_classification.py config.yaml
 
-Without ``--do_train``/``--do_eval`` the script both trains and evaluates. Resume a run with
-``--resume_from_checkpoint path/to/checkpoint-500`` (or ``--resume_from_checkpoint last`` for the newest checkpoint
-in ``--output_dir``). The last line printed (once, by the main process) is
-``final eval accuracy: 0.xxxx (top-5 0.xxxx)``.
+Without ``--do_train``/``--do_eval``/``--do_predict`` the script both trains and evaluates. ``--do_predict`` writes
+``predict_results.json`` and ``predictions.csv`` (test row, predicted class, true class where known) for the test
+split. Resume a run with ``--resume_from_checkpoint path/to/checkpoint-500`` (or ``--resume_from_checkpoint last`` for
+the newest checkpoint in ``--output_dir``). The last line printed (once, by the main process) is ``final eval accuracy: 0.xxxx (top-5 0.xxxx)``.
 
 Models: ``--model_type`` and the model types of ``--model_name_or_path``/``--config_name`` must be ones hf_bpmod
 has an architecture adapter for (``--help`` lists them); anything else is refused before the data loads. A pretrained
@@ -80,6 +85,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import csv
+import io
 import json
 import logging
 import os
@@ -88,6 +95,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import transformers
 import yaml
@@ -111,12 +119,10 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
 
-<<<<<<< HEAD
-from hf_bpmod.block_metrics import plot_block_accuracy
-=======
+from hf_bpmod._files import write_atomically
 from hf_bpmod.adapters import ADAPTERS
->>>>>>> i20-example
-from hf_bpmod.data import EMBEDDED_DATASET_NAME, collate_fn, load_animal_shape_mnist, with_pixel_values
+from hf_bpmod.block_metrics import plot_block_accuracy
+from hf_bpmod.data import EMBEDDED_DATASET_NAME, ImageData, collate_fn, load_image_dataset, with_pixel_values
 from hf_bpmod.metrics import compute_accuracy_metrics
 
 logger = logging.getLogger(__name__)
@@ -164,8 +170,6 @@ SCRATCH_DEFAULTS: dict[str, dict[str, Any]] = {
 #: inside ``output_dir``; ``push_to_hub`` leaves ``_*`` folders out of the upload.
 BASE_MODEL_DIR = "_base_model"
 PEFT_METHODS = ("none", "lora", "lokr")
-IMAGE_COLUMN_CANDIDATES = ("image", "img")
-LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label")
 
 
 def supported_model_types() -> list[str]:
@@ -299,31 +303,53 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments:
-    """Which data to train and evaluate on."""
+    """Which data to train, evaluate and predict on (the forms read are in docs/data.md)."""
 
     dataset_name: str | None = field(
-        default=EMBEDDED_DATASET_NAME,
+        default=None,
         metadata={
-            "help": f"'{EMBEDDED_DATASET_NAME}' (default) uses the data embedded in the animal-shape-mnist wheel "
-            "(8,000 train / 2,000 test, no download); otherwise a Hub dataset name for datasets.load_dataset, or a "
-            "local folder loaded as an imagefolder. Ignored when --train_dir/--validation_dir are given."
+            "help": f"'{EMBEDDED_DATASET_NAME}' (the default when no data is given) uses the data embedded in the "
+            "animal-shape-mnist wheel (8,000 train / 2,000 test, no download); otherwise a Hub dataset name, or a "
+            "local folder: a save_to_disk dataset, an image folder (one sub-folder per class, or a metadata.csv), or "
+            "parquet/arrow/csv/json files, split by their names (train, validation, test)."
         },
     )
     dataset_config_name: str | None = field(
         default=None, metadata={"help": "Configuration name of the Hub dataset, if it has several."}
     )
-    train_dir: str | None = field(default=None, metadata={"help": "A folder of training images (imagefolder)."})
-    validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images (imagefolder)."})
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data: a parquet, arrow, csv, tsv, json or jsonl file (image paths in it are relative "
+            "to it), or a folder of such files, of images, or saved with save_to_disk. Not with --dataset_name."
+        },
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Validation data, in the forms of --train_file (evaluation uses it)."}
+    )
+    test_file: str | None = field(
+        default=None,
+        metadata={"help": "Test data, in the forms of --train_file (--do_predict predicts it; labels optional)."},
+    )
+    train_dir: str | None = field(default=None, metadata={"help": "A folder of training images (as --train_file)."})
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "A folder of validation images (as --validation_file)."}
+    )
     image_column_name: str | None = field(
-        default=None, metadata={"help": "Column holding the images (default: auto-detect 'image' or 'img')."}
+        default=None,
+        metadata={"help": "Column holding the images (default: the one image column, else 'image', 'img', ...)."},
     )
     label_column_name: str | None = field(
         default=None,
-        metadata={"help": "Column holding the labels (default: auto-detect 'label', 'labels' or 'fine_label')."},
+        metadata={"help": "Column holding the labels (default: the one class-label column, else 'label', ...)."},
     )
     train_val_split: float | None = field(
-        default=0.15,
-        metadata={"help": "Fraction of train split off for evaluation when the data has no validation/test split."},
+        default=None,
+        metadata={
+            "help": "Fraction of train split off for evaluation. Unset: evaluation uses the validation split, else "
+            "a labelled test split, else 0.15 of train. Set, it is split off even when the data has a test split (which "
+            "--do_predict then keeps to itself); 0 never splits."
+        },
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Truncate the training set to this many examples (for quick runs)."}
@@ -331,16 +357,27 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Truncate the evaluation set to this many examples (for quick runs)."}
     )
+    max_predict_samples: int | None = field(
+        default=None, metadata={"help": "Predict only the first this many test examples (for quick runs)."}
+    )
 
     def __post_init__(self) -> None:
-        if self.dataset_name is None and self.train_dir is None and self.validation_dir is None:
+        for alias, name in (("train_dir", "train_file"), ("validation_dir", "validation_file")):
+            if getattr(self, alias) is not None:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"--{alias} and --{name} both give the {name.split('_')[0]} data; pass one.")
+                setattr(self, name, getattr(self, alias))
+        files = [f"--{name}" for name in ("train_file", "validation_file", "test_file") if getattr(self, name)]
+        if self.dataset_name is not None and files:
             raise ValueError(
-                "No data: pass --dataset_name (a Hub dataset, a local folder, or the default "
-                f"'{EMBEDDED_DATASET_NAME}') or --train_dir/--validation_dir."
+                f"--dataset_name {self.dataset_name!r} and {'/'.join(files)} both give the data; pass --dataset_name "
+                "(a Hub name or one folder) or the files, not both."
             )
+        if self.dataset_name is None and not files:
+            self.dataset_name = EMBEDDED_DATASET_NAME
         if self.train_val_split is not None and not 0.0 <= self.train_val_split < 1.0:
             raise ValueError(f"--train_val_split must be in [0, 1), got {self.train_val_split}.")
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be a positive int, got {value}.")
@@ -384,80 +421,66 @@ def parse_config_overrides(overrides: str) -> dict[str, Any]:
     return parsed
 
 
-def _first_present(candidates: tuple[str, ...], columns: list[str]) -> str | None:
-    return next((name for name in candidates if name in columns), None)
+def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> ImageData:
+    """Load the data with ``hf_bpmod.data.load_image_dataset`` and choose what evaluation uses; the returned
+    ``splits`` hold ``train``, ``eval`` and ``test`` where the data has them.
 
-
-def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> datasets.DatasetDict:
-    """Load the data as a ``DatasetDict`` with a ``train`` split and, where possible, an ``eval`` split."""
-    if data_args.train_dir is not None or data_args.validation_dir is not None:
-        data_files = {}
-        if data_args.train_dir is not None:
-            data_files["train"] = os.path.join(data_args.train_dir, "**")
-        if data_args.validation_dir is not None:
-            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
-        dataset = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
-    elif data_args.dataset_name == EMBEDDED_DATASET_NAME:
-        dataset = load_animal_shape_mnist()
-    elif os.path.isdir(data_args.dataset_name):
-        dataset = datasets.load_dataset("imagefolder", data_dir=data_args.dataset_name, cache_dir=model_args.cache_dir)
-    else:
-        dataset = datasets.load_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            cache_dir=model_args.cache_dir,
-            token=model_args.token,
-        )
-    if not isinstance(dataset, datasets.DatasetDict):
-        dataset = datasets.DatasetDict({"train": dataset})
-
-    # Evaluation split: validation, else test, else split off from train.
-    eval_split = next((name for name in ("validation", "valid", "test") if name in dataset), None)
-    if "train" not in dataset:
-        if eval_split is None:
-            raise ValueError(f"The data has no 'train', 'validation' or 'test' split; splits found: {list(dataset)}.")
-        logger.warning("The data has no 'train' split; only evaluation is possible.")
+    Evaluation uses the validation split; else, if ``--train_val_split`` is set, that share of train; else a labelled
+    test split; else (``--train_val_split`` unset) 15% of train. ``--do_predict`` always uses the test split.
+    """
+    data = load_image_dataset(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        test_file=data_args.test_file,
+        image_column_name=data_args.image_column_name,
+        label_column_name=data_args.label_column_name,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
+    splits, fraction = data.splits, data_args.train_val_split
+    labelled_test = "test" in splits and data.has_labels("test")
     result = datasets.DatasetDict()
-    if "train" in dataset:
-        result["train"] = dataset["train"]
-    if eval_split is not None:
-        result["eval"] = dataset[eval_split]
-    elif data_args.train_val_split:
-        label_column = data_args.label_column_name or _first_present(
-            LABEL_COLUMN_CANDIDATES, dataset["train"].column_names
-        )
-        stratify = (
-            label_column
-            if label_column and isinstance(dataset["train"].features.get(label_column), datasets.ClassLabel)
-            else None
-        )
-        split = dataset["train"].train_test_split(
-            test_size=data_args.train_val_split, seed=seed, stratify_by_column=stratify
-        )
+    if "train" in splits:
+        result["train"] = splits["train"]
+    if "validation" in splits:
+        result["eval"] = splits["validation"]
+        if fraction:
+            logger.warning("--train_val_split is not used: the data has a validation split, which evaluation uses.")
+    elif "train" in splits and (fraction or (fraction is None and not labelled_test)):
+        fraction = fraction or 0.15
+        try:
+            split = splits["train"].train_test_split(
+                test_size=fraction, seed=seed, stratify_by_column=data.label_column
+            )
+        except ValueError as error:  # a class with too few images to be in both parts
+            logger.warning(f"Splitting train without stratification ({error}).")
+            split = splits["train"].train_test_split(test_size=fraction, seed=seed)
         result["train"], result["eval"] = split["train"], split["test"]
-        logger.info(f"Split {data_args.train_val_split:.0%} of train off for evaluation.")
-    return result
-
-
-def resolve_columns(dataset: datasets.DatasetDict, data_args: DataTrainingArguments) -> tuple[str, str]:
-    """Find the image and label columns (given or auto-detected) and check that every split has them."""
-    first = next(iter(dataset.values()))
-    columns = first.column_names
-    image_column = data_args.image_column_name or _first_present(IMAGE_COLUMN_CANDIDATES, columns)
-    label_column = data_args.label_column_name or _first_present(LABEL_COLUMN_CANDIDATES, columns)
-    if image_column is None or label_column is None:
-        raise ValueError(
-            f"Could not find the {'image' if image_column is None else 'label'} column among {columns}; pass "
-            "--image_column_name and --label_column_name."
+        logger.info(f"No validation split: {fraction:.0%} of train is held out for evaluation.")
+    elif labelled_test:
+        result["eval"] = splits["test"]
+        logger.warning(
+            "No validation split: evaluation uses the test split. Pass --validation_file, or --train_val_split to "
+            "hold out part of train instead."
         )
-    for split, ds in dataset.items():
-        for column in (image_column, label_column):
-            if column not in ds.column_names:
-                raise ValueError(
-                    f"Split '{split}' has no column '{column}' (columns: {ds.column_names}); pass "
-                    "--image_column_name/--label_column_name."
-                )
-    return image_column, label_column
+    if "test" in splits:
+        result["test"] = splits["test"]
+    data.splits = result
+    return data
+
+
+def write_predictions(path: str, predictions: Any, label_ids: Any, label_names: list[str]) -> None:
+    """Write ``index,prediction,label`` rows (test row, predicted class, true class or empty) to ``path`` as one
+    file, whole or not at all."""
+    logits = predictions[0] if isinstance(predictions, tuple) else predictions
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["index", "prediction", "label"])
+    for index, predicted in enumerate(np.asarray(logits).argmax(-1)):
+        writer.writerow([index, label_names[predicted], "" if label_ids is None else label_names[label_ids[index]]])
+    write_atomically(path, rows.getvalue().encode("utf-8"))
 
 
 def image_size_from_processor(processor: Any) -> int | None:
@@ -995,13 +1018,26 @@ def main() -> None:
     set_seed(training_args.seed)
 
     # Data.
-    dataset = load_data(data_args, model_args, training_args.seed)
-    image_column, label_column = resolve_columns(dataset, data_args)
-    reference = dataset["train"] if "train" in dataset else dataset["eval"]
-    if not isinstance(reference.features[label_column], datasets.ClassLabel):
-        dataset = dataset.class_encode_column(label_column)
-        reference = dataset["train"] if "train" in dataset else dataset["eval"]
-    label_names = list(reference.features[label_column].names)
+    with training_args.main_process_first(desc="loading the data"):  # one process fills the datasets cache
+        data = load_data(data_args, model_args, training_args.seed)
+    dataset, image_column, label_column = data.splits, data.image_column, data.label_column
+    label_names = data.label_names
+    source = ", ".join(data.sources)
+    if training_args.do_train and "train" not in dataset:
+        raise ValueError(f"--do_train needs training data, and {source} has none; pass --train_file.")
+    if training_args.do_eval and "eval" not in dataset:
+        raise ValueError(
+            f"--do_eval needs evaluation data: {source} has no validation or labelled test split and "
+            "--train_val_split is 0; pass --validation_file or set --train_val_split (e.g. 0.15)."
+        )
+    if training_args.do_predict and "test" not in dataset:
+        raise ValueError(
+            f"--do_predict needs a test split, and {source} has none; pass --test_file (or data with a 'test' "
+            "split), or drop --do_predict."
+        )
+    if training_args.do_predict and training_args.do_eval and dataset.get("eval") is dataset["test"]:
+        logger.warning("Evaluation and --do_predict both use the test split.")
+    reference = next(dataset[split] for split in ("train", "eval", "test") if split in dataset)
     native_size = reference[0][image_column].size[1]
     logger.info(f"Data: { {k: len(v) for k, v in dataset.items()} }, {len(label_names)} classes: {label_names}")
 
@@ -1021,24 +1057,22 @@ def main() -> None:
 
     def prepare(split: str, max_samples: int | None) -> datasets.Dataset:
         ds = dataset[split]
-        if max_samples is not None:
+        if max_samples is not None and split == "test":  # the first rows, so that predictions.csv follows the file
+            ds = ds.select(range(min(max_samples, len(ds))))
+        elif max_samples is not None:
             ds = ds.shuffle(seed=training_args.seed).select(range(min(max_samples, len(ds))))
+        labels = label_column if label_column in ds.column_names else None
         return with_pixel_values(
-            ds, image_size, image_mean, image_std, image_column, label_column, num_channels=num_channels
+            ds, image_size, image_mean, image_std, image_column, labels, num_channels=num_channels
         )
 
-    train_dataset = eval_dataset = None
+    train_dataset = eval_dataset = predict_dataset = None
     if training_args.do_train:
-        if "train" not in dataset:
-            raise ValueError("--do_train needs a train split, and the data has none.")
         train_dataset = prepare("train", data_args.max_train_samples)
     if training_args.do_eval:
-        if "eval" not in dataset:
-            raise ValueError(
-                "--do_eval needs a validation/test split: the data has none and --train_val_split is 0; set "
-                "--train_val_split (e.g. 0.15)."
-            )
         eval_dataset = prepare("eval", data_args.max_eval_samples)
+    if training_args.do_predict:
+        predict_dataset = prepare("test", data_args.max_predict_samples)
 
     trainer = ExampleTrainer(
         model=model,
@@ -1073,10 +1107,21 @@ def main() -> None:
         if plot_block_accuracy(trainer.state.log_history, plot):  # accuracy of every head, one line per epoch
             logger.info(f"Accuracy per block and epoch: {plot}")
 
+    if training_args.do_predict:
+        output = trainer.predict(predict_dataset, metric_key_prefix="predict")
+        predict_metrics = output.metrics
+        predict_metrics["predict_samples"] = len(predict_dataset)
+        trainer.log_metrics("predict", predict_metrics)
+        trainer.save_metrics("predict", predict_metrics)
+        if trainer.is_world_process_zero():
+            path = os.path.join(training_args.output_dir, "predictions.csv")
+            write_predictions(path, output.predictions, output.label_ids, label_names)
+            logger.info(f"Wrote the predictions of {len(predict_dataset)} test images to {path}.")
+
     kwargs = {
         "finetuned_from": model_args.model_name_or_path,
         "tasks": "image-classification",
-        "dataset": data_args.dataset_name,
+        **data.card_kwargs(),  # the data actually used: its Hub name or its local paths
         "tags": ["image-classification", "vision", "hf_bpmod"],
     }
     if training_args.push_to_hub:

@@ -25,6 +25,16 @@ from .adapters.base import unwrap_model
 LABEL_SMOOTHER_COUNTS_ITEMS = "num_items_in_batch" in inspect.signature(LabelSmoother.__call__).parameters
 
 
+def no_dataset_code() -> dict[str, Any]:
+    """Delete when: datasets >= 4.0 is the floor (it no longer runs dataset scripts). Keyword arguments that stop
+    ``datasets.load_dataset`` from running a Hub dataset's loading script, whatever ``HF_DATASETS_TRUST_REMOTE_CODE``
+    says."""
+    import datasets
+
+    parameters = inspect.signature(datasets.load_dataset).parameters
+    return {"trust_remote_code": False} if "trust_remote_code" in parameters else {}
+
+
 def check_layer_checkpointing(model: nn.Module) -> None:
     """Delete when: transformers >= 4.53.
 

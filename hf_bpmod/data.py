@@ -1,11 +1,14 @@
 """Image-classification data for the BP-modified trainer.
 
-Two things live here:
+Three things live here:
 
 * :func:`load_animal_shape_mnist` builds a :class:`datasets.DatasetDict` from the Animal-Shape-MNIST data that the
   ``animal-shape-mnist`` PyPI wheel ships (10,000 grayscale 28x28 silhouettes, 10 animal classes, 1,000 each). The
   package's own loader imports TensorFlow, so it is *not* imported here: the two gzipped pickles are read straight
   from the installed package folder. Nothing is downloaded and nothing is written to disk.
+* :func:`load_image_dataset` (from :mod:`hf_bpmod.data_sources`) reads any other data: a Hub name, an image folder,
+  a ``save_to_disk`` dataset, parquet/arrow/csv/json files; it returns the splits, the image and label columns, the
+  class names and where the data came from.
 * :func:`make_transform`, :func:`with_pixel_values` and :func:`collate_fn` turn any image-classification dataset
   (``image`` + ``label`` columns) into ``pixel_values``/``labels`` batches for a ``transformers`` image classifier,
   with PIL + numpy + torch only (no torchvision): resize, scale to [0, 1], normalise, no augmentation.
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 
 from ._extras import require_extra
+from .data_sources import ImageData, load_image_dataset
 
 with require_extra("hf_bpmod.data"):
     import datasets
@@ -43,9 +47,11 @@ with require_extra("hf_bpmod.data"):
 __all__ = [
     "ANIMAL_SHAPE_CLASS_NAMES",
     "EMBEDDED_DATASET_NAME",
+    "ImageData",
     "collate_fn",
     "find_animal_shape_files",
     "load_animal_shape_mnist",
+    "load_image_dataset",
     "make_transform",
     "with_pixel_values",
 ]

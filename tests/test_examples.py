@@ -127,9 +127,9 @@ def recompute_eval(script: ModuleType, argv: list[str], model: torch.nn.Module, 
     and the image processor it saved in ``out``."""
     parser = HfArgumentParser((script.ModelArguments, script.DataTrainingArguments, BPModifiedTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    dataset = script.load_data(data_args, model_args, training_args.seed)
-    image_column, label_column = script.resolve_columns(dataset, data_args)
-    eval_data = dataset["eval"]
+    data = script.load_data(data_args, model_args, training_args.seed)
+    image_column, label_column = data.image_column, data.label_column
+    eval_data = data.splits["eval"]
     assert isinstance(eval_data.features[label_column], datasets.ClassLabel)
     if data_args.max_eval_samples is not None:
         n = min(data_args.max_eval_samples, len(eval_data))
