@@ -24,6 +24,10 @@ from hf_bpmod import get_adapter
 from hf_bpmod.memory import peak_saved_bytes
 from hf_bpmod.testing import TINY_KINDS, embedded_short_run, tiny_model
 
+#: ``beit_shared`` (one position bias shared by every layer) is refused by the BEiT adapter until
+#: ``hf_bpmod.adapters.unshare_relative_position_bias`` gives each layer its copy; ``beit`` is measured instead.
+KINDS = [kind for kind in TINY_KINDS if kind != "beit_shared"]
+
 
 def measure(kind: str, image_size: int, batch: int, accuracy: bool) -> dict:
     model = tiny_model(kind, image_size=image_size).train()
@@ -66,7 +70,7 @@ def table(rows: list[dict], image_size: int, batch: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", nargs="+", default=list(TINY_KINDS), choices=TINY_KINDS)
+    parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--accuracy", action="store_true", help="also the short run's accuracy (about 10 s a kind)")
