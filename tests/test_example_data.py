@@ -10,6 +10,7 @@ evaluation split, and its refusals, are checked in-process.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import logging
 import sys
@@ -232,6 +233,12 @@ def script():
     return test_examples._import_script()
 
 
+@pytest.fixture(scope="module")
+def data_side(script):
+    """``examples/image_classification_data.py``, as the script imported it: ``load_data`` and its logger."""
+    return importlib.import_module("image_classification_data")
+
+
 def parse(script, argv: list[str]):
     parser = HfArgumentParser((script.ModelArguments, script.DataTrainingArguments, BPModifiedTrainingArguments))
     return parser.parse_args_into_dataclasses(args=["--output_dir", "unused", "--report_to", "none", *argv])
@@ -248,15 +255,15 @@ def parse(script, argv: list[str]):
         (("train", "unlabelled test"), [], {"train": 15, "eval": 3, "test": "test"}),
     ],
 )
-def test_evaluation_split(script, tmp_path, caplog, splits, extra, expected):
+def test_evaluation_split(script, data_side, tmp_path, caplog, splits, extra, expected):
     ids = {"train": TRAIN, "validation": VAL, "test": TEST}
     saved = {s: cifar_style(ids[s]) for s in splits if s in ids}
     if "unlabelled test" in splits:
         saved["test"] = cifar_style(TEST).remove_columns("label")
     datasets.DatasetDict(saved).save_to_disk(str(tmp_path / "saved"))
     model_args, data_args, args = parse(script, ["--dataset_name", str(tmp_path / "saved"), *extra])
-    with caplog.at_level(logging.INFO, logger=script.logger.name):
-        data = script.load_data(data_args, model_args, args.seed)
+    with caplog.at_level(logging.INFO, logger=data_side.logger.name):
+        data = data_side.load_data(data_args, model_args, args.seed)
     assert set(data.splits) == set(expected)
     kept = {split: [row["img"].getpixel((0, 0))[0] for row in ds] for split, ds in data.splits.items()}
     for split, value in expected.items():

@@ -1,6 +1,7 @@
-"""The model side of ``examples/run_image_classification.py``, in process: building and loading models, the checks
-that refuse what cannot work before any data is loaded, loading with the Hub offline or unreachable, and what a peft
-run saves (reloaded with plain transformers/peft and compared logit for logit with the trained model).
+"""The model side of ``examples/run_image_classification.py`` (``examples/image_classification_model.py`` and
+``examples/image_classification_peft.py``), in process: building and loading models, the checks that refuse what
+cannot work before any data is loaded, loading with the Hub offline or unreachable, and what a peft run saves
+(reloaded with plain transformers/peft and compared logit for logit with the trained model).
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ def script() -> ModuleType:
     sys.modules["run_image_classification"] = module  # HfArgumentParser resolves annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def model_side(script) -> ModuleType:
+    """``examples/image_classification_model.py``, as the script imported it (monkeypatches reach its calls)."""
+    return importlib.import_module("image_classification_model")
+
+
+@pytest.fixture(scope="module")
+def peft_side(script) -> ModuleType:
+    """``examples/image_classification_peft.py``, as the script imported it."""
+    return importlib.import_module("image_classification_peft")
 
 
 @pytest.fixture
@@ -167,13 +180,13 @@ def test_unsupported_model_is_refused_before_any_data_loads(script, tmp_path, mo
 
 
 @pytest.mark.parametrize("model_type", ["vit", "resnet"])
-def test_from_config_default_model(script, model_type):
+def test_from_config_default_model(script, model_side, model_type):
     model_args = script.ModelArguments(model_type=model_type)
-    model, processor, image_size, mean, std = script.build_model(model_args, LABELS, native_size=28)
-    defaults = script.SCRATCH_DEFAULTS[model_type]
+    model, processor, image_size, mean, std = model_side.build_model(model_args, LABELS, native_size=28)
+    defaults = model_side.SCRATCH_DEFAULTS[model_type]
     assert all(getattr(model.config, key) == value for key, value in defaults.items())
     assert model.config.num_channels == 3 and model.config.id2label == dict(enumerate(LABELS))
-    assert image_size == 28 and script.image_size_from_processor(processor) == 28 and mean == std == [0.5] * 3
+    assert image_size == 28 and model_side.image_size_from_processor(processor) == 28 and mean == std == [0.5] * 3
     if model_type == "vit":
         assert model.config.image_size == 28
     blocks = get_adapter(model).chain(model).num_blocks
@@ -183,10 +196,10 @@ def test_from_config_default_model(script, model_type):
 
 @pytest.mark.parametrize("model_type", TRANSFORMER_DEFAULTS)
 @pytest.mark.parametrize("size", [16, 28, 32])
-def test_small_default_config_of_each_transformer(script, model_type, size):
+def test_small_default_config_of_each_transformer(model_side, model_type, size):
     """Each listed default builds and runs at the input sizes people bring (every stage holds a Swin window)."""
-    config = script.scratch_config(model_type, {}, size, {"num_labels": 3})
-    script.pin_image_classifier(config)
+    config = model_side.scratch_config(model_type, {}, size, {"num_labels": 3})
+    model_side.pin_image_classifier(config)
     model = AutoModelForImageClassification.from_config(config)
     assert config.image_size == size and logits(model, pixels(2, size)).shape == (2, 3)
     if model_type == "deit":  # the plain classifier, not the one with a distillation token
@@ -195,35 +208,35 @@ def test_small_default_config_of_each_transformer(script, model_type, size):
 
 @pytest.mark.parametrize("model_type", CONVNET_DEFAULTS)
 @pytest.mark.parametrize("size", [16, 28, 32])
-def test_small_default_config_of_each_convnet(script, model_type, size):
-    config = script.scratch_config(model_type, {}, size, {"num_labels": 3})
+def test_small_default_config_of_each_convnet(model_side, model_type, size):
+    config = model_side.scratch_config(model_type, {}, size, {"num_labels": 3})
     model = AutoModelForImageClassification.from_config(config)
     assert logits(model, pixels(2, size)).shape == (2, 3)
 
 
-def test_every_scratch_default_is_tested(script):
-    assert set(script.SCRATCH_DEFAULTS) == set(TRANSFORMER_DEFAULTS) | set(CONVNET_DEFAULTS)
+def test_every_scratch_default_is_tested(model_side):
+    assert set(model_side.SCRATCH_DEFAULTS) == set(TRANSFORMER_DEFAULTS) | set(CONVNET_DEFAULTS)
 
 
-def test_registered_type_without_a_default_starts_from_transformers_config(script, monkeypatch):
+def test_registered_type_without_a_default_starts_from_transformers_config(script, model_side, monkeypatch):
     monkeypatch.setitem(ADAPTERS, "mobilenet_v2", ResNetAdapter)  # registered: the example accepts the type
     model_args = script.ModelArguments(model_type="mobilenet_v2", config_overrides="depth_multiplier=0.35")
-    model, _, image_size, _, _ = script.build_model(model_args, LABELS, native_size=20)
+    model, _, image_size, _, _ = model_side.build_model(model_args, LABELS, native_size=20)
     assert model.config.image_size == image_size == 20 and model.config.depth_multiplier == 0.35
     assert model.config.num_labels == 3 and logits(model, pixels(2, 20)).shape == (2, 3)
 
 
-def test_config_name_builds_a_model_from_that_config(script, tmp_path):
+def test_config_name_builds_a_model_from_that_config(script, model_side, tmp_path):
     folder = tmp_path / "config"
     ViTConfig(image_size=16, patch_size=4, hidden_size=24, num_hidden_layers=3, num_attention_heads=2).save_pretrained(
         folder
     )
-    model, _, image_size, _, _ = script.build_model(
+    model, _, image_size, _, _ = model_side.build_model(
         script.ModelArguments(config_name=str(folder)), LABELS, native_size=28
     )
     assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.num_labels) == (24, 3, 3)
     assert image_size == model.config.image_size == 16  # the config's size, not the images'
-    model, _, image_size, _, _ = script.build_model(
+    model, _, image_size, _, _ = model_side.build_model(
         script.ModelArguments(config_name=str(folder), image_size=32), LABELS, native_size=28
     )
     assert image_size == model.config.image_size == 32
@@ -236,32 +249,32 @@ def test_config_name_builds_a_model_from_that_config(script, tmp_path):
 # ------------------------------------------------------------------ pretrained models
 
 
-def test_mismatched_head_needs_ignore_mismatched_sizes(script, tmp_path):
+def test_mismatched_head_needs_ignore_mismatched_sizes(script, model_side, tmp_path):
     pretrained = save_pretrained_vit(tmp_path / "vit5", num_labels=5)
     saved = AutoModelForImageClassification.from_pretrained(pretrained)
     with pytest.raises(ValueError, match="Pass --ignore_mismatched_sizes") as error:
-        script.build_model(script.ModelArguments(model_name_or_path=str(pretrained)), LABELS, native_size=16)
+        model_side.build_model(script.ModelArguments(model_name_or_path=str(pretrained)), LABELS, native_size=16)
     assert "classifier.weight" in str(error.value) and "3 classes" in str(error.value)
 
     model_args = script.ModelArguments(model_name_or_path=str(pretrained), ignore_mismatched_sizes=True)
-    model, *_ = script.build_model(model_args, LABELS, native_size=16)
+    model, *_ = model_side.build_model(model_args, LABELS, native_size=16)
     assert model.classifier.weight.shape == (3, 32) and model.config.id2label == dict(enumerate(LABELS))
     for name, value in saved.vit.state_dict().items():  # the backbone is the pretrained one
         assert torch.equal(model.vit.state_dict()[name], value), name
 
     # A head that fits loads as it is, without the flag.
     five = [f"c{i}" for i in range(5)]
-    model, *_ = script.build_model(script.ModelArguments(model_name_or_path=str(pretrained)), five, native_size=16)
+    model, *_ = model_side.build_model(script.ModelArguments(model_name_or_path=str(pretrained)), five, native_size=16)
     assert torch.equal(model.classifier.weight, saved.classifier.weight)
 
     # Another input size changes the position embeddings: also a mismatch, named as such.
     with pytest.raises(ValueError, match="--image_size 32 is not the pretrained image_size 16"):
-        script.build_model(
+        model_side.build_model(
             script.ModelArguments(model_name_or_path=str(pretrained), image_size=32), five, native_size=16
         )
 
 
-def test_trust_remote_code_reaches_every_load(script, tmp_path, monkeypatch):
+def test_trust_remote_code_reaches_every_load(script, model_side, tmp_path, monkeypatch):
     pretrained = save_pretrained_vit(tmp_path / "vit")
     seen: list[tuple[str, object]] = []
     for cls in (AutoConfig, AutoImageProcessor, AutoModelForImageClassification):
@@ -275,7 +288,7 @@ def test_trust_remote_code_reaches_every_load(script, tmp_path, monkeypatch):
     for trust in (False, True):
         seen.clear()
         model_args = script.ModelArguments(model_name_or_path=str(pretrained), trust_remote_code=trust)
-        script.build_model(model_args, LABELS, native_size=16)
+        model_side.build_model(model_args, LABELS, native_size=16)
         assert sorted(name for name, _ in seen) == [
             "AutoConfig",
             "AutoImageProcessor",
@@ -284,7 +297,7 @@ def test_trust_remote_code_reaches_every_load(script, tmp_path, monkeypatch):
         assert all(value is trust for _, value in seen), seen
 
 
-def test_code_in_a_model_folder_does_not_run_by_default(script, tmp_path, monkeypatch):
+def test_code_in_a_model_folder_does_not_run_by_default(script, model_side, tmp_path, monkeypatch):
     pretrained = save_pretrained_vit(tmp_path / "vit")
     marker = tmp_path / "code-ran"
     (pretrained / "configuration_marker.py").write_text(
@@ -296,9 +309,11 @@ def test_code_in_a_model_folder_does_not_run_by_default(script, tmp_path, monkey
     config = json.loads((pretrained / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "configuration_marker.MarkerConfig"}
     (pretrained / "config.json").write_text(json.dumps(config))
-    access = script.hub_access(script.ModelArguments(model_name_or_path=str(pretrained)))
-    script.check_model_source(script.ModelArguments(model_name_or_path=str(pretrained)), access)
-    model, *_ = script.build_model(script.ModelArguments(model_name_or_path=str(pretrained)), LABELS, native_size=16)
+    access = model_side.hub_access(script.ModelArguments(model_name_or_path=str(pretrained)))
+    model_side.check_model_source(script.ModelArguments(model_name_or_path=str(pretrained)), access)
+    model, *_ = model_side.build_model(
+        script.ModelArguments(model_name_or_path=str(pretrained)), LABELS, native_size=16
+    )
     assert type(model.config).__name__ == "ViTConfig" and not marker.exists()
 
 
@@ -326,58 +341,58 @@ def put_in_hub_cache(cache: Path, repo_id: str, source: Path) -> None:
 
 
 @pytest.fixture
-def unreachable_hub(script, monkeypatch) -> list[str]:
+def unreachable_hub(model_side, monkeypatch) -> list[str]:
     """The Hub online in name (HF_HUB_OFFLINE unset) but refusing connections; returns the probes' results."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", closed_port_endpoint())
     probes: list[str] = []
-    original = script.hub_unreachable_reason
+    original = model_side.hub_unreachable_reason
 
     def probe():
         probes.append(original())
         return probes[-1]
 
-    monkeypatch.setattr(script, "hub_unreachable_reason", probe)
+    monkeypatch.setattr(model_side, "hub_unreachable_reason", probe)  # where hub_access looks it up
     return probes
 
 
-def test_offline_name_not_in_the_cache_says_how_to_run_offline(script, tmp_path):
+def test_offline_name_not_in_the_cache_says_how_to_run_offline(script, model_side, tmp_path):
     assert constants.HF_HUB_OFFLINE  # conftest.py
     model_args = script.ModelArguments(model_name_or_path="hf-bpmod-tests/not-cached", cache_dir=str(tmp_path))
-    access = script.hub_access(model_args)
+    access = model_side.hub_access(model_args)
     assert access.problem is not None and "HF_HUB_OFFLINE" in access.problem
     with pytest.raises(OSError, match="--model_name_or_path 'hf-bpmod-tests/not-cached' is neither a local") as error:
-        script.check_model_source(model_args, access)
+        model_side.check_model_source(model_args, access)
     assert "HF_HUB_OFFLINE=1" in str(error.value) and "local folder" in str(error.value)
 
 
-def test_unreachable_hub_fails_at_once_with_the_offline_fix(script, tmp_path, unreachable_hub):
+def test_unreachable_hub_fails_at_once_with_the_offline_fix(script, model_side, tmp_path, unreachable_hub):
     model_args = script.ModelArguments(model_name_or_path="hf-bpmod-tests/not-cached", cache_dir=str(tmp_path))
-    access = script.hub_access(model_args)
+    access = model_side.hub_access(model_args)
     assert len(unreachable_hub) == 1 and "Connect" in unreachable_hub[0]  # one try, a refused connection
     assert access.kwargs["local_files_only"] is True and "unreachable" in access.problem
     with pytest.raises(OSError, match="is neither a local folder nor in the local Hugging Face cache") as error:
-        script.check_model_source(model_args, access)
+        model_side.check_model_source(model_args, access)
     message = str(error.value)
     assert "the Hub (http://127.0.0.1:" in message and "HF_HUB_OFFLINE=1" in message
     assert "HF_HUB_ETAG_TIMEOUT" in message
 
 
-def test_unreachable_hub_loads_a_cached_model_at_once(script, tmp_path, unreachable_hub):
+def test_unreachable_hub_loads_a_cached_model_at_once(script, model_side, tmp_path, unreachable_hub):
     cache = tmp_path / "cache"
     put_in_hub_cache(cache, "hf-bpmod-tests/tiny-vit", save_pretrained_vit(tmp_path / "vit"))
     model_args = script.ModelArguments(model_name_or_path="hf-bpmod-tests/tiny-vit", cache_dir=str(cache))
-    access = script.hub_access(model_args)
-    script.check_model_source(model_args, access)
-    model, _, image_size, *_ = script.build_model(model_args, LABELS, native_size=16, access=access)
+    access = model_side.hub_access(model_args)
+    model_side.check_model_source(model_args, access)
+    model, _, image_size, *_ = model_side.build_model(model_args, LABELS, native_size=16, access=access)
     saved = AutoModelForImageClassification.from_pretrained(tmp_path / "vit")
     assert image_size == 16 and torch.equal(model.vit.embeddings.cls_token, saved.vit.embeddings.cls_token)
     assert len(unreachable_hub) == 1
 
 
-def test_local_paths_never_try_the_hub(script, tmp_path, unreachable_hub):
+def test_local_paths_never_try_the_hub(script, model_side, tmp_path, unreachable_hub):
     model_args = script.ModelArguments(model_name_or_path=str(save_pretrained_vit(tmp_path / "vit")))
-    access = script.hub_access(model_args)
+    access = model_side.hub_access(model_args)
     assert unreachable_hub == [] and access.problem is None and "local_files_only" not in access.kwargs
 
 
@@ -386,10 +401,10 @@ def test_local_paths_never_try_the_hub(script, tmp_path, unreachable_hub):
 
 @pytest.mark.parametrize("method", ["lora", "lokr"])
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
-def test_merged_save_reloads_with_plain_transformers(script, tmp_path, method, kind):
+def test_merged_save_reloads_with_plain_transformers(script, peft_side, tmp_path, method, kind):
     torch.manual_seed(0)
     base = tiny_model(kind, num_labels=3)
-    model = script.apply_peft(base, script.ModelArguments(model_type=kind, peft=method, peft_rank=2))
+    model = peft_side.apply_peft(base, script.ModelArguments(model_type=kind, peft=method, peft_rank=2))
     with torch.no_grad():  # trained-looking adapters (peft starts them as an identity)
         for param in model.parameters():
             if param.requires_grad:
@@ -397,8 +412,8 @@ def test_merged_save_reloads_with_plain_transformers(script, tmp_path, method, k
     x = pixels(4)
     expected = logits(model, x)
     (tmp_path / "adapter_config.json").write_text("{}")  # left by an earlier adapter save: must go
-    script.save_merged_model(model, str(tmp_path))
-    assert not any((tmp_path / name).exists() for name in script.ADAPTER_FILES)
+    peft_side.save_merged_model(model, str(tmp_path))
+    assert not any((tmp_path / name).exists() for name in peft_side.ADAPTER_FILES)
     reloaded, info = AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     torch.testing.assert_close(logits(reloaded, x), expected, atol=LOGIT_ATOL, rtol=0)
@@ -408,7 +423,7 @@ def test_merged_save_reloads_with_plain_transformers(script, tmp_path, method, k
 
 
 def test_peft_on_a_model_from_a_config_saves_what_reloads(
-    script, tmp_path, monkeypatch, logging_restored, capsys, caplog
+    script, peft_side, tmp_path, monkeypatch, logging_restored, capsys, caplog
 ):
     """A LoRA run on a ViT built from a config: the output folder holds the merged model, which plain transformers
     reloads with the trained model's logits; each checkpoint holds the adapter naming the saved untrained base, which
@@ -427,7 +442,7 @@ def test_peft_on_a_model_from_a_config_saves_what_reloads(
     trained = logits(trainer.model, x)
 
     # The output folder: the merged model, a plain transformers model, and no adapter files.
-    assert not any((out / name).exists() for name in script.ADAPTER_FILES)
+    assert not any((out / name).exists() for name in peft_side.ADAPTER_FILES)
     merged, info = AutoModelForImageClassification.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert merged.config.id2label == dict(enumerate(LABELS))
@@ -437,7 +452,7 @@ def test_peft_on_a_model_from_a_config_saves_what_reloads(
     assert stdout.count("final eval accuracy:") == 1
 
     # The base: the untrained weights, which training left alone (LoRA trains only the adapters and the head).
-    base_dir = out / script.BASE_MODEL_DIR
+    base_dir = out / peft_side.BASE_MODEL_DIR
     base = AutoModelForImageClassification.from_pretrained(base_dir)
     patch = "vit.embeddings.patch_embeddings.projection.weight"
     assert torch.equal(base.state_dict()[patch], trainer.model.get_base_model().state_dict()[patch])
@@ -462,17 +477,17 @@ def test_peft_on_a_model_from_a_config_saves_what_reloads(
         run_main(script, monkeypatch, argv)
 
 
-def test_peft_base_plan(script, tmp_path):
+def test_peft_base_plan(script, peft_side, tmp_path):
     model_args = script.ModelArguments(model_type="vit", peft="lora")
     args = SimpleNamespace(do_train=True, push_to_hub=False, hub_strategy="every_save", output_dir=str(tmp_path))
-    assert script.peft_base_plan(model_args, args, None) == (None, str(tmp_path / script.BASE_MODEL_DIR))
-    assert script.peft_base_plan(script.ModelArguments(model_type="vit"), args, None) == (None, None)
-    assert script.peft_base_plan(model_args, SimpleNamespace(**{**vars(args), "do_train": False}), None) == (
+    assert peft_side.peft_base_plan(model_args, args, None) == (None, str(tmp_path / peft_side.BASE_MODEL_DIR))
+    assert peft_side.peft_base_plan(script.ModelArguments(model_type="vit"), args, None) == (None, None)
+    assert peft_side.peft_base_plan(model_args, SimpleNamespace(**{**vars(args), "do_train": False}), None) == (
         None,
         None,
     )
     with pytest.raises(ValueError, match="Pass --hub_strategy end"):
-        script.peft_base_plan(model_args, SimpleNamespace(**{**vars(args), "push_to_hub": True}), None)
+        peft_side.peft_base_plan(model_args, SimpleNamespace(**{**vars(args), "push_to_hub": True}), None)
 
     # Resuming: the base the checkpoint's adapter names, else _base_model next to the checkpoint, else an error.
     checkpoint = tmp_path / "checkpoint-2"
@@ -480,20 +495,23 @@ def test_peft_base_plan(script, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     AutoConfig.for_model("vit").save_pretrained(elsewhere)
     (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(elsewhere)}))
-    assert script.peft_base_plan(model_args, args, str(checkpoint)) == (str(elsewhere), None)
+    assert peft_side.peft_base_plan(model_args, args, str(checkpoint)) == (str(elsewhere), None)
     (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/moved/away"}))
     with pytest.raises(ValueError, match="which hold no model"):
-        script.peft_base_plan(model_args, args, str(checkpoint))
-    AutoConfig.for_model("vit").save_pretrained(tmp_path / script.BASE_MODEL_DIR)
-    assert script.peft_base_plan(model_args, args, str(checkpoint)) == (str(tmp_path / script.BASE_MODEL_DIR), None)
+        peft_side.peft_base_plan(model_args, args, str(checkpoint))
+    AutoConfig.for_model("vit").save_pretrained(tmp_path / peft_side.BASE_MODEL_DIR)
+    assert peft_side.peft_base_plan(model_args, args, str(checkpoint)) == (
+        str(tmp_path / peft_side.BASE_MODEL_DIR),
+        None,
+    )
 
 
-def test_resume_base_weights_are_loaded_not_rebuilt(script, tmp_path):
+def test_resume_base_weights_are_loaded_not_rebuilt(script, model_side, tmp_path):
     base = tiny_vit(num_layers=2, image_size=16, num_labels=3, seed=5)
     base.config.id2label, base.config.label2id = dict(enumerate(LABELS)), {n: i for i, n in enumerate(LABELS)}
     base.save_pretrained(tmp_path / "base")
     model_args = script.ModelArguments(model_type="vit", config_overrides=TINY_CONFIG, peft="lora")
-    model, *_ = script.build_model(model_args, LABELS, native_size=16, base_model_dir=str(tmp_path / "base"))
+    model, *_ = model_side.build_model(model_args, LABELS, native_size=16, base_model_dir=str(tmp_path / "base"))
     torch.testing.assert_close(logits(model, pixels()), logits(base, pixels()), atol=0, rtol=0)
     with pytest.raises(ValueError, match="were built for the labels"):
-        script.build_model(model_args, ["a", "b", "c"], native_size=16, base_model_dir=str(tmp_path / "base"))
+        model_side.build_model(model_args, ["a", "b", "c"], native_size=16, base_model_dir=str(tmp_path / "base"))
