@@ -165,8 +165,8 @@ class BPModifiedTrainingArguments(TrainingArguments):
         bp_modified (`bool`, *optional*):
             Add the periodic BP offset of eq. 5 to the local gradient (`True`), or train with the plain local loss
             (`False`). Defaults to the architecture's choice (``ArchitectureAdapter.offset_by_default``): on for
-            ResNets and off for ViTs, where the offset did not improve accuracy in the package's measurements; on
-            for an adapter registered by a user (the paper's method). The trainer logs the choice and records it in
+            convolutional nets and Swin, off for the other transformer encoders (ViT, DeiT, BEiT, DINOv2), where the
+            offset did not improve accuracy in the package's measurements; on for an adapter registered by a user (the paper's method). The trainer logs the choice and records it in
             checkpoints and the model card.
         offset_batch_size (`int`, *optional*, defaults to `320`):
             ``B'``: training examples drawn for each offset refresh.

@@ -54,7 +54,7 @@ def test_distilled_deit_reloads_with_no_missing_or_unexpected_keys(tmp_path):
 
 def test_distilled_deit_h1_saves_activations_and_offset_is_off_by_default():
     shared.test_h1_saves_activations_against_backprop("deit_distilled")
-    shared.test_offset_default_follows_the_family("deit_distilled")
+    shared.test_offset_default_follows_the_family_check("deit_distilled")
 
 
 def test_distilled_deit_full_horizon_equals_plain_trainer_with_the_same_loss(tmp_path):

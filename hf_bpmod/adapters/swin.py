@@ -143,10 +143,14 @@ def find_stages(backbone: nn.Module, num_stages: int) -> nn.ModuleList:
 
 @register_adapter("swin")
 class SwinAdapter(ArchitectureAdapter):
-    """Blocks and heads of ``SwinForImageClassification``."""
+    """Blocks and heads of ``SwinForImageClassification``.
 
-    #: Follows the transformer-encoder family (as ViT): no offset by default.
-    offset_by_default = False
+    The offset is on by default (``bp_modified=None``), unlike the other transformer encoders: fine-tuning a
+    BP-pretrained Swin, it gained 0.011 (standard error 0.004, 6 seeds) over the plain local loss in the package's
+    measurements, more than the 2 standard errors that overturn the family's default.
+    """
+
+    offset_by_default = True
 
     @staticmethod
     def _backbone(model: nn.Module) -> nn.Module:
@@ -217,10 +221,8 @@ class SwinAdapter(ArchitectureAdapter):
 
 @register_adapter("swinv2")
 class Swinv2Adapter(SwinAdapter):
-    """Blocks and heads of ``Swinv2ForImageClassification``: the split and the heads of :class:`SwinAdapter`."""
-
-    #: Follows the transformer-encoder family (as ViT): no offset by default.
-    offset_by_default = False
+    """Blocks and heads of ``Swinv2ForImageClassification``: the split, the heads and the offset's default of
+    :class:`SwinAdapter`."""
 
     def peft_target_modules(self, model: nn.Module) -> list[str]:
         """The attention's query and value projections (``query``/``value``)."""
