@@ -196,4 +196,6 @@ def embedded_short_run(kind: str, output_dir: str, seed: int = 0, **overrides) -
     trainer = BPModifiedTrainer(model=model, args=args, train_dataset=train, data_collator=collate_fn)
     trainer.train()
     predictions = trainer.predict(test)
-    return float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
+    logits = predictions.predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits  # the logits first, then any other outputs
+    return float((logits.argmax(-1) == predictions.label_ids).mean())
