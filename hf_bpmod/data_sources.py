@@ -174,7 +174,7 @@ def load_image_dataset(
 
 
 def _looks_like_path(name: str) -> bool:
-    """Whether ``name`` is meant as a local path (a Hub name is ``name`` or ``owner/name``)."""
+    """Whether ``name`` is meant as a local path (a Hub name is ``name`` or ``namespace/name``)."""
     extension = _extension(name)
     return (
         name.startswith((".", "/", "~", "\\"))

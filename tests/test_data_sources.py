@@ -165,27 +165,27 @@ def test_hub_name_goes_to_load_dataset_without_running_code(monkeypatch):
         return datasets.DatasetDict({"train": cifar_style(TRAIN), "test": cifar_style(TEST)})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    data = load(dataset_name="owner/shapes", dataset_config_name="small", cache_dir="/tmp/c", token="t")
+    data = load(dataset_name="namespace/shapes", dataset_config_name="small", cache_dir="/tmp/c", token="t")
     ((args, kwargs),) = calls
-    assert args == ("owner/shapes", "small") and kwargs["cache_dir"] == "/tmp/c" and kwargs["token"] == "t"
+    assert args == ("namespace/shapes", "small") and kwargs["cache_dir"] == "/tmp/c" and kwargs["token"] == "t"
     if "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters:  # datasets < 4 ran scripts
         assert kwargs["trust_remote_code"] is False
     assert_rows(data, "train", TRAIN)
     assert_rows(data, "test", TEST)
     assert data.card_kwargs() == {
-        "dataset": "owner/shapes",
-        "dataset_tags": ["owner/shapes"],
+        "dataset": "namespace/shapes",
+        "dataset_tags": ["namespace/shapes"],
         "dataset_args": ["small"],
     }
 
 
 def test_unreachable_hub_name_says_what_to_check(monkeypatch):
     def offline(*args, **kwargs):
-        raise FileNotFoundError("Couldn't find 'owner/shapes' on the Hub")
+        raise FileNotFoundError("Couldn't find 'namespace/shapes' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(FileNotFoundError, match=r"`dataset_name` 'owner/shapes' is not a local path.*HF_DATASETS_OFF"):
-        load(dataset_name="owner/shapes")
+    with pytest.raises(FileNotFoundError, match=r"`dataset_name` 'namespace/shapes' is not a local path.*HF_DATASETS_OFF"):
+        load(dataset_name="namespace/shapes")
 
 
 def test_embedded_data_by_name(monkeypatch):
@@ -251,7 +251,7 @@ def _error_cases():
         return {"train_file": str(p["train"])}
 
     def name_and_files(p):
-        return {"dataset_name": "owner/shapes", "train_file": str(p["train"])}
+        return {"dataset_name": "namespace/shapes", "train_file": str(p["train"])}
 
     def missing_file(p):
         return {"train_file": str(p["train"]), "validation_file": str(p["val"])}
