@@ -43,9 +43,9 @@ from hf_bpmod.data import EMBEDDED_DATASET_NAME, collate_fn, with_pixel_values
 
 SCRIPT = test_examples.SCRIPT
 TRAIN, VAL, TEST = range(0, 18), range(18, 24), range(24, 30)
-HUB_FILES = {"train": "hub/train.parquet", "validation": "hub/validation.parquet"}  # 'owner/shapes' under the root
+HUB_FILES = {"train": "hub/train.parquet", "validation": "hub/validation.parquet"}  # 'namespace/shapes' under the root
 #: Runs the script's main() once per job, in one process (one import for every run); each job's stdout (its log and
-#: last line) goes to a file of its own. ``datasets.load_dataset("owner/shapes")`` stands for a Hub dataset.
+#: last line) goes to a file of its own. ``datasets.load_dataset("namespace/shapes")`` stands for a Hub dataset.
 RUNNER = """
 import contextlib, importlib.util, json, logging, os, sys, traceback
 
@@ -56,7 +56,7 @@ real_load_dataset = datasets.load_dataset
 
 
 def hub(path, *args, **kwargs):
-    if path != "owner/shapes":
+    if path != "namespace/shapes":
         return real_load_dataset(path, *args, **kwargs)
     assert args == (None,) and kwargs.get("trust_remote_code", False) is False  # no name, no code
     return real_load_dataset("parquet", data_files=plan["hub_files"], cache_dir=kwargs["cache_dir"])
@@ -131,7 +131,7 @@ def make_form(form: str, root: Path) -> tuple[list[str], list[str], list[str]]:
     if form == "hub_name":
         for split, ids in (("train", TRAIN), ("validation", VAL)):
             write_parquet(root / HUB_FILES[split], ids)
-        return ["--dataset_name", "owner/shapes"], ["owner/shapes"], list(CLASSES)
+        return ["--dataset_name", "namespace/shapes"], ["namespace/shapes"], list(CLASSES)
     if form == "class_folders":  # one sub-folder per class, in separate train and validation folders
         train, val = write_class_folders(root / "train", TRAIN), write_class_folders(root / "val", VAL)
         return ["--train_dir", str(train), "--validation_dir", str(val)], [str(train), str(val)], list(CLASSES)
@@ -194,7 +194,7 @@ def test_every_form_trains_and_evaluates(runs, form):
     card = (out / "README.md").read_text()
     assert all(source in card for source in sources) and EMBEDDED_DATASET_NAME not in card
     if form == "hub_name":
-        assert "on the owner/shapes dataset" in card and "datasets:\n- owner/shapes" in card
+        assert "on the namespace/shapes dataset" in card and "datasets:\n- namespace/shapes" in card
     if form in PREDICTS:
         check_predictions(out, model, names, labelled=form == "save_to_disk_dict")
 
@@ -275,8 +275,8 @@ def test_evaluation_split(script, data_side, tmp_path, caplog, splits, extra, ex
 
 
 def test_data_arguments_take_one_source(script):
-    with pytest.raises(ValueError, match=r"--dataset_name 'owner/x' and --train_file both give the data"):
-        parse(script, ["--dataset_name", "owner/x", "--train_file", "a.csv"])
+    with pytest.raises(ValueError, match=r"--dataset_name 'namespace/x' and --train_file both give the data"):
+        parse(script, ["--dataset_name", "namespace/x", "--train_file", "a.csv"])
     with pytest.raises(ValueError, match="--train_dir and --train_file both give the train data"):
         parse(script, ["--train_dir", "a", "--train_file", "b.csv"])
     _, data_args, _ = parse(script, [])
