@@ -184,7 +184,9 @@ def test_unreachable_hub_name_says_what_to_check(monkeypatch):
         raise FileNotFoundError("Couldn't find 'namespace/shapes' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(FileNotFoundError, match=r"`dataset_name` 'namespace/shapes' is not a local path.*HF_DATASETS_OFF"):
+    with pytest.raises(
+        FileNotFoundError, match=r"`dataset_name` 'namespace/shapes' is not a local path.*HF_DATASETS_OFF"
+    ):
         load(dataset_name="namespace/shapes")
 
 
