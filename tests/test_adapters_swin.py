@@ -148,11 +148,13 @@ def test_stage_granularity_trains_through_the_trainer(tmp_path, kind):
         max_steps=2,
         per_device_train_batch_size=8,
         learning_rate=1e-2,
+        offset_batch_size=16,  # the offset is on by default for Swin
         report_to="none",
         use_cpu=True,
         save_strategy="no",
     )
     trainer = BPModifiedTrainer(model=model, args=args, train_dataset=SyntheticImages(32))
+    assert trainer.uses_offset
     assert trainer.block_chain.num_blocks == 2 and list(trainer.aux_heads) == ["1"]
     trainer.train()
     moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, start[k])]
