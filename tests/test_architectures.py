@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from test_trainer import COMMON
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter, local_gradients
@@ -19,18 +20,6 @@ KINDS = ["vit", "deit", "beit", "dinov2", "swin", "swinv2", "resnet", "convnext"
 #: The offset's default: by family (on for convolutional nets, off for transformer encoders), except for Swin, where
 #: the family check (research/results/family_check) showed the offset helping by more than 2 standard errors.
 OFFSET_ON = {"resnet", "convnext", "convnextv2", "regnet", "swin", "swinv2"}
-
-COMMON = dict(
-    per_device_train_batch_size=16,
-    learning_rate=1e-3,
-    report_to="none",
-    use_cpu=True,
-    save_strategy="no",
-    seed=0,
-    data_seed=0,
-    disable_tqdm=True,
-    logging_steps=1,
-)
 
 
 def _chain(model, horizon):

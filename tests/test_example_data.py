@@ -230,7 +230,7 @@ def check_predictions(out: Path, model: torch.nn.Module, names: list[str], label
 
 @pytest.fixture(scope="module")
 def script():
-    return test_examples._import_script()
+    return test_examples.import_script()
 
 
 @pytest.fixture(scope="module")

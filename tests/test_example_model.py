@@ -6,7 +6,7 @@ cannot work before any data is loaded, loading with the Hub offline or unreachab
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import logging
 import random
@@ -21,6 +21,7 @@ import torch
 import transformers
 from huggingface_hub import constants
 from PIL import Image, ImageDraw
+from test_examples import import_script
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -48,12 +49,7 @@ CONVNET_DEFAULTS = ("convnext", "convnextv2", "regnet", "resnet")
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_image_classification"] = module  # HfArgumentParser resolves annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return import_script()
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,8 @@ def check_outputs(stdout: str, out: Path, n_eval: int, n_train: int | None = Non
     return eval_metrics
 
 
-def _import_script() -> ModuleType:
+def import_script() -> ModuleType:
+    """The example script as a module (its siblings imported as it imports them)."""
     spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -119,7 +120,7 @@ def _import_script() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    return _import_script()
+    return import_script()
 
 
 def recompute_eval(script: ModuleType, argv: list[str], model: torch.nn.Module, out: Path, image_size: int):
