@@ -127,20 +127,27 @@ def emulate_legacy_vit_layout(model: nn.Module) -> nn.Module:
     return model
 
 
-class SyntheticImages(Dataset):
-    """``n`` random images with labels that depend on them (so a model can learn), as Trainer-ready dicts."""
+class ImageTensors(Dataset):
+    """Images and their labels held as tensors, served as Trainer-ready ``pixel_values``/``labels`` dicts."""
 
-    def __init__(self, n: int = 128, image_size: int = 16, num_labels: int = 5, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.pixel_values = torch.randn(n, 3, image_size, image_size, generator=g)
-        direction = torch.randn(num_labels, 3 * image_size * image_size, generator=g)
-        self.labels = (self.pixel_values.flatten(1) @ direction.T).argmax(-1)
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> None:
+        self.pixel_values, self.labels = pixel_values, labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.pixel_values[i], "labels": self.labels[i]}
+
+
+class SyntheticImages(ImageTensors):
+    """``n`` random images with labels that depend on them (so a model can learn), as Trainer-ready dicts."""
+
+    def __init__(self, n: int = 128, image_size: int = 16, num_labels: int = 5, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        pixel_values = torch.randn(n, 3, image_size, image_size, generator=g)
+        direction = torch.randn(num_labels, 3 * image_size * image_size, generator=g)
+        super().__init__(pixel_values, (pixel_values.flatten(1) @ direction.T).argmax(-1))
 
 
 CLASS_WEIGHTS = (0.5, 1.0, 2.0, 1.5, 3.0)
@@ -166,23 +173,41 @@ def micro_batch_fetch(data: Dataset):
     return fetch
 
 
-def embedded_short_run(kind: str, output_dir: str, seed: int = 0, **overrides) -> float:
-    """Test accuracy of a tiny ``kind`` model trained at h = 1 by ``BPModifiedTrainer`` on 4,000 Animal-Shape-MNIST
-    images (28 px) for 3 epochs (AdamW, learning rate 1e-2, batch 32), measured on 500 held-out images. Chance is
-    0.10. ``overrides`` go to the training arguments."""
-    from . import BPModifiedTrainer, BPModifiedTrainingArguments
+def short_run_data(n_train: int = 4000, n_test: int = 500) -> tuple[ImageTensors, ImageTensors]:
+    """The data of :func:`embedded_short_run`, transformed once: the first ``n_train`` training and ``n_test`` test
+    images of Animal-Shape-MNIST (split seed 0) at 28 px, normalised with mean and std 0.5."""
     from .data import collate_fn, load_animal_shape_mnist, with_pixel_values
 
     data = load_animal_shape_mnist(seed=0)
-    train = with_pixel_values(data["train"].select(range(4000)), image_size=28, image_mean=0.5, image_std=0.5)
-    test = with_pixel_values(data["test"].select(range(500)), image_size=28, image_mean=0.5, image_std=0.5)
+
+    def tensors(split: str, n: int) -> ImageTensors:
+        images = with_pixel_values(data[split].select(range(n)), image_size=28, image_mean=0.5, image_std=0.5)
+        batch = collate_fn([images[i] for i in range(n)])
+        return ImageTensors(batch["pixel_values"], batch["labels"])
+
+    return tensors("train", n_train), tensors("test", n_test)
+
+
+def embedded_short_run(
+    kind: str,
+    output_dir: str,
+    seed: int = 0,
+    data: tuple[Dataset, Dataset] | None = None,
+    **overrides,
+) -> float:
+    """Test accuracy of a tiny ``kind`` model trained at h = 1 by ``BPModifiedTrainer`` on 4,000 Animal-Shape-MNIST
+    images (28 px) for 3 epochs (AdamW, learning rate 1e-2, batch 32), measured on 500 held-out images. Chance is
+    0.10. ``data``: the ``(train, test)`` pair of :func:`short_run_data`, made once for many runs (made here when
+    omitted). ``overrides`` go to the training arguments."""
+    from . import BPModifiedTrainer, BPModifiedTrainingArguments
+
+    train, test = data if data is not None else short_run_data()
     settings = dict(
         output_dir=output_dir,
         local_horizon=1,
         num_train_epochs=3,
         per_device_train_batch_size=32,
         learning_rate=1e-2,
-        remove_unused_columns=False,
         report_to="none",
         use_cpu=True,
         save_strategy="no",
@@ -193,7 +218,7 @@ def embedded_short_run(kind: str, output_dir: str, seed: int = 0, **overrides) -
     )
     args = BPModifiedTrainingArguments(**{**settings, **overrides})
     model = tiny_model(kind, num_labels=10, image_size=28, seed=seed)
-    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=train, data_collator=collate_fn)
+    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=train)
     trainer.train()
     predictions = trainer.predict(test)
     logits = predictions.predictions

@@ -1,4 +1,8 @@
+"""Fixtures shared by the tests; plain helpers live in ``helpers.py``."""
+
+import logging
 import os
+from types import ModuleType
 
 import pytest
 import torch
@@ -25,3 +29,35 @@ def _own_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def short_run_data():
+    """The embedded short run's training and test images, transformed once for every architecture's run."""
+    from hf_bpmod.testing import short_run_data
+
+    return short_run_data()
+
+
+@pytest.fixture(scope="session")
+def script() -> ModuleType:
+    """``examples/run_image_classification.py`` as a module, with its sibling modules imported as it imports them."""
+    from helpers import import_script
+
+    return import_script()
+
+
+@pytest.fixture
+def logging_restored():
+    """The example's ``main()`` sets the transformers and datasets verbosity and the root logger's handlers: undo
+    it after the test."""
+    import datasets
+    import transformers
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    verbosity, data_verbosity = transformers.utils.logging.get_verbosity(), datasets.utils.logging.get_verbosity()
+    yield
+    root.handlers[:], root.level = handlers, level
+    transformers.utils.logging.set_verbosity(verbosity)
+    datasets.utils.logging.set_verbosity(data_verbosity)

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_local_gradients_match_reference, training_args
 from transformers import Trainer, TrainingArguments
 
-from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter, local_gradients
+from hf_bpmod import BPModifiedTrainer, get_adapter
 from hf_bpmod.adapters import ADAPTERS
 from hf_bpmod.testing import SyntheticImages
 
@@ -50,26 +51,19 @@ def test_the_recipes_adapter_is_the_model_and_matches_autograd(recipe):
         torch.testing.assert_close(chain.heads[-1](chain.block_outputs(x)[-1]), model(pixel_values=x).logits)
     model.train()
     loss_fn = lambda logits: torch.nn.functional.cross_entropy(logits, y)  # noqa: E731
-    got = local_gradients(chain, x, loss_fn, 1)
-    for t in range(chain.num_blocks):  # block t learns from the head on x_{t+1}, through its own parameters only
-        out = x
-        for j in range(t + 1):
-            out = chain.blocks[j](out)
-        expected = torch.autograd.grad(loss_fn(chain.heads[t](out)), chain.block_params[t])
-        for a, b in zip(got.local[t], expected, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert_local_gradients_match_reference(chain, x, loss_fn, 1)  # block t learns from the head on x_{t+1}
 
 
 def test_the_recipes_model_with_full_horizon_equals_plain_trainer(recipe, tmp_path):
     cls, config = recipe["TinyCNNForImageClassification"], recipe["TinyCNNConfig"]
     data = SyntheticImages(64)
-    common = dict(max_steps=3, per_device_train_batch_size=16, report_to="none", use_cpu=True, seed=0)
     torch.manual_seed(0)
     reference = cls(config(num_labels=5))
-    Trainer(model=reference, args=TrainingArguments(str(tmp_path / "a"), **common), train_dataset=data).train()
+    plain_args = training_args(tmp_path / "a", TrainingArguments, max_steps=3)
+    Trainer(model=reference, args=plain_args, train_dataset=data).train()
     torch.manual_seed(0)
     model = cls(config(num_labels=5))
-    args = BPModifiedTrainingArguments(str(tmp_path / "b"), local_horizon=3, **common)
+    args = training_args(tmp_path / "b", local_horizon=3, max_steps=3)
     BPModifiedTrainer(model=model, args=args, train_dataset=data).train()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

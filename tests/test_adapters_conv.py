@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import assert_local_gradients_match_reference, chain_of, float64_batch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -15,6 +15,8 @@ from hf_bpmod import get_adapter, local_gradients
 from hf_bpmod.adapters import ConvNextAdapter, ConvNextV2Adapter, RegNetAdapter
 from hf_bpmod.adapters.convnext import ConvNextHead
 from hf_bpmod.testing import tiny_model
+
+pytestmark = pytest.mark.compat  # the adapters find the layers by structure, which moves across releases
 
 CONV_KINDS = ["convnext", "convnextv2", "regnet"]
 GRANULARITIES = ["layer", "layer+stem", "stage"]
@@ -36,18 +38,6 @@ def _model(kind, image_size=16):
     return model
 
 
-def _chain(model, horizon, granularity):
-    adapter = get_adapter(model)
-    return adapter.chain(model, adapter.aux_heads(model, horizon, granularity).double(), granularity)
-
-
-def _batch(size=16, n=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, size, size, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 5, (n,), generator=g)
-    return x, lambda logits: F.cross_entropy(logits, y)
-
-
 def test_registered_adapters():
     assert type(get_adapter(tiny_model("convnext"))) is ConvNextAdapter
     assert type(get_adapter(tiny_model("convnextv2"))) is ConvNextV2Adapter
@@ -63,10 +53,10 @@ def test_chain_is_the_model(kind, granularity, image_size, mode):
     auxiliary head reads its block's output (its input width is that output's channels)."""
     model = getattr(_model(kind, image_size), mode)()
     reference = copy.deepcopy(model)
-    chain = _chain(model, 1, granularity)
+    chain = chain_of(model, 1, granularity)
     assert chain.num_blocks == NUM_BLOCKS[granularity]
     assert not chain.uncovered_parameters(model)
-    x, _ = _batch(image_size)
+    x, _ = float64_batch(image_size)
     with torch.no_grad():
         outputs = chain.block_outputs(x)
         torch.testing.assert_close(chain.heads[-1](outputs[-1]), reference(pixel_values=x).logits, rtol=0, atol=0)
@@ -83,20 +73,9 @@ def test_local_gradients_match_autograd_at_each_granularity(kind, granularity, h
     """Block t's streamed gradient equals plain autograd of L(x_{min(t+h, T)}) on a fresh forward (eq. 4)."""
     model = _model(kind).train()
     h = NUM_BLOCKS[granularity] if horizon == "T" else horizon
-    chain = _chain(model, h, granularity)
-    x, loss_fn = _batch()
-    got = local_gradients(chain, x, loss_fn, h, also_true=True)
-    for t in range(chain.num_blocks):
-        s = min(t + h, chain.num_blocks)
-        out = x
-        for j in range(s):
-            out = chain.blocks[j](out)
-        reference = torch.autograd.grad(loss_fn(chain.heads[s - 1](out)), chain.block_params[t])
-        assert chain.block_params[t]
-        for a, b in zip(got.local[t], reference, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    if h < chain.num_blocks:
-        assert sum((a - b).abs().sum() for a, b in zip(got.local[0], got.true[0], strict=True)) > 1e-8
+    chain = chain_of(model, h, granularity)
+    x, loss_fn = float64_batch()
+    assert_local_gradients_match_reference(chain, x, loss_fn, h)
 
 
 def _names(model, block):
@@ -157,10 +136,10 @@ def _emulate_legacy_convnext_layout(model):
 @pytest.mark.parametrize("granularity", ["layer", "layer+stem"])  # "stage" runs each release's own stage forward
 def test_the_layout_of_transformers_4_splits_the_same(kind, granularity):
     model = _model(kind).eval()
-    x, _ = _batch()
+    x, _ = float64_batch()
     with torch.no_grad():
         expected = model(pixel_values=x).logits
-        chain = _chain(_emulate_legacy_convnext_layout(model), 1, granularity)
+        chain = chain_of(_emulate_legacy_convnext_layout(model), 1, granularity)
         assert chain.num_blocks == NUM_BLOCKS[granularity] and not chain.uncovered_parameters(model)
         torch.testing.assert_close(chain.forward(x), expected, rtol=0, atol=0)
 
@@ -199,8 +178,8 @@ def test_regnet_lora_targets_every_ungrouped_convolution(rank):
     assert wrapped == {name for name, m in convolutions.items() if m.groups == 1} == set(targets)
     assert "regnet.embedder.embedder.convolution" in wrapped
     assert any(".shortcut." in name for name in wrapped)
-    x, loss_fn = _batch()
-    chain = _chain(peft_model.double(), 1, "layer")
+    x, loss_fn = float64_batch()
+    chain = chain_of(peft_model.double(), 1, "layer")
     got = local_gradients(chain, x, loss_fn, 1)
     assert all(g.abs().sum() > 0 for gs in got.local for g in gs), "every LoRA weight of a block learns"
 
@@ -215,7 +194,7 @@ def test_accumulated_gradients_have_the_parameters_layout(kind, horizon):
     h = NUM_BLOCKS["layer"] if horizon == "T" else horizon
     adapter = get_adapter(model)
     chain = adapter.chain(model, adapter.aux_heads(model, h))
-    x, loss_fn = _batch()
+    x, loss_fn = float64_batch()
     local_gradients(chain, x.float(), loss_fn, h, accumulate=True)
     params = [p for ps in chain.block_params + chain.head_params for p in ps]
     assert all(p.grad is not None and p.grad.stride() == p.stride() for p in params)

@@ -1,17 +1,23 @@
 """DeiT, BEiT and DINOv2 beyond the checks every architecture passes (``test_architectures.py``): the DeiT with a
-distillation token (whose ``forward`` takes no labels) under the same checks, BEiT's relative position bias at any
+distillation token (whose ``forward`` takes no labels) without a loss function, BEiT's relative position bias at any
 image size and its shared variant (refused, and made trainable by giving each layer its own copy), the chains at the
 sizes the other tests use, the auxiliary heads' structure, and the granularities an encoder does not have."""
 
 import pytest
-import test_architectures as shared
 import torch
 import torch.nn.functional as F
+from helpers import (
+    assert_local_gradients_match_reference,
+    chain_of,
+    float64_batch,
+    max_param_diff,
+    training_args,
+)
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
-from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter, local_gradients
+from hf_bpmod import BPModifiedTrainer, get_adapter, local_gradients
 from hf_bpmod.adapters import unshare_relative_position_bias
-from hf_bpmod.testing import SyntheticImages, tiny_model, weighted_cross_entropy
+from hf_bpmod.testing import SyntheticImages, tiny_model
 
 ENCODERS = ["deit", "deit_distilled", "beit", "dinov2"]
 
@@ -27,88 +33,26 @@ def _randomise_position_bias(model, seed=3):
 
 
 def _chain_and_model_logits(model, x):
-    chain = shared._chain(model, 1)
+    chain = chain_of(model, 1)
     with torch.no_grad():
         return chain.heads[-1](chain.block_outputs(x)[-1]), model(pixel_values=x).logits
 
 
 # ---------------------------------------------------------------- the DeiT with a distillation token
-# test_architectures.py's checks, for the kind its KINDS leaves out: its plain-Trainer comparison and its short run
-# assume a forward that takes labels and returns one array of logits, so both have an equivalent below.
-def test_distilled_deit_chain_computes_the_models_logits():
-    shared.test_block_chain_computes_the_models_logits("deit_distilled")
-
-
-@pytest.mark.parametrize("horizon", [1, 2, "T"])
-def test_distilled_deit_local_gradients_match_independent_autograd(horizon):
-    shared.test_local_gradients_match_independent_autograd("deit_distilled", horizon)
-
-
-def test_distilled_deit_lora_targets_train():
-    shared.test_lora_targets_exist_and_their_local_gradients_match_autograd("deit_distilled")
-
-
-def test_distilled_deit_reloads_with_no_missing_or_unexpected_keys(tmp_path):
-    shared.test_trained_model_reloads_with_no_missing_or_unexpected_keys(tmp_path, "deit_distilled")
-
-
-def test_distilled_deit_h1_saves_activations_and_offset_is_off_by_default():
-    shared.test_h1_saves_activations_against_backprop("deit_distilled")
-    shared.test_offset_default_follows_the_family_check("deit_distilled")
-
-
-def test_distilled_deit_full_horizon_equals_plain_trainer_with_the_same_loss(tmp_path):
-    """h >= T is backprop: the plain Trainer, which can train this model only through ``compute_loss_func`` (and
-    ``label_names`` to keep the labels its forward does not take), ends with the same weights."""
-    data = SyntheticImages(64)
-    kw = dict(max_steps=3, max_grad_norm=1.0)
-    reference = tiny_model("deit_distilled")
-    plain_args = TrainingArguments(output_dir=str(tmp_path / "a"), label_names=["labels"], **shared.COMMON, **kw)
-    Trainer(model=reference, args=plain_args, train_dataset=data, compute_loss_func=weighted_cross_entropy).train()
-    model = tiny_model("deit_distilled")
-    args = BPModifiedTrainingArguments(output_dir=str(tmp_path / "b"), local_horizon=99, **shared.COMMON, **kw)
-    BPModifiedTrainer(model=model, args=args, train_dataset=data, compute_loss_func=weighted_cross_entropy).train()
-    assert shared._max_diff(model, tiny_model("deit_distilled")) > 1e-4  # it trained
-    assert shared._max_diff(model, reference) <= 1e-6
-
-
+# (test_architectures.py runs every common check on it too, with a loss function for the plain Trainer.)
 def test_distilled_deit_trains_and_evaluates_without_a_loss_function(tmp_path):
     """No ``compute_loss_func``, default ``label_names``: the trainer keeps the labels and evaluates the model's
     cross-entropy on its (mean) logits."""
     data, held_out = SyntheticImages(64), SyntheticImages(24, seed=5)
     model = tiny_model("deit_distilled")
-    args = BPModifiedTrainingArguments(output_dir=str(tmp_path), local_horizon=1, max_steps=2, **shared.COMMON)
+    args = training_args(tmp_path, local_horizon=1, max_steps=2)
     trainer = BPModifiedTrainer(model=model, args=args, train_dataset=data)
     assert trainer.train().training_loss > 0
-    assert shared._max_diff(model, tiny_model("deit_distilled")) > 1e-4
+    assert max_param_diff(model, tiny_model("deit_distilled")) > 1e-4
     metrics = trainer.evaluate(held_out)
     with torch.no_grad():
         expected = F.cross_entropy(model.eval()(pixel_values=held_out.pixel_values).logits, held_out.labels)
     assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
-
-
-def test_distilled_deit_short_run_on_the_embedded_data_learns(tmp_path):
-    """test_architectures.py's short run (4,000 images, 3 epochs at h = 1, 500 held out), reading the mean logits
-    from the model's three outputs."""
-    from hf_bpmod.data import collate_fn, load_animal_shape_mnist, with_pixel_values
-
-    data = load_animal_shape_mnist(seed=0)
-    train = with_pixel_values(data["train"].select(range(4000)), image_size=28, image_mean=0.5, image_std=0.5)
-    test = with_pixel_values(data["test"].select(range(500)), image_size=28, image_mean=0.5, image_std=0.5)
-    model = tiny_model("deit_distilled", num_labels=10, image_size=28)
-    args = BPModifiedTrainingArguments(
-        output_dir=str(tmp_path),
-        local_horizon=1,
-        num_train_epochs=3,
-        remove_unused_columns=False,
-        **{**shared.COMMON, "per_device_train_batch_size": 32, "learning_rate": 1e-2, "logging_steps": 50},
-    )
-    trainer = BPModifiedTrainer(model=model, args=args, train_dataset=train, data_collator=collate_fn)
-    trainer.train()
-    predictions = trainer.predict(test)
-    logits = predictions.predictions[0]  # logits (the mean), cls_logits, distillation_logits
-    accuracy = (logits.argmax(-1) == predictions.label_ids).mean()
-    assert accuracy >= 0.30, accuracy
 
 
 # ---------------------------------------------------------------- image sizes, and BEiT's patch grid
@@ -128,7 +72,7 @@ def test_beit_chain_keeps_the_patch_grid_of_a_non_square_image():
     x = torch.randn(3, 3, 16, 28, dtype=torch.float64)
     got, expected = _chain_and_model_logits(model, x)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
-    x_t = shared._chain(model, 1).blocks[0](x)
+    x_t = chain_of(model, 1).blocks[0](x)
     assert x_t.shape == (3, 4 + 1, 7, model.config.hidden_size)
     without_bias = tiny_model("beit").double().eval()
     with torch.no_grad():
@@ -138,22 +82,18 @@ def test_beit_chain_keeps_the_patch_grid_of_a_non_square_image():
 @pytest.mark.parametrize("horizon", [1, 2])
 def test_beit_local_gradients_on_a_non_square_image_match_autograd(horizon):
     model = _randomise_position_bias(tiny_model("beit").double().train())
-    chain = shared._chain(model, horizon)
+    chain = chain_of(model, horizon)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 3, 20, 12, generator=g, dtype=torch.float64), torch.randint(0, 5, (4,), generator=g)
     loss_fn = lambda logits: F.cross_entropy(logits, y)  # noqa: E731
-    reference = shared._per_block_reference(chain, x, loss_fn, horizon)
-    got = local_gradients(chain, x, loss_fn, horizon)
-    for t in range(chain.num_blocks):
-        for a, b in zip(got.local[t], reference[t], strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert_local_gradients_match_reference(chain, x, loss_fn, horizon)
     tables = {id(p) for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}
     assert [len(tables & {id(p) for p in params}) for params in chain.block_params] == [1, 1, 1, 1]  # one per block
 
 
 # ---------------------------------------------------------------- BEiT's shared relative position bias
 def test_shared_relative_position_bias_is_refused_before_training(tmp_path):
-    args = BPModifiedTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, **shared.COMMON)
+    args = training_args(tmp_path / "run", max_steps=1)
     with pytest.raises(ValueError, match="use_shared_relative_position_bias=True") as error:
         BPModifiedTrainer(model=tiny_model("beit_shared"), args=args, train_dataset=SyntheticImages(32))
     assert "unshare_relative_position_bias(model)" in str(error.value)
@@ -190,15 +130,15 @@ def test_unshared_beit_trains_as_backprop_at_full_horizon_and_reloads(tmp_path):
     reference = converted()
     Trainer(
         model=reference,
-        args=TrainingArguments(output_dir=str(tmp_path / "a"), **shared.COMMON, **kw),
+        args=training_args(tmp_path / "a", TrainingArguments, **kw),
         train_dataset=data,
     ).train()
     model = converted()
-    args = BPModifiedTrainingArguments(output_dir=str(tmp_path / "b"), local_horizon=99, **shared.COMMON, **kw)
+    args = training_args(tmp_path / "b", local_horizon=99, **kw)
     trainer = BPModifiedTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
-    assert shared._max_diff(model, converted()) > 1e-4
-    assert shared._max_diff(model, reference) <= 1e-6
+    assert max_param_diff(model, converted()) > 1e-4
+    assert max_param_diff(model, reference) <= 1e-6
     trainer.save_model()
     reloaded, info = AutoModelForImageClassification.from_pretrained(str(tmp_path / "b"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -244,8 +184,8 @@ def test_dinov2_mask_token_gets_a_zero_gradient():
     mask_token = model.dinov2.embeddings.mask_token
     with torch.no_grad():
         mask_token.normal_()
-    chain = shared._chain(model, 1)
-    x, loss_fn = shared._batch()
+    chain = chain_of(model, 1)
+    x, loss_fn = float64_batch()
     got = local_gradients(chain, x, loss_fn, 1)
     index = next(i for i, p in enumerate(chain.block_params[0]) if p is mask_token)
     assert torch.equal(got.local[0][index], torch.zeros_like(mask_token))

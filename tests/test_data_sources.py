@@ -13,7 +13,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from image_data import (
+from helpers import (
     CLASSES,
     INT_CLASSES,
     cifar_style,

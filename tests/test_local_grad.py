@@ -2,41 +2,17 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from models import make
+from helpers import chain_of, float64_batch, make, reference_local_gradients
 
 from hf_bpmod import get_adapter, local_gradients, loss_targets
+
+pytestmark = pytest.mark.compat  # the adapters find layers by structure and unwrap peft, which move across releases
 
 
 def _setup(kind, horizon):
     model, granularity = make(kind)
-    model.double().train()
-    adapter = get_adapter(model)
-    heads = adapter.aux_heads(model, horizon, granularity).double()
-    chain = adapter.chain(model, heads, granularity)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 5, (6,), generator=g)
-    return model, chain, x, lambda logits: F.cross_entropy(logits, y)
-
-
-def _reference(chain, x, loss_fn, horizon):
-    """Plain autograd on one attached graph: no detaching, no streaming."""
-    outs = chain.block_outputs(x)
-    T = len(outs)
-    local, true = [], []
-    final = loss_fn(chain.heads[-1](outs[-1]))
-    for t in range(T):
-        s = min(t + horizon, T)
-        loss = loss_fn(chain.heads[s - 1](outs[s - 1]))
-        local.append(torch.autograd.grad(loss, chain.block_params[t], retain_graph=True))
-        true.append(torch.autograd.grad(final, chain.block_params[t], retain_graph=True))
-    head_grads = {}
-    for s in range(1, T + 1):
-        if chain.heads[s - 1] is not None:
-            loss = loss_fn(chain.heads[s - 1](outs[s - 1].detach()))
-            head_grads[s] = torch.autograd.grad(loss, chain.head_params[s - 1])
-    return local, true, head_grads
+    x, loss_fn = float64_batch()
+    return model, chain_of(model.double().train(), horizon, granularity), x, loss_fn
 
 
 def _close(a, b):
@@ -53,7 +29,8 @@ def test_local_gradient_matches_independent_autograd(kind, horizon):
         adapter = get_adapter(model)
         _, granularity = make(kind)
         chain = adapter.chain(model, adapter.aux_heads(model, h, granularity).double(), granularity)
-    ref_local, ref_true, ref_heads = _reference(chain, x, loss_fn, h)
+    ref_local, ref_heads = reference_local_gradients(chain, x, loss_fn, h)
+    ref_true, _ = reference_local_gradients(chain, x, loss_fn, chain.num_blocks)
     got = local_gradients(chain, x, loss_fn, h, also_true=True)
     for t in range(chain.num_blocks):
         assert chain.block_params[t], "every block of these models has trainable parameters"
@@ -105,27 +82,6 @@ def test_bad_horizon():
         local_gradients(chain, x, loss_fn, 0)
 
 
-def _per_block_reference(chain, x, loss_fn, horizon):
-    """For each block t on its own: a fresh forward to x_{min(t+h, T)}, and autograd of that head's loss w.r.t.
-    block t's parameters only. No streaming, no detaching, no sharing of graphs between blocks."""
-    T = chain.num_blocks
-    blocks = []
-    for t in range(T):
-        s = min(t + horizon, T)
-        out = x
-        for j in range(s):
-            out = chain.blocks[j](out)
-        loss = loss_fn(chain.heads[s - 1](out))
-        blocks.append(torch.autograd.grad(loss, chain.block_params[t]))
-    heads = {}
-    out = x
-    for s in range(1, T + 1):
-        out = chain.blocks[s - 1](out).detach()
-        if chain.head_params[s - 1]:
-            heads[s] = torch.autograd.grad(loss_fn(chain.heads[s - 1](out)), chain.head_params[s - 1])
-    return blocks, heads
-
-
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
 @pytest.mark.parametrize("horizon", [2, 3])
 def test_streamed_training_path_matches_per_block_autograd(kind, horizon):
@@ -134,7 +90,7 @@ def test_streamed_training_path_matches_per_block_autograd(kind, horizon):
     passes through it on the way back; every auxiliary head gets its own loss's gradient."""
     _, chain, x, loss_fn = _setup(kind, horizon)
     assert chain.num_blocks > horizon  # some losses pass through blocks they do not train
-    ref_blocks, ref_heads = _per_block_reference(chain, x, loss_fn, horizon)
+    ref_blocks, ref_heads = reference_local_gradients(chain, x, loss_fn, horizon)
     for p in chain.trainable_parameters():
         p.grad = None
     local_gradients(chain, x, loss_fn, horizon, accumulate=True)

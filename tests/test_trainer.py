@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from models import lokr_resnet, lora_vit
+from helpers import lokr_resnet, lora_vit
 from transformers import (
     HfArgumentParser,
     ResNetForImageClassification,
