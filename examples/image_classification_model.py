@@ -1,21 +1,19 @@
-"""The model side of ``run_image_classification.py``: which models it accepts, how it reaches the Hub (and what it says
-when it cannot), and how it builds a model from a config (:data:`SCRATCH_DEFAULTS`, ``--config_overrides``) or loads a
+"""The model side of ``run_image_classification.py``: which models it accepts, how it reaches the Hub
+(:mod:`hf_bpmod.hub`), and how it builds a model from a config (:data:`SCRATCH_DEFAULTS`, ``--config_overrides``) or loads a
 pretrained one, with its image processor."""
 
 from __future__ import annotations
 
 import ast
-import contextlib
 import logging
-import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from hf_bpmod.adapters import ADAPTERS
+from hf_bpmod.hub import HubAccess, explained_load_errors, hub_access
 
 if TYPE_CHECKING:  # the argument dataclasses live in the script, where HfArgumentParser parses them
     from run_image_classification import ModelArguments
@@ -136,85 +134,17 @@ def make_plain_image_processor(image_size: int, mean: list[float], std: list[flo
     )
 
 
-class HubAccess(NamedTuple):
-    """How the model side loads: the keyword arguments of every ``from_pretrained`` call, and why the Hub cannot be
-    used (``None`` when it can)."""
-
-    kwargs: dict[str, Any]
-    problem: str | None
-
-
-def hub_unreachable_reason() -> str | None:
-    """Try the Hub once (one HEAD request, no retries, ``HF_HUB_ETAG_TIMEOUT`` seconds at most); why it failed, or
-    ``None`` if it answered."""
-    from huggingface_hub import constants, utils
-
-    try:
-        response = utils.get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as error:  # requests' and httpx's connection and timeout errors share no base class
-        return f"{type(error).__name__}: {error}"
-    if response.status_code >= 500:
-        return f"HTTP {response.status_code}"
-    return None
-
-
-def hub_access(model_args: ModelArguments) -> HubAccess:
-    """The loading arguments of the model side. Where a name to load is not a local path and the Hub is unreachable
-    (tried once), loading uses the local cache only (``local_files_only``), as huggingface_hub would after retrying
-    each file for half a minute or more, so a cached model loads at once and a missing one fails at once."""
-    from huggingface_hub import constants
-
-    kwargs: dict[str, Any] = {
-        "cache_dir": model_args.cache_dir,
-        "revision": model_args.model_revision,
-        "token": model_args.token,
-        "trust_remote_code": model_args.trust_remote_code,
-    }
+def model_hub_access(model_args: ModelArguments) -> HubAccess:
+    """The loading arguments of every model, config and image processor load (:func:`hf_bpmod.hub.hub_access`: the
+    Hub is tried once, and an unreachable Hub means the local cache only)."""
     names = [model_args.model_name_or_path, model_args.config_name, model_args.image_processor_name]
-    remote = [name for name in names if name is not None and not os.path.exists(name)]
-    if not remote:
-        return HubAccess(kwargs, None)
-    if constants.HF_HUB_OFFLINE:
-        return HubAccess(kwargs, "HF_HUB_OFFLINE is set, so nothing is downloaded")
-    reason = hub_unreachable_reason()
-    if reason is None:
-        return HubAccess(kwargs, None)
-    logger.warning(
-        f"The Hugging Face Hub ({constants.ENDPOINT}) is unreachable ({reason}): loading {remote} from the local "
-        "cache only."
+    return hub_access(
+        names,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
     )
-    kwargs["local_files_only"] = True
-    return HubAccess(kwargs, f"the Hub ({constants.ENDPOINT}) is unreachable ({reason})")
-
-
-def load_error_message(argument: str, name: str, access: HubAccess, error: BaseException) -> str:
-    """What went wrong loading ``--argument name`` and how to fix it; for a Hub name, how to run offline."""
-    if os.path.exists(name):
-        return f"--{argument} {name!r} could not be loaded: {error}"
-    offline = (
-        "To run offline, pass a local folder (one written by save_pretrained), or download the model once where the "
-        f"Hub is reachable (e.g. `hf download {name}`) and run with HF_HUB_OFFLINE=1 and the same cache (HF_HOME, or "
-        "--cache_dir)."
-    )
-    if access.problem is not None:
-        return (
-            f"--{argument} {name!r} is neither a local folder nor in the local Hugging Face cache, and "
-            f"{access.problem}. {offline} On a slow network, a larger HF_HUB_ETAG_TIMEOUT (seconds) gives the Hub "
-            f"longer to answer. ({type(error).__name__}: {error})"
-        )
-    return (
-        f"--{argument} {name!r} could not be loaded: {error} Check the name (a Hub model id or a local folder), and "
-        f"--token for a private model. {offline}"
-    )
-
-
-@contextlib.contextmanager
-def explained_load_errors(argument: str, name: str, access: HubAccess) -> Iterator[None]:
-    """Re-raise a loading ``OSError`` (file not found, Hub unreachable, not in the cache) with its fix."""
-    try:
-        yield
-    except OSError as error:
-        raise OSError(load_error_message(argument, name, access, error)) from error
 
 
 def check_supported_model_type(model_type: str | None, source: str) -> None:
@@ -234,7 +164,7 @@ def check_model_source(model_args: ModelArguments, access: HubAccess) -> None:
     argument = "config_name" if model_args.config_name else "model_name_or_path"
     name = getattr(model_args, argument)
     load_kwargs = {k: v for k, v in access.kwargs.items() if k != "trust_remote_code"}
-    with explained_load_errors(argument, name, access):
+    with explained_load_errors(f"--{argument}", name, access):
         config_dict, _ = transformers.PretrainedConfig.get_config_dict(name, **load_kwargs)
     check_supported_model_type(config_dict.get("model_type"), f"--{argument} {name!r}")
 
@@ -311,7 +241,7 @@ def build_model(
     ``base_model_dir``: for a model built from a config, load these saved base weights instead of new random ones
     (resuming a peft run, whose adapters were trained on them).
     """
-    access = access if access is not None else hub_access(model_args)
+    access = access if access is not None else model_hub_access(model_args)
     label2id = {name: i for i, name in enumerate(label_names)}
     id2label = dict(enumerate(label_names))
     label_kwargs = {"num_labels": len(label_names), "label2id": label2id, "id2label": id2label}
@@ -331,7 +261,7 @@ def build_model(
             config = model.config
             logger.info(f"Loaded the untrained base weights of the run from {base_model_dir}.")
         elif model_args.config_name:
-            with explained_load_errors("config_name", model_args.config_name, access):
+            with explained_load_errors("--config_name", model_args.config_name, access):
                 config = AutoConfig.from_pretrained(model_args.config_name, **label_kwargs, **access.kwargs)
             if model_args.image_size and hasattr(config, "image_size"):
                 config.image_size = model_args.image_size
@@ -365,7 +295,9 @@ def build_model(
     processor_name = model_args.image_processor_name or name
     try:
         with explained_load_errors(
-            "image_processor_name" if model_args.image_processor_name else "model_name_or_path", processor_name, access
+            "--image_processor_name" if model_args.image_processor_name else "--model_name_or_path",
+            processor_name,
+            access,
         ):
             processor = AutoImageProcessor.from_pretrained(processor_name, **access.kwargs)
     except (OSError, ValueError) as error:
@@ -374,7 +306,7 @@ def build_model(
         logger.warning(f"No image processor found ({error}); normalising with mean/std 0.5.")
         processor = None
     config_argument = "config_name" if model_args.config_name else "model_name_or_path"
-    with explained_load_errors(config_argument, model_args.config_name or name, access):
+    with explained_load_errors(f"--{config_argument}", model_args.config_name or name, access):
         config = AutoConfig.from_pretrained(model_args.config_name or name, **label_kwargs, **access.kwargs)
     check_supported_model_type(config.model_type, f"--{config_argument} {model_args.config_name or name!r}")
     image_size = (
@@ -385,7 +317,7 @@ def build_model(
         config.image_size = image_size
     # Mismatched weights are found by loading with ignore_mismatched_sizes=True, and refused unless it was asked for,
     # so the error names them and the flag on every transformers release.
-    with explained_load_errors("model_name_or_path", name, access):
+    with explained_load_errors("--model_name_or_path", name, access):
         model, info = AutoModelForImageClassification.from_pretrained(
             name, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **access.kwargs
         )

@@ -108,21 +108,20 @@ from hf_bpmod.adapters import ADAPTERS
 from hf_bpmod.block_metrics import plot_block_accuracy
 from hf_bpmod.data import EMBEDDED_DATASET_NAME, collate_fn, with_pixel_values
 from hf_bpmod.metrics import compute_accuracy_metrics
+from hf_bpmod.peft_from_config import BASE_MODEL_DIR
 
 # The sibling modules sit next to this file: found when it runs as a script and when it is loaded by its path.
 EXAMPLES_DIR = os.path.dirname(os.path.abspath(__file__))
 if EXAMPLES_DIR not in sys.path:
     sys.path.insert(0, EXAMPLES_DIR)
 from image_classification_data import load_data, write_predictions  # noqa: E402
-from image_classification_model import build_model, check_model_source, hub_access, supported_model_types  # noqa: E402
-from image_classification_peft import (  # noqa: E402
-    BASE_MODEL_DIR,
-    PEFT_METHODS,
-    ExampleTrainer,
-    apply_peft,
-    peft_base_plan,
-    reload_instructions,
+from image_classification_model import (  # noqa: E402
+    build_model,
+    check_model_source,
+    model_hub_access,
+    supported_model_types,
 )
+from image_classification_peft import PEFT_METHODS, ExampleTrainer, apply_peft, peft_base_plan, reload_instructions  # noqa: E402
 
 logger = logging.getLogger(__name__)
 #: The sibling modules' loggers, set to the process's log level with the script's own.
@@ -335,24 +334,26 @@ class DataTrainingArguments:
                 raise ValueError(f"--{name} must be a positive int, got {value}.")
 
 
-def _modes_given(argv: list[str]) -> bool:
+def _modes_given(args: list[str]) -> bool:
     """Whether the command line (or its one JSON/YAML file) names `do_train`, `do_eval` or `do_predict`."""
     modes = ("do_train", "do_eval", "do_predict")
-    if len(argv) == 2 and argv[1].endswith((".json", ".yaml", ".yml")):
-        with open(argv[1]) as f:
-            config = json.load(f) if argv[1].endswith(".json") else yaml.safe_load(f)
+    if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
+        with open(args[0]) as f:
+            config = json.load(f) if args[0].endswith(".json") else yaml.safe_load(f)
         return any(mode in (config or {}) for mode in modes)
-    return any(arg.lstrip("-").split("=")[0] in modes for arg in argv[1:] if arg.startswith("--"))
+    return any(arg.lstrip("-").split("=")[0] in modes for arg in args if arg.startswith("--"))
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """Train, evaluate and predict as the command line ``args`` (default: ``sys.argv[1:]``) says."""
+    args = sys.argv[1:] if args is None else list(args)
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        model_args, data_args, training_args = parser.parse_yaml_file(yaml_file=os.path.abspath(sys.argv[1]))
+    if len(args) == 1 and args[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(args[0]))
+    elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        model_args, data_args, training_args = parser.parse_yaml_file(yaml_file=os.path.abspath(args[0]))
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -370,7 +371,7 @@ def main() -> None:
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
 
-    if not _modes_given(sys.argv):  # `eval_strategy` turns `do_eval` on by itself: look at what the user wrote
+    if not _modes_given(args):  # `eval_strategy` turns `do_eval` on by itself: look at what the user wrote
         training_args.do_train = training_args.do_eval = True
     # The transform reads the raw image/label columns, which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False
@@ -399,7 +400,7 @@ def main() -> None:
             )
 
     # The model's config first (no weights): an unsupported model or an unreachable name fails before the data loads.
-    access = hub_access(model_args)
+    access = model_hub_access(model_args)
     check_model_source(model_args, access)
     resume_base, save_base = peft_base_plan(model_args, training_args, checkpoint)
 

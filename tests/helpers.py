@@ -308,12 +308,18 @@ def script_args(out: Path, cache: Path | None = None) -> list[str]:
     ]  # fmt: skip
 
 
-def run_script_subprocess(argv: list[str], cache: Path, command: Sequence[str] = ()) -> str:
-    """Run the script as a user does (``command``, e.g. ``torchrun ...``, before the script's path), offline; fail
-    with the end of its output unless it exits 0; return its stdout and stderr."""
-    env = {**os.environ, **OFFLINE, "HF_DATASETS_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": ""}
+def run_script_subprocess(argv: list[str], cache: Path, launcher: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Run the script as a user does (``launcher``, e.g. ``torchrun ...``, in place of ``python``), offline; fail with
+    the end of its output unless it exits 0."""
+    env = {
+        **os.environ,
+        **OFFLINE,
+        "HF_DATASETS_CACHE": str(cache),
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONUNBUFFERED": "1",
+    }
     result = subprocess.run(
-        [*(command or [sys.executable]), str(SCRIPT), *argv],
+        [*(launcher or [sys.executable]), str(SCRIPT), *argv],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -325,7 +331,7 @@ def run_script_subprocess(argv: list[str], cache: Path, command: Sequence[str] =
             f"exit code {result.returncode}\n--- stdout (end) ---\n{result.stdout[-3000:]}\n"
             f"--- stderr (end) ---\n{result.stderr[-5000:]}"
         )
-    return result.stdout + result.stderr
+    return result
 
 
 def check_outputs(stdout: str, out: Path, n_eval: int, n_train: int | None = None) -> dict[str, Any]:
