@@ -319,7 +319,7 @@ def build_model(
     # so the error names them and the flag on every transformers release.
     with explained_load_errors("--model_name_or_path", name, access):
         model, info = AutoModelForImageClassification.from_pretrained(
-            name, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **access.kwargs
+            name, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **access.model_kwargs()
         )
     mismatched = _mismatched_names(info)
     if mismatched and not model_args.ignore_mismatched_sizes:

@@ -151,3 +151,16 @@ def reload_full_model(checkpoint: str, model: nn.Module) -> bool:
 #: No release fixes this yet. transformers takes a model card's `finetuned_from` from the config's `_name_or_path`,
 #: which is "" for a model built from a config, and then links an empty base model.
 UNNAMED_BASE_MODEL_SENTENCE = "This model is a fine-tuned version of [](https://huggingface.co/) on "
+
+
+def model_load_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """No release fixes this yet (transformers 5.25: load a cached model with ``local_files_only=True`` while the Hub
+    is unreachable to see it).
+
+    ``AutoModel*.from_pretrained`` looks for a peft ``adapter_config.json`` without the ``local_files_only`` and
+    ``cache_dir`` it was given, so with the Hub out of reach it retries that one file for about 20 seconds before it
+    loads the cached model. ``adapter_kwargs`` gives that lookup the same settings."""
+    if not kwargs.get("local_files_only"):
+        return kwargs
+    adapter = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token") if kwargs.get(k) is not None}
+    return {**kwargs, "adapter_kwargs": adapter}

@@ -10,6 +10,7 @@ Example::
     access = hub_access([name], cache_dir=None, revision="main", token=None, trust_remote_code=False)
     with explained_load_errors("--model_name_or_path", name, access):
         config = AutoConfig.from_pretrained(name, **access.kwargs)
+        model = AutoModelForImageClassification.from_pretrained(name, config=config, **access.model_kwargs())
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class HubAccess(NamedTuple):
 
     kwargs: dict[str, Any]
     problem: str | None
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """:attr:`kwargs` for a model's ``from_pretrained``, whose lookup of a peft adapter then reads the cache only
+        too when the Hub cannot be used (:func:`hf_bpmod.compat.model_load_kwargs`)."""
+        from .compat import model_load_kwargs
+
+        return model_load_kwargs(self.kwargs)
 
 
 def hub_unreachable_reason() -> str | None:

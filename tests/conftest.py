@@ -61,3 +61,24 @@ def logging_restored():
     root.handlers[:], root.level = handlers, level
     transformers.utils.logging.set_verbosity(verbosity)
     datasets.utils.logging.set_verbosity(data_verbosity)
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch) -> list[str]:
+    """The Hub online in name (HF_HUB_OFFLINE unset) but refusing connections; returns the probes' results."""
+    from helpers import closed_port_endpoint
+    from huggingface_hub import constants
+
+    from hf_bpmod import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", closed_port_endpoint())
+    probes: list[str] = []
+    original = hub.hub_unreachable_reason
+
+    def probe():
+        probes.append(original())
+        return probes[-1]
+
+    monkeypatch.setattr(hub, "hub_unreachable_reason", probe)  # where hub_access looks it up
+    return probes

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -368,3 +369,24 @@ def save_pretrained_vit(folder: Path, num_labels: int = 3, image_size: int = 16)
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     ).save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+def closed_port_endpoint() -> str:
+    """An http address on this machine where nothing listens: a connection to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, source: Path) -> None:
+    """Lay ``source``'s files out as huggingface_hub caches a download of ``repo_id`` (revision main)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())

@@ -1,10 +1,9 @@
 """``examples/run_image_classification.py`` on every form of data it reads, offline, on data the tests make.
 
-One short run per form (a tiny ViT, two steps) trains and evaluates through the script's ``main``; the runs share one
-subprocess (one import), started as ``tests/test_examples.py`` starts the script. The model card must name the data
-given. Two runs also predict (``--do_predict``)
-and their ``predictions.csv`` must equal what the saved model predicts on the test images. How the script picks the
-evaluation split, and its refusals, are checked in-process.
+One short run per form (a tiny ViT, two steps) trains and evaluates through the script's ``main(argv)``, in process.
+The model card must name the data given. Two runs also predict (``--do_predict``) and their ``predictions.csv`` must
+equal what the saved model predicts on the test images. How the script picks the evaluation split, and its refusals,
+are checked in-process too.
 """
 
 from __future__ import annotations
@@ -13,20 +12,21 @@ import csv
 import importlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import datasets
 import pytest
-import test_examples
 import torch
-import transformers
-from image_data import (
+from helpers import (
     CLASSES,
     INT_CLASSES,
+    TINY_VIT,
+    check_outputs,
     cifar_style,
     image,
     label,
+    reload_full_model,
+    script_args,
     write_arrow,
     write_class_folders,
     write_csv,
@@ -35,48 +35,27 @@ from image_data import (
     write_parquet,
     write_pngs,
 )
-from test_examples import TINY_VIT, check_outputs, common_args, reload_full_model, run_example
 from transformers import AutoImageProcessor, HfArgumentParser
 
 from hf_bpmod import BPModifiedTrainingArguments
 from hf_bpmod.data import EMBEDDED_DATASET_NAME, collate_fn, with_pixel_values
 
-SCRIPT = test_examples.SCRIPT
 TRAIN, VAL, TEST = range(0, 18), range(18, 24), range(24, 30)
 HUB_FILES = {"train": "hub/train.parquet", "validation": "hub/validation.parquet"}  # 'namespace/shapes' under the root
-#: Runs the script's main() once per job, in one process (one import for every run); each job's stdout (its log and
-#: last line) goes to a file of its own. ``datasets.load_dataset("namespace/shapes")`` stands for a Hub dataset.
-RUNNER = """
-import contextlib, importlib.util, json, logging, os, sys, traceback
-
-import datasets
-
-plan = json.load(open(sys.argv[1]))
-real_load_dataset = datasets.load_dataset
 
 
-def hub(path, *args, **kwargs):
-    if path != "namespace/shapes":
-        return real_load_dataset(path, *args, **kwargs)
-    assert args == (None,) and kwargs.get("trust_remote_code", False) is False  # no name, no code
-    return real_load_dataset("parquet", data_files=plan["hub_files"], cache_dir=kwargs["cache_dir"])
+def serve_hub_name(monkeypatch, root: Path) -> None:
+    """``datasets.load_dataset("namespace/shapes")`` stands for a Hub dataset: the parquet files under ``root``."""
+    real_load_dataset = datasets.load_dataset
 
+    def hub(path, *args, **kwargs):
+        if path != "namespace/shapes":
+            return real_load_dataset(path, *args, **kwargs)
+        assert args == (None,) and kwargs.get("trust_remote_code", False) is False  # no name, no code
+        files = {split: str(root / name) for split, name in HUB_FILES.items()}
+        return real_load_dataset("parquet", data_files=files, cache_dir=kwargs["cache_dir"])
 
-datasets.load_dataset = hub
-spec = importlib.util.spec_from_file_location("run_image_classification", plan["script"])
-script = importlib.util.module_from_spec(spec)
-sys.modules["run_image_classification"] = script
-spec.loader.exec_module(script)
-for job in plan["jobs"]:
-    sys.argv = [plan["script"], *job["argv"]]
-    with open(job["stdout"], "w") as f, contextlib.redirect_stdout(f):
-        try:
-            script.main()
-        except BaseException:
-            traceback.print_exc(file=f)
-        finally:
-            logging.root.handlers.clear()  # the next run's basicConfig logs to its own file
-"""
+    monkeypatch.setattr(datasets, "load_dataset", hub)
 
 
 def make_form(form: str, root: Path) -> tuple[list[str], list[str], list[str]]:
@@ -158,36 +137,19 @@ FORMS = [
 PREDICTS = ("csv_files", "save_to_disk_dict")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[str, Path, list[str], list[str]]]:
-    """Every form's run: its stdout, output folder, the sources its card must name and its class names."""
-    root = tmp_path_factory.mktemp("forms")
-    jobs, expected = [], {}
-    for form in FORMS:
-        data, sources, names = make_form(form, root / form / "data")
-        argv = [
-            *common_args(root / form), *TINY_VIT, *data, "--do_train", "--do_eval", "--max_steps", "2",
-            *(["--do_predict"] if form in PREDICTS else []),
-        ]  # fmt: skip
-        jobs.append({"argv": argv, "stdout": str(root / form / "stdout.txt")})
-        expected[form] = (root / form / "out", sources, names)
-    plan = {"script": str(SCRIPT), "hub_files": {k: str(root / "hub_name" / "data" / v) for k, v in HUB_FILES.items()}}
-    (root / "plan.json").write_text(json.dumps({**plan, "jobs": jobs}))
-    (root / "runner.py").write_text(RUNNER)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(test_examples, "SCRIPT", root / "runner.py")
-        patch.setattr(test_examples, "TIMEOUT", 120 * len(FORMS))
-        run_example([str(root / "plan.json")], root)
-    return {form: (Path(job["stdout"]).read_text(), *expected[form]) for form, job in zip(FORMS, jobs)}
-
-
 @pytest.mark.parametrize("form", FORMS)
-def test_every_form_trains_and_evaluates(runs, form):
-    stdout, out, sources, names = runs[form]
-    if "Traceback (most recent call last)" in stdout:
-        pytest.fail(f"the run failed:\n{stdout[-5000:]}")
+def test_every_form_trains_and_evaluates(script, tmp_path, monkeypatch, capsys, logging_restored, form):
+    data, sources, names = make_form(form, tmp_path / "data")
+    if form == "hub_name":
+        serve_hub_name(monkeypatch, tmp_path / "data")
+    argv = [
+        *script_args(tmp_path / "out", tmp_path / "cache"), *TINY_VIT, *data, "--do_train", "--do_eval",
+        "--max_steps", "2", *(["--do_predict"] if form in PREDICTS else []),
+    ]  # fmt: skip
+    script.main(argv)
+    out = tmp_path / "out"
     n_eval = len(TEST) if form == "save_to_disk_dict" else len(VAL)
-    check_outputs(stdout, out, n_eval=n_eval, n_train=len(TRAIN))
+    check_outputs(capsys.readouterr().out, out, n_eval=n_eval, n_train=len(TRAIN))
 
     model = reload_full_model(out)
     assert list(model.config.id2label.values()) == names
@@ -226,11 +188,6 @@ def check_predictions(out: Path, model: torch.nn.Module, names: list[str], label
 
 
 # --- in-process: which split evaluation uses, and the refusals ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def script():
-    return test_examples.import_script()
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +254,7 @@ def test_data_arguments_take_one_source(script):
         (("validation",), ["--do_train"], r"--do_train needs training data, and .*saved has none; pass --train_file"),
     ],
 )
-def test_missing_split_fails_before_the_model(script, tmp_path, monkeypatch, splits, flags, message):
+def test_missing_split_fails_before_the_model(script, tmp_path, monkeypatch, logging_restored, splits, flags, message):
     datasets.DatasetDict({s: cifar_style(TRAIN) for s in splits}).save_to_disk(str(tmp_path / "saved"))
 
     def no_model(*args, **kwargs):
@@ -305,10 +262,5 @@ def test_missing_split_fails_before_the_model(script, tmp_path, monkeypatch, spl
 
     monkeypatch.setattr(script, "build_model", no_model)
     argv = ["--dataset_name", str(tmp_path / "saved"), *flags, "--output_dir", str(tmp_path / "out")]
-    monkeypatch.setattr(sys, "argv", ["run_image_classification.py", *argv, "--report_to", "none"])
-    verbosity = transformers.utils.logging.get_verbosity()
-    try:
-        with pytest.raises(ValueError, match=message):
-            script.main()
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
+    with pytest.raises(ValueError, match=message):
+        script.main([*argv, "--report_to", "none"])

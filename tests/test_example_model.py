@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
-import random
-import socket
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
-import datasets
 import pytest
 import torch
-import transformers
+from helpers import SHAPES, TINY_CONFIG, make_shape_folder, put_in_hub_cache, save_pretrained_vit, script_args
 from huggingface_hub import constants
-from PIL import Image, ImageDraw
-from test_examples import import_script
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -29,27 +22,21 @@ from transformers import (
     HfArgumentParser,
     MobileNetV2Config,
     ViTConfig,
-    ViTImageProcessor,
 )
 
 from hf_bpmod import BPModifiedTrainingArguments, get_adapter
 from hf_bpmod.adapters import ADAPTERS, ResNetAdapter
-from hf_bpmod.testing import tiny_model, tiny_vit
+from hf_bpmod.peft_from_config import ADAPTER_FILES, BASE_MODEL_DIR
+from hf_bpmod.testing import tiny_vit
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "run_image_classification.py"
-LABELS = ["circle", "square", "triangle"]
-TINY_CONFIG = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+pytestmark = pytest.mark.compat  # loading models and configs, and peft's save and merge, vary across releases
+
+LABELS = list(SHAPES)
 # Logits of a model and of its saved-and-reloaded copy: the same float32 computation, with the adapters' low-rank
 # products folded into the weights (a different summation order) for a merged model.
 LOGIT_ATOL = 1e-5
 TRANSFORMER_DEFAULTS = ("beit", "deit", "dinov2", "swin", "swinv2", "vit")
 CONVNET_DEFAULTS = ("convnext", "convnextv2", "regnet", "resnet")
-
-
-@pytest.fixture(scope="module")
-def script() -> ModuleType:
-    return import_script()
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +51,6 @@ def peft_side(script) -> ModuleType:
     return importlib.import_module("image_classification_peft")
 
 
-@pytest.fixture
-def logging_restored():
-    """``main()`` sets the transformers and datasets verbosity and the root logger's handler: undo it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    verbosity, data_verbosity = transformers.utils.logging.get_verbosity(), datasets.utils.logging.get_verbosity()
-    yield
-    root.handlers[:], root.level = handlers, level
-    transformers.utils.logging.set_verbosity(verbosity)
-    datasets.utils.logging.set_verbosity(data_verbosity)
-
-
 def pixels(n: int = 6, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -85,40 +60,13 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(pixel_values=x).logits
 
 
-def save_pretrained_vit(folder: Path, num_labels: int = 3, image_size: int = 16) -> Path:
-    tiny_vit(num_layers=2, image_size=image_size, num_labels=num_labels).save_pretrained(folder)
-    ViTImageProcessor(
-        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    ).save_pretrained(folder)
-    return folder
-
-
-def make_image_folder(root: Path, per_class: int = 12, size: int = 16) -> Path:
-    """``root/<class>/<i>.png``: small RGB shapes, one folder per class of :data:`LABELS`."""
-    rng = random.Random(0)
-    for name in LABELS:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            image = Image.new("RGB", (size, size), tuple(rng.randrange(60) for _ in range(3)))
-            draw, color, x = ImageDraw.Draw(image), tuple(rng.randrange(150, 256) for _ in range(3)), rng.randrange(3)
-            box = [x, x, x + size - 5, x + size - 5]
-            if name == "circle":
-                draw.ellipse(box, fill=color)
-            elif name == "square":
-                draw.rectangle(box, fill=color)
-            else:
-                draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=color)
-            image.save(root / name / f"{i}.png")
-    return root
-
-
 def parse(script: ModuleType, argv: list[str]):
     parser = HfArgumentParser((script.ModelArguments, script.DataTrainingArguments, BPModifiedTrainingArguments))
     return parser.parse_args_into_dataclasses(args=argv)
 
 
 def run_main(script: ModuleType, monkeypatch, argv: list[str]):
-    """Run the script's ``main()`` in this process; return the trainer it built."""
+    """Run the script's ``main(argv)`` in this process; return the trainer it built."""
     built = []
 
     class Recording(script.ExampleTrainer):
@@ -127,18 +75,13 @@ def run_main(script: ModuleType, monkeypatch, argv: list[str]):
             built.append(self)
 
     monkeypatch.setattr(script, "ExampleTrainer", Recording)
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
-    script.main()
+    script.main(argv)
     assert len(built) == 1
     return built[0]
 
 
 def common_args(out: Path) -> list[str]:
-    return [
-        "--output_dir", str(out), "--report_to", "none", "--seed", "0", "--use_cpu", "--disable_tqdm", "true",
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64", "--learning_rate", "5e-3",
-        "--logging_steps", "1",
-    ]  # fmt: skip
+    return [*script_args(out), "--per_device_eval_batch_size", "64", "--learning_rate", "5e-3"]
 
 
 # ------------------------------------------------------------------ supported models, refused early
@@ -305,7 +248,7 @@ def test_code_in_a_model_folder_does_not_run_by_default(script, model_side, tmp_
     config = json.loads((pretrained / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "configuration_marker.MarkerConfig"}
     (pretrained / "config.json").write_text(json.dumps(config))
-    access = model_side.hub_access(script.ModelArguments(model_name_or_path=str(pretrained)))
+    access = model_side.model_hub_access(script.ModelArguments(model_name_or_path=str(pretrained)))
     model_side.check_model_source(script.ModelArguments(model_name_or_path=str(pretrained)), access)
     model, *_ = model_side.build_model(
         script.ModelArguments(model_name_or_path=str(pretrained)), LABELS, native_size=16
@@ -316,46 +259,10 @@ def test_code_in_a_model_folder_does_not_run_by_default(script, model_side, tmp_
 # ------------------------------------------------------------------ the Hub: offline, unreachable
 
 
-def closed_port_endpoint() -> str:
-    """An http address on this machine where nothing listens: a connection to it is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-def put_in_hub_cache(cache: Path, repo_id: str, source: Path) -> None:
-    """Lay ``source``'s files out as huggingface_hub caches a download of ``repo_id`` (revision main)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in source.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
-
-
-@pytest.fixture
-def unreachable_hub(model_side, monkeypatch) -> list[str]:
-    """The Hub online in name (HF_HUB_OFFLINE unset) but refusing connections; returns the probes' results."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", closed_port_endpoint())
-    probes: list[str] = []
-    original = model_side.hub_unreachable_reason
-
-    def probe():
-        probes.append(original())
-        return probes[-1]
-
-    monkeypatch.setattr(model_side, "hub_unreachable_reason", probe)  # where hub_access looks it up
-    return probes
-
-
 def test_offline_name_not_in_the_cache_says_how_to_run_offline(script, model_side, tmp_path):
     assert constants.HF_HUB_OFFLINE  # conftest.py
     model_args = script.ModelArguments(model_name_or_path="hf-bpmod-tests/not-cached", cache_dir=str(tmp_path))
-    access = model_side.hub_access(model_args)
+    access = model_side.model_hub_access(model_args)
     assert access.problem is not None and "HF_HUB_OFFLINE" in access.problem
     with pytest.raises(OSError, match="--model_name_or_path 'hf-bpmod-tests/not-cached' is neither a local") as error:
         model_side.check_model_source(model_args, access)
@@ -364,7 +271,7 @@ def test_offline_name_not_in_the_cache_says_how_to_run_offline(script, model_sid
 
 def test_unreachable_hub_fails_at_once_with_the_offline_fix(script, model_side, tmp_path, unreachable_hub):
     model_args = script.ModelArguments(model_name_or_path="hf-bpmod-tests/not-cached", cache_dir=str(tmp_path))
-    access = model_side.hub_access(model_args)
+    access = model_side.model_hub_access(model_args)
     assert len(unreachable_hub) == 1 and "Connect" in unreachable_hub[0]  # one try, a refused connection
     assert access.kwargs["local_files_only"] is True and "unreachable" in access.problem
     with pytest.raises(OSError, match="is neither a local folder nor in the local Hugging Face cache") as error:
@@ -378,7 +285,7 @@ def test_unreachable_hub_loads_a_cached_model_at_once(script, model_side, tmp_pa
     cache = tmp_path / "cache"
     put_in_hub_cache(cache, "hf-bpmod-tests/tiny-vit", save_pretrained_vit(tmp_path / "vit"))
     model_args = script.ModelArguments(model_name_or_path="hf-bpmod-tests/tiny-vit", cache_dir=str(cache))
-    access = model_side.hub_access(model_args)
+    access = model_side.model_hub_access(model_args)
     model_side.check_model_source(model_args, access)
     model, _, image_size, *_ = model_side.build_model(model_args, LABELS, native_size=16, access=access)
     saved = AutoModelForImageClassification.from_pretrained(tmp_path / "vit")
@@ -388,34 +295,11 @@ def test_unreachable_hub_loads_a_cached_model_at_once(script, model_side, tmp_pa
 
 def test_local_paths_never_try_the_hub(script, model_side, tmp_path, unreachable_hub):
     model_args = script.ModelArguments(model_name_or_path=str(save_pretrained_vit(tmp_path / "vit")))
-    access = model_side.hub_access(model_args)
+    access = model_side.model_hub_access(model_args)
     assert unreachable_hub == [] and access.problem is None and "local_files_only" not in access.kwargs
 
 
 # ------------------------------------------------------------------ what a peft run saves
-
-
-@pytest.mark.parametrize("method", ["lora", "lokr"])
-@pytest.mark.parametrize("kind", ["vit", "resnet"])
-def test_merged_save_reloads_with_plain_transformers(script, peft_side, tmp_path, method, kind):
-    torch.manual_seed(0)
-    base = tiny_model(kind, num_labels=3)
-    model = peft_side.apply_peft(base, script.ModelArguments(model_type=kind, peft=method, peft_rank=2))
-    with torch.no_grad():  # trained-looking adapters (peft starts them as an identity)
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn_like(param))
-    x = pixels(4)
-    expected = logits(model, x)
-    (tmp_path / "adapter_config.json").write_text("{}")  # left by an earlier adapter save: must go
-    peft_side.save_merged_model(model, str(tmp_path))
-    assert not any((tmp_path / name).exists() for name in peft_side.ADAPTER_FILES)
-    reloaded, info = AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    torch.testing.assert_close(logits(reloaded, x), expected, atol=LOGIT_ATOL, rtol=0)
-    with model.disable_adapter():  # the adapters changed the function: the merge is tested, not a no-op
-        assert (logits(model, x) - expected).abs().max() > 100 * LOGIT_ATOL
-    assert any(method in name for name, _ in model.named_parameters())  # the trainer's model kept its adapters
 
 
 def test_peft_on_a_model_from_a_config_saves_what_reloads(
@@ -429,7 +313,7 @@ def test_peft_on_a_model_from_a_config_saves_what_reloads(
     out = tmp_path / "out"
     argv = [
         *common_args(out), "--model_type", "vit", "--config_overrides", TINY_CONFIG,
-        "--dataset_name", str(make_image_folder(tmp_path / "images")), "--peft", "lora", "--peft_rank", "2",
+        "--dataset_name", str(make_shape_folder(tmp_path / "images", per_class=12)), "--peft", "lora", "--peft_rank", "2",
         "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--bp_modified", "false",
     ]  # fmt: skip
     trainer = run_main(script, monkeypatch, argv)
@@ -438,7 +322,7 @@ def test_peft_on_a_model_from_a_config_saves_what_reloads(
     trained = logits(trainer.model, x)
 
     # The output folder: the merged model, a plain transformers model, and no adapter files.
-    assert not any((out / name).exists() for name in peft_side.ADAPTER_FILES)
+    assert not any((out / name).exists() for name in ADAPTER_FILES)
     merged, info = AutoModelForImageClassification.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert merged.config.id2label == dict(enumerate(LABELS))
@@ -448,7 +332,7 @@ def test_peft_on_a_model_from_a_config_saves_what_reloads(
     assert stdout.count("final eval accuracy:") == 1
 
     # The base: the untrained weights, which training left alone (LoRA trains only the adapters and the head).
-    base_dir = out / peft_side.BASE_MODEL_DIR
+    base_dir = out / BASE_MODEL_DIR
     base = AutoModelForImageClassification.from_pretrained(base_dir)
     patch = "vit.embeddings.patch_embeddings.projection.weight"
     assert torch.equal(base.state_dict()[patch], trainer.model.get_base_model().state_dict()[patch])
@@ -473,33 +357,18 @@ def test_peft_on_a_model_from_a_config_saves_what_reloads(
         run_main(script, monkeypatch, argv)
 
 
-def test_peft_base_plan(script, peft_side, tmp_path):
+def test_peft_base_plan_applies_to_peft_training_on_a_model_from_a_config(script, peft_side, tmp_path):
+    """The base plan (tests/test_peft_from_config.py) is made only for peft training on a model from a config."""
     model_args = script.ModelArguments(model_type="vit", peft="lora")
     args = SimpleNamespace(do_train=True, push_to_hub=False, hub_strategy="every_save", output_dir=str(tmp_path))
-    assert peft_side.peft_base_plan(model_args, args, None) == (None, str(tmp_path / peft_side.BASE_MODEL_DIR))
+    assert peft_side.peft_base_plan(model_args, args, None) == (None, str(tmp_path / BASE_MODEL_DIR))
     assert peft_side.peft_base_plan(script.ModelArguments(model_type="vit"), args, None) == (None, None)
-    assert peft_side.peft_base_plan(model_args, SimpleNamespace(**{**vars(args), "do_train": False}), None) == (
-        None,
-        None,
-    )
+    not_training = SimpleNamespace(**{**vars(args), "do_train": False})
+    assert peft_side.peft_base_plan(model_args, not_training, None) == (None, None)
+    pretrained = script.ModelArguments(model_name_or_path=str(tmp_path), peft="lora")
+    assert peft_side.peft_base_plan(pretrained, args, None) == (None, None)
     with pytest.raises(ValueError, match="Pass --hub_strategy end"):
         peft_side.peft_base_plan(model_args, SimpleNamespace(**{**vars(args), "push_to_hub": True}), None)
-
-    # Resuming: the base the checkpoint's adapter names, else _base_model next to the checkpoint, else an error.
-    checkpoint = tmp_path / "checkpoint-2"
-    checkpoint.mkdir()
-    elsewhere = tmp_path / "elsewhere"
-    AutoConfig.for_model("vit").save_pretrained(elsewhere)
-    (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(elsewhere)}))
-    assert peft_side.peft_base_plan(model_args, args, str(checkpoint)) == (str(elsewhere), None)
-    (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/moved/away"}))
-    with pytest.raises(ValueError, match="which hold no model"):
-        peft_side.peft_base_plan(model_args, args, str(checkpoint))
-    AutoConfig.for_model("vit").save_pretrained(tmp_path / peft_side.BASE_MODEL_DIR)
-    assert peft_side.peft_base_plan(model_args, args, str(checkpoint)) == (
-        str(tmp_path / peft_side.BASE_MODEL_DIR),
-        None,
-    )
 
 
 def test_resume_base_weights_are_loaded_not_rebuilt(script, model_side, tmp_path):

@@ -34,6 +34,7 @@ from transformers import AutoImageProcessor, HfArgumentParser, ViTForImageClassi
 from hf_bpmod import BPModifiedTrainingArguments
 from hf_bpmod.data import collate_fn, with_pixel_values
 
+
 def run(script: ModuleType, argv: list[str], capsys) -> str:
     """The script's ``main(argv)`` in this process; what it printed."""
     script.main(argv)
