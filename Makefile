@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-compat test-lean test-all test-slow mutation quality style bench study research-test clean
+# pip without byte-compiling what it installs: Python compiles the modules a run imports, and installs take half the time.
+PIP_INSTALL := -m pip install -q --no-compile
+
+.PHONY: install train test test-fast test-compat test-lean test-slow mutation quality style bench study research-test clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) $(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PY) $(PIP_INSTALL) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,33 +32,42 @@ train: install
 		--eval_strategy epoch --save_strategy epoch --save_total_limit 1 --logging_steps 25 \
 		--dataloader_drop_last --report_to none --seed 0 $(TRAIN_ARGS)
 
+# The tests run in parallel (pytest-xdist: one process per core, at most TEST_WORKERS; one thread each), and the
+# slowest are listed at the end. `make test` is the whole suite; `make test-fast`, for the edit loop, leaves out the
+# tests marked slow (training runs on the embedded data, the example in a subprocess) and the torchrun ones.
+TEST_WORKERS ?= 8
+PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(1)/bin/python -m pytest -q -W ignore::FutureWarning \
+	-n auto --maxprocesses $(TEST_WORKERS) --dist loadgroup --durations=20
 test: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -W ignore::FutureWarning
+	$(call PYTEST,$(VENV))
 
-# The same suite against the oldest releases we support (the floors of pyproject.toml, pinned in
-# tests/constraints-oldest.txt), in a virtual environment of its own.
+test-fast: install
+	$(call PYTEST,$(VENV)) -m "not slow and not distributed"
+
+# The tests marked `compat` (the code that depends on the release: the adapters' layer lookup, compat.py, checkpoints
+# and resume, the example's Hub and offline paths, PEFT wrapping) against the oldest releases we support (the floors
+# of pyproject.toml, pinned in tests/constraints-oldest.txt), in a virtual environment of its own.
 COMPAT_VENV ?= .venv-compat
-test-compat:
+$(COMPAT_VENV)/.installed: pyproject.toml Makefile tests/constraints-oldest.txt
 	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
-	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(COMPAT_VENV)/bin/python -m pip install -q -c tests/constraints-oldest.txt -e ".[dev]"
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(COMPAT_VENV)/bin/python -m pytest -q -W ignore::FutureWarning
+	$(COMPAT_VENV)/bin/python $(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(COMPAT_VENV)/bin/python $(PIP_INSTALL) -c tests/constraints-oldest.txt -e ".[dev]"
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(call PYTEST,$(COMPAT_VENV)) -m "compat and not slow"
 
 # `pip install .` into a virtual environment holding only torch: no examples' dependencies, and it trains.
 LEAN_VENV ?= .venv-lean
 test-lean:
 	rm -rf $(LEAN_VENV) build && python3 -m venv $(LEAN_VENV)
-	$(LEAN_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LEAN_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(LEAN_VENV)/bin/python -m pip install -q .
+	$(LEAN_VENV)/bin/python $(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(LEAN_VENV)/bin/python $(PIP_INSTALL) .
 	cd $(LEAN_VENV) && OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} bin/python $(CURDIR)/scripts/check_lean_install.py
 
-# Tests marked `slow` (none at present: the longest, the example's end-to-end runs, take under a minute each and stay
-# in `make test`). pytest exits 5 when it collects no test; that is reported, not failed.
+# Only the tests marked slow.
 test-slow: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -W ignore::FutureWarning -m slow; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "no test is marked slow: make test runs every test"; exit 0; fi; exit $$rc
+	$(call PYTEST,$(VENV)) -m slow
 
 # A mutation check of the algorithm modules (scripts/mutation_check.py): hand-written mutants for the mistakes the
 # suite must catch, and a seeded sample of operator mutants, each against the fast tests of its module; every

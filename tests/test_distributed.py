@@ -35,6 +35,9 @@ from hf_bpmod.testing import SyntheticImages, micro_batch_fetch, tiny_resnet, ti
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_script as script  # noqa: E402
 
+#: The tests reading the module's one torchrun run share a pytest-xdist worker, so that it runs once.
+pytestmark = pytest.mark.xdist_group("two_process_runs")
+
 PARAM_TOL = 1e-5
 OFFSET_TOL = 1e-6
 TORCHRUN_TIMEOUT_S = 420
@@ -50,9 +53,10 @@ def _identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_process_runs(tmp_path_factory) -> dict[str, Any]:
-    """One ``torchrun --nproc_per_node 2`` for every configuration of ``distributed_script.CONFIGS``."""
+    """One ``torchrun --nproc_per_node 2`` for every configuration of ``distributed_script.CONFIGS``, once per
+    session (a module-scoped fixture would run again whenever pytest-xdist interleaves another module's tests)."""
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
