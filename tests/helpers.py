@@ -290,14 +290,19 @@ OFFLINE = {
 TIMEOUT = 300  # seconds per subprocess run; a run takes 10-40 s on a busy 2-core CPU
 
 
-def import_script() -> ModuleType:
-    """The example script as a module (its siblings imported as it imports them)."""
-    spec = importlib.util.spec_from_file_location("run_image_classification", SCRIPT)
+def import_file(name: str, path: Path) -> ModuleType:
+    """The Python file ``path`` imported as the module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["run_image_classification"] = module  # HfArgumentParser resolves annotations through sys.modules
+    sys.modules[name] = module  # HfArgumentParser resolves a dataclass's annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def import_script() -> ModuleType:
+    """The example script as a module (its siblings imported as it imports them)."""
+    return import_file("run_image_classification", SCRIPT)
 
 
 def script_args(out: Path, cache: Path | None = None) -> list[str]:

@@ -30,6 +30,8 @@ from helpers import (
 
 from hf_bpmod.data import EMBEDDED_DATASET_NAME, ImageData, load_image_dataset
 
+pytestmark = pytest.mark.compat  # datasets' loaders, features and Hub arguments vary across releases
+
 TRAIN, VAL, TEST = range(0, 12), range(12, 18), range(18, 24)
 
 

@@ -114,6 +114,7 @@ def test_embedded_data_default_model_as_a_user_runs_it(script, tmp_path):
     assert loss == pytest.approx(metrics["eval_loss"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.compat  # peft wraps and saves the pretrained model
 def test_lora_on_a_local_pretrained_vit(script, tmp_path, capsys, logging_restored):
     from peft import PeftModel
     from safetensors.torch import load_file

@@ -8,16 +8,15 @@ by the recipe's peft method through the script's ``apply_peft``) on synthetic da
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from helpers import import_file
 from transformers import HfArgumentParser
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
@@ -26,8 +25,11 @@ from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = ROOT / "examples" / "paper_recipes"
-SCRIPT = ROOT / "examples" / "run_image_classification.py"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+
+pytestmark = (
+    pytest.mark.compat
+)  # the recipes' optimizer (SGD with momentum) comes through compat.py before transformers 5
 
 # The paper's settings. Section 6: "batch size B = 64, learning rate 0.001 and epoch 30, and SGD optimizer with
 # momentum 0.9 ... B' = 320 and split into mini-batches with size 8 ... the period of the offset update is one
@@ -93,20 +95,6 @@ def expected_cells() -> dict[str, dict[str, Any]]:
     return cells
 
 
-def _import(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # HfArgumentParser resolves the dataclasses' annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def script() -> ModuleType:
-    return _import("run_image_classification", SCRIPT)
-
-
 def _parse(script: ModuleType, recipe: Path) -> tuple[Any, Any, BPModifiedTrainingArguments]:
     parser = HfArgumentParser((script.ModelArguments, script.DataTrainingArguments, BPModifiedTrainingArguments))
     return parser.parse_yaml_file(yaml_file=str(recipe))
@@ -117,7 +105,7 @@ def test_every_cell_has_a_recipe_and_nothing_else():
 
 
 def test_recipes_match_their_generator():
-    make_recipes = _import("make_recipes", RECIPE_DIR / "make_recipes.py")
+    make_recipes = import_file("make_recipes", RECIPE_DIR / "make_recipes.py")
     rendered = make_recipes.render_all()
     assert sorted(rendered) == sorted(p.name for p in RECIPES)
     stale = [name for name, text in rendered.items() if (RECIPE_DIR / name).read_text() != text]
