@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 import os
 import re
 from collections.abc import Callable
@@ -14,6 +12,7 @@ from typing import Any, get_args
 from transformers import TrainingArguments
 
 from .adapters.base import BlockGranularity
+from .argument_values import MAX_COUNT, parse_bool, parse_float, parse_int, shown
 from .compat import non_reentrant_checkpointing, sync_activation_checkpointing_kwargs
 from .offset_pass import OffsetSettings
 
@@ -21,10 +20,7 @@ GRANULARITIES: tuple[str, ...] = get_args(BlockGranularity)
 SCALING_MODES = ("aligned", "optimal", "bias_only", "fixed")
 #: The largest ``|offset_fixed_a|``: it multiplies the gradients, which must stay finite in float32.
 MAX_FIXED_A = 1e6
-MAX_COUNT = 2**31 - 1  # the largest count (steps, examples, blocks) an argument may hold
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what ``torch.manual_seed`` accepts
-_TRUE = ("yes", "y", "true", "t", "on", "1")  # HfArgumentParser's and transformers' ``strtobool`` spellings
-_FALSE = ("no", "n", "false", "f", "off", "0")
 _PERIOD = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>epochs?|steps?)?\s*$")
 
 
@@ -39,91 +35,24 @@ def parse_offset_period(period: str | float | int) -> tuple[float, str]:
     match = _PERIOD.match(text)
     if match is None:
         raise ValueError(
-            f"`offset_period` ({_shown(period)}) is not understood: use a number of optimizer steps (`'200'` or "
+            f"`offset_period` ({shown(period)}) is not understood: use a number of optimizer steps (`'200'` or "
             "`'200steps'`) or of epochs (`'epoch'`, `'1epoch'`, `'0.25epoch'`)."
         )
     value = float(match["value"])
     unit = "epoch" if (match["unit"] or "step").startswith("epoch") else "step"
     if value <= 0:
-        raise ValueError(f"`offset_period` ({_shown(period)}) must be positive, e.g. `'200'` or `'epoch'`.")
+        raise ValueError(f"`offset_period` ({shown(period)}) must be positive, e.g. `'200'` or `'epoch'`.")
     if not value <= MAX_COUNT:  # also rejects a number of digits that float() turns into inf
         raise ValueError(
-            f"`offset_period` ({_shown(period)}) must be at most {MAX_COUNT} {unit}s, e.g. `'200'` or `'epoch'`; "
+            f"`offset_period` ({shown(period)}) must be at most {MAX_COUNT} {unit}s, e.g. `'200'` or `'epoch'`; "
             "`bp_modified=False` trains without the offset."
         )
     if unit == "step" and value != int(value):
         raise ValueError(
-            f"`offset_period` ({_shown(period)}) counts optimizer steps and must be a whole number, e.g. "
+            f"`offset_period` ({shown(period)}) counts optimizer steps and must be a whole number, e.g. "
             f"`'{max(1, round(value))}'`."
         )
     return value, unit
-
-
-def _shown(value: Any) -> str:
-    """``repr(value)``, cut to a readable length for an error message."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:45]}...{text[-10:]} ({len(text)} characters)"
-
-
-def parse_bool(name: str, value: Any, optional: bool = False) -> bool | None:
-    """An argument's boolean as ``HfArgumentParser`` reads it from the command line: ``True``/``False``, ``1``/``0``
-    or a string ``"true"``/``"false"``, ``"yes"``/``"no"``, ``"t"``/``"f"``, ``"y"``/``"n"``, ``"on"``/``"off"``,
-    ``"1"``/``"0"`` (any case); ``None`` where ``optional``. Anything else raises ``ValueError`` naming ``name``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool):
-        return value
-    if type(value) is int and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    accepted = "True, False" + (" or None (the default)" if optional else "")
-    raise ValueError(
-        f"`{name}` ({_shown(value)}) must be {accepted}; strings are read as on the command line: "
-        f"{'/'.join(_TRUE)} for True, {'/'.join(_FALSE)} for False."
-    )
-
-
-def parse_int(name: str, value: Any, minimum: int, maximum: int, hint: str) -> int:
-    """An argument's integer in ``[minimum, maximum]``: an ``int`` (not a ``bool``) or a string ``int()`` reads, as
-    from the command line. A float, even a whole one, is refused: the argument counts something."""
-    number = None
-    if isinstance(value, str):
-        try:
-            number = int(value.strip())
-        except ValueError:
-            pass
-    elif not isinstance(value, (bool, float)):
-        try:
-            number = operator.index(value)  # int and integer types of numpy / torch
-        except TypeError:
-            pass
-    limits = f">= {minimum}" if maximum == MAX_COUNT else f"from {minimum} to {maximum}"
-    if number is None:
-        whole = isinstance(value, float) and math.isfinite(value) and value == int(value)
-        fix = f"write `{name}={int(value)}`" if whole else hint
-        raise ValueError(f"`{name}` ({_shown(value)}) must be an integer {limits}; {fix}.")
-    if number < minimum:
-        raise ValueError(f"`{name}` ({_shown(value)}) must be an integer {limits}; {hint}.")
-    if number > maximum:
-        raise ValueError(f"`{name}` ({_shown(value)}) must be at most {maximum}; {hint}.")
-    return number
-
-
-def parse_float(name: str, value: Any, *, condition: str, hint: str) -> float:
-    """An argument's real number: an ``int`` or ``float`` (not a ``bool``), or a string ``float()`` reads, as from
-    the command line. NaN is always refused; the caller checks the range (``condition`` says it in the message)."""
-    number = None
-    try:
-        if isinstance(value, str):
-            number = float(value.strip())
-        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-            number = float(value)
-    except (ValueError, OverflowError):
-        pass
-    if number is None or math.isnan(number):
-        raise ValueError(f"`{name}` ({_shown(value)}) must be {condition}; {hint}.")
-    return number
 
 
 def check_log_file(value: Any) -> str:
@@ -132,18 +61,18 @@ def check_log_file(value: Any) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value.strip() or "\0" in value:
-        raise ValueError(f"`offset_log_file` ({_shown(value)}) must be a non-empty file name; {hint}.")
+        raise ValueError(f"`offset_log_file` ({shown(value)}) must be a non-empty file name; {hint}.")
     if os.path.isabs(value) or os.path.splitdrive(value)[0] or value.startswith(("/", "\\")):
         raise ValueError(
-            f"`offset_log_file` ({_shown(value)}) must be relative: the log is written inside `output_dir`; {hint}."
+            f"`offset_log_file` ({shown(value)}) must be relative: the log is written inside `output_dir`; {hint}."
         )
     normal = os.path.normpath(value)
     if normal == os.pardir or normal.startswith(os.pardir + os.sep):
         raise ValueError(
-            f"`offset_log_file` ({_shown(value)}) must stay inside `output_dir` (no `..` leading out of it); {hint}."
+            f"`offset_log_file` ({shown(value)}) must stay inside `output_dir` (no `..` leading out of it); {hint}."
         )
     if value.endswith(("/", os.sep)) or normal == os.curdir:
-        raise ValueError(f"`offset_log_file` ({_shown(value)}) names a folder, not a file; {hint}.")
+        raise ValueError(f"`offset_log_file` ({shown(value)}) names a folder, not a file; {hint}.")
     return normal
 
 
@@ -179,7 +108,7 @@ def _count(minimum: int, hint: str) -> Check:
 def _block_granularity(name: str, value: Any, args: BPModifiedTrainingArguments) -> str:
     if not isinstance(value, str) or value not in GRANULARITIES:
         raise ValueError(
-            f"`block_granularity` ({_shown(value)}) must be 'layer' (one block per residual layer), 'layer+stem' (the "
+            f"`block_granularity` ({shown(value)}) must be 'layer' (one block per residual layer), 'layer+stem' (the "
             "same, with the ResNet stem as a block of its own) or 'stage' (one block per ResNet stage)."
         )
     return value
@@ -206,7 +135,7 @@ def _offset_period(name: str, value: Any, args: BPModifiedTrainingArguments) -> 
     """``K``, kept as given; parsed here, once, into ``args._checked_offset_period`` for :meth:`offset_settings`."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(
-            f"`offset_period` ({_shown(value)}) must be a string such as `'200'` or `'200steps'` (optimizer steps) or "
+            f"`offset_period` ({shown(value)}) must be a string such as `'200'` or `'200steps'` (optimizer steps) or "
             "`'epoch'`, `'1epoch'`, `'0.25epoch'` (epochs)."
         )
     args._checked_offset_period = (value, parse_offset_period(value))
@@ -215,7 +144,7 @@ def _offset_period(name: str, value: Any, args: BPModifiedTrainingArguments) -> 
 
 def _offset_scaling(name: str, value: Any, args: BPModifiedTrainingArguments) -> str:
     if not isinstance(value, str) or value not in SCALING_MODES:
-        raise ValueError(f"`offset_scaling` ({_shown(value)}) must be one of {SCALING_MODES}.")
+        raise ValueError(f"`offset_scaling` ({shown(value)}) must be one of {SCALING_MODES}.")
     return value
 
 
