@@ -410,7 +410,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
             batch_size=self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size,
             sample_size=self.offset_batch_size,
             micro_batch_size=self.offset_micro_batch_size,
-            period=self._offset_period(),
+            period=self._parsed_offset_period(),
             scaling=self.offset_scaling,
             fixed_a=self.offset_fixed_a,
             fixed_lambda=self.offset_fixed_lambda,
@@ -420,7 +420,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
             seed=self.seed if self.offset_seed is None else self.offset_seed,
         )
 
-    def _offset_period(self) -> tuple[float, str]:
+    def _parsed_offset_period(self) -> tuple[float, str]:
         """``offset_period`` as ``(value, unit)``, as parsed by its check; parsed again only where it was set after
         the arguments were built (or they were unpickled from a release that did not keep the parsed value)."""
         given, parsed = getattr(self, "_checked_offset_period", (None, None))
