@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from transformers import TrainingArguments
 
+from .adapters.base import BlockGranularity
+from .argument_values import MAX_COUNT, parse_bool, parse_float, parse_int, shown
 from .compat import non_reentrant_checkpointing, sync_activation_checkpointing_kwargs
 from .offset_pass import OffsetSettings
 
+GRANULARITIES: tuple[str, ...] = get_args(BlockGranularity)
 SCALING_MODES = ("aligned", "optimal", "bias_only", "fixed")
 #: The largest ``|offset_fixed_a|``: it multiplies the gradients, which must stay finite in float32.
 MAX_FIXED_A = 1e6
-MAX_COUNT = 2**31 - 1  # the largest count (steps, examples, blocks) an argument may hold
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what ``torch.manual_seed`` accepts
-_TRUE = ("yes", "y", "true", "t", "on", "1")  # HfArgumentParser's and transformers' ``strtobool`` spellings
-_FALSE = ("no", "n", "false", "f", "off", "0")
 _PERIOD = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>epochs?|steps?)?\s*$")
 
 
@@ -36,91 +35,24 @@ def parse_offset_period(period: str | float | int) -> tuple[float, str]:
     match = _PERIOD.match(text)
     if match is None:
         raise ValueError(
-            f"`offset_period` ({_shown(period)}) is not understood: use a number of optimizer steps (`'200'` or "
+            f"`offset_period` ({shown(period)}) is not understood: use a number of optimizer steps (`'200'` or "
             "`'200steps'`) or of epochs (`'epoch'`, `'1epoch'`, `'0.25epoch'`)."
         )
     value = float(match["value"])
     unit = "epoch" if (match["unit"] or "step").startswith("epoch") else "step"
     if value <= 0:
-        raise ValueError(f"`offset_period` ({_shown(period)}) must be positive, e.g. `'200'` or `'epoch'`.")
+        raise ValueError(f"`offset_period` ({shown(period)}) must be positive, e.g. `'200'` or `'epoch'`.")
     if not value <= MAX_COUNT:  # also rejects a number of digits that float() turns into inf
         raise ValueError(
-            f"`offset_period` ({_shown(period)}) must be at most {MAX_COUNT} {unit}s, e.g. `'200'` or `'epoch'`; "
+            f"`offset_period` ({shown(period)}) must be at most {MAX_COUNT} {unit}s, e.g. `'200'` or `'epoch'`; "
             "`bp_modified=False` trains without the offset."
         )
     if unit == "step" and value != int(value):
         raise ValueError(
-            f"`offset_period` ({_shown(period)}) counts optimizer steps and must be a whole number, e.g. "
+            f"`offset_period` ({shown(period)}) counts optimizer steps and must be a whole number, e.g. "
             f"`'{max(1, round(value))}'`."
         )
     return value, unit
-
-
-def _shown(value: Any) -> str:
-    """``repr(value)``, cut to a readable length for an error message."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:45]}...{text[-10:]} ({len(text)} characters)"
-
-
-def parse_bool(name: str, value: Any, optional: bool = False) -> bool | None:
-    """An argument's boolean as ``HfArgumentParser`` reads it from the command line: ``True``/``False``, ``1``/``0``
-    or a string ``"true"``/``"false"``, ``"yes"``/``"no"``, ``"t"``/``"f"``, ``"y"``/``"n"``, ``"on"``/``"off"``,
-    ``"1"``/``"0"`` (any case); ``None`` where ``optional``. Anything else raises ``ValueError`` naming ``name``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool):
-        return value
-    if type(value) is int and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    accepted = "True, False" + (" or None (the default)" if optional else "")
-    raise ValueError(
-        f"`{name}` ({_shown(value)}) must be {accepted}; strings are read as on the command line: "
-        f"{'/'.join(_TRUE)} for True, {'/'.join(_FALSE)} for False."
-    )
-
-
-def parse_int(name: str, value: Any, minimum: int, maximum: int, hint: str) -> int:
-    """An argument's integer in ``[minimum, maximum]``: an ``int`` (not a ``bool``) or a string ``int()`` reads, as
-    from the command line. A float, even a whole one, is refused: the argument counts something."""
-    number = None
-    if isinstance(value, str):
-        try:
-            number = int(value.strip())
-        except ValueError:
-            pass
-    elif not isinstance(value, (bool, float)):
-        try:
-            number = operator.index(value)  # int and integer types of numpy / torch
-        except TypeError:
-            pass
-    limits = f">= {minimum}" if maximum == MAX_COUNT else f"from {minimum} to {maximum}"
-    if number is None:
-        whole = isinstance(value, float) and math.isfinite(value) and value == int(value)
-        fix = f"write `{name}={int(value)}`" if whole else hint
-        raise ValueError(f"`{name}` ({_shown(value)}) must be an integer {limits}; {fix}.")
-    if number < minimum:
-        raise ValueError(f"`{name}` ({_shown(value)}) must be an integer {limits}; {hint}.")
-    if number > maximum:
-        raise ValueError(f"`{name}` ({_shown(value)}) must be at most {maximum}; {hint}.")
-    return number
-
-
-def parse_float(name: str, value: Any, *, condition: str, hint: str) -> float:
-    """An argument's real number: an ``int`` or ``float`` (not a ``bool``), or a string ``float()`` reads, as from
-    the command line. NaN is always refused; the caller checks the range (``condition`` says it in the message)."""
-    number = None
-    try:
-        if isinstance(value, str):
-            number = float(value.strip())
-        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-            number = float(value)
-    except (ValueError, OverflowError):
-        pass
-    if number is None or math.isnan(number):
-        raise ValueError(f"`{name}` ({_shown(value)}) must be {condition}; {hint}.")
-    return number
 
 
 def check_log_file(value: Any) -> str:
@@ -129,19 +61,159 @@ def check_log_file(value: Any) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value.strip() or "\0" in value:
-        raise ValueError(f"`offset_log_file` ({_shown(value)}) must be a non-empty file name; {hint}.")
+        raise ValueError(f"`offset_log_file` ({shown(value)}) must be a non-empty file name; {hint}.")
     if os.path.isabs(value) or os.path.splitdrive(value)[0] or value.startswith(("/", "\\")):
         raise ValueError(
-            f"`offset_log_file` ({_shown(value)}) must be relative: the log is written inside `output_dir`; {hint}."
+            f"`offset_log_file` ({shown(value)}) must be relative: the log is written inside `output_dir`; {hint}."
         )
     normal = os.path.normpath(value)
     if normal == os.pardir or normal.startswith(os.pardir + os.sep):
         raise ValueError(
-            f"`offset_log_file` ({_shown(value)}) must stay inside `output_dir` (no `..` leading out of it); {hint}."
+            f"`offset_log_file` ({shown(value)}) must stay inside `output_dir` (no `..` leading out of it); {hint}."
         )
     if value.endswith(("/", os.sep)) or normal == os.curdir:
-        raise ValueError(f"`offset_log_file` ({_shown(value)}) names a folder, not a file; {hint}.")
+        raise ValueError(f"`offset_log_file` ({shown(value)}) names a folder, not a file; {hint}.")
     return normal
+
+
+def divisor_hint(size: int, micro: int) -> str:
+    """A value of ``offset_micro_batch_size`` that passes the checks: the divisor of ``offset_batch_size`` (``size``)
+    nearest the one given (``micro``) that leaves at least two micro-batches."""
+    divisors = set()
+    for d in range(1, math.isqrt(size) + 1):
+        if size % d == 0:
+            divisors.update((d, size // d))
+    usable = [d for d in sorted(divisors) if size // d >= 2]  # never empty: size >= 2, so 1 is usable
+    near = min(usable, key=lambda d: abs(d - micro))
+    return f"`offset_micro_batch_size={near}`"
+
+
+# ---------------------------------------------------------------------------------------- one check per argument
+#: ``check(name, value, args)`` returns the value given for the argument ``name``, normalised to the field's type,
+#: or raises a ``ValueError`` that names the argument, shows the value and gives one that works. ``args`` holds the
+#: arguments checked before it (already normalised), for a default or a limit that depends on one of them.
+Check = Callable[[str, Any, "BPModifiedTrainingArguments"], Any]
+
+
+def _boolean(optional: bool = False) -> Check:
+    """A boolean as the command line reads it (:func:`parse_bool`); ``None`` stays ``None`` where ``optional``."""
+    return lambda name, value, args: parse_bool(name, value, optional)
+
+
+def _count(minimum: int, hint: str) -> Check:
+    """An integer from ``minimum`` to ``MAX_COUNT`` (:func:`parse_int`)."""
+    return lambda name, value, args: parse_int(name, value, minimum, MAX_COUNT, hint)
+
+
+def _block_granularity(name: str, value: Any, args: BPModifiedTrainingArguments) -> str:
+    if not isinstance(value, str) or value not in GRANULARITIES:
+        raise ValueError(
+            f"`block_granularity` ({shown(value)}) must be 'layer' (one block per residual layer), 'layer+stem' (the "
+            "same, with the ResNet stem as a block of its own) or 'stage' (one block per ResNet stage)."
+        )
+    return value
+
+
+def _offset_micro_batch_size(name: str, value: Any, args: BPModifiedTrainingArguments) -> int:
+    """``b'``, which must split ``offset_batch_size`` (checked before it) into at least two micro-batches."""
+    micro = parse_int(name, value, 1, MAX_COUNT, "b' is the micro-batch size of the offset pass, e.g. 8")
+    size = args.offset_batch_size
+    if size % micro:
+        raise ValueError(
+            f"`offset_micro_batch_size` ({micro}) must divide `offset_batch_size` ({size}); e.g. use "
+            f"{divisor_hint(size, micro)}."
+        )
+    if size // micro < 2:
+        raise ValueError(
+            f"`offset_batch_size` ({size}) must hold at least two micro-batches of `offset_micro_batch_size` "
+            f"({micro}) to estimate the gradient variance; e.g. use {divisor_hint(size, micro)}."
+        )
+    return micro
+
+
+def _offset_period(name: str, value: Any, args: BPModifiedTrainingArguments) -> str | int | float:
+    """``K``, kept as given; parsed here, once, into ``args._checked_offset_period`` for :meth:`offset_settings`."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(
+            f"`offset_period` ({shown(value)}) must be a string such as `'200'` or `'200steps'` (optimizer steps) or "
+            "`'epoch'`, `'1epoch'`, `'0.25epoch'` (epochs)."
+        )
+    args._checked_offset_period = (value, parse_offset_period(value))
+    return value
+
+
+def _offset_scaling(name: str, value: Any, args: BPModifiedTrainingArguments) -> str:
+    if not isinstance(value, str) or value not in SCALING_MODES:
+        raise ValueError(f"`offset_scaling` ({shown(value)}) must be one of {SCALING_MODES}.")
+    return value
+
+
+def _offset_reliability(name: str, value: Any, args: BPModifiedTrainingArguments) -> bool:
+    """Unset: on for ``offset_scaling="aligned"``, off for the others."""
+    value = parse_bool(name, value, optional=True)
+    return args.offset_scaling == "aligned" if value is None else value
+
+
+def _offset_max_ratio(name: str, value: Any, args: BPModifiedTrainingArguments) -> float:
+    """Unset: 0.1 for ``offset_scaling="aligned"``, no cap (``inf``) for the others."""
+    if value is None:
+        value = 0.1 if args.offset_scaling == "aligned" else float("inf")
+    hint = "the largest share of the local gradient the offset may take, e.g. 0.1; use float('inf') for no cap"
+    ratio = parse_float(name, value, condition="a positive number", hint=hint)
+    if not ratio > 0:
+        raise ValueError(f"`offset_max_ratio` ({ratio!r}) must be positive: {hint}.")
+    return ratio
+
+
+def _offset_fixed_a(name: str, value: Any, args: BPModifiedTrainingArguments) -> float:
+    use = "the scale of the local gradient for `offset_scaling='fixed'`, e.g. 1.0"
+    a = parse_float(name, value, condition="a finite number", hint=use)
+    if not math.isfinite(a):
+        raise ValueError(f"`offset_fixed_a` ({a!r}) must be a finite number: {use}.")
+    if abs(a) > MAX_FIXED_A:
+        raise ValueError(
+            f"`offset_fixed_a` ({a!r}) must lie in [-{MAX_FIXED_A:g}, {MAX_FIXED_A:g}]: it scales the local gradient, "
+            "and the scaled gradient must stay within float32's range; e.g. 1.0."
+        )
+    return a
+
+
+def _offset_fixed_lambda(name: str, value: Any, args: BPModifiedTrainingArguments) -> float:
+    use = "the weight of the offset for `offset_scaling='fixed'`, e.g. 0.5"
+    lam = parse_float(name, value, condition="a number in [0, 1]", hint=use)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"`offset_fixed_lambda` ({lam}) must lie in [0, 1]: {use}.")
+    return lam
+
+
+def _offset_seed(name: str, value: Any, args: BPModifiedTrainingArguments) -> int | None:
+    """Unset (``None``): the sampler uses ``seed``."""
+    if value is None:
+        return None
+    return parse_int(name, value, *SEED_RANGE, "the range torch's generators accept; e.g. 42, or None to use `seed`")
+
+
+#: Every argument ``BPModifiedTrainingArguments`` adds to ``TrainingArguments``, and its check, in the order they
+#: run (and report the first error): a check may read the arguments above it.
+ARGUMENT_CHECKS: dict[str, Check] = {
+    "bp_modified": _boolean(optional=True),
+    "local_horizon": _count(1, "use 1 (Forward-Forward), 2 (LoCo), 5 (MPC) or more"),
+    "block_granularity": _block_granularity,
+    "max_nonfinite_steps": _count(0, "the non-finite steps allowed in a row, e.g. 10"),
+    "rebuild_bpmod_state": _boolean(),
+    "eval_block_accuracy": _boolean(),
+    "offset_batch_size": _count(2, "B' is the number of examples per offset refresh, e.g. 320"),
+    "offset_micro_batch_size": _offset_micro_batch_size,
+    "offset_period": _offset_period,
+    "offset_scaling": _offset_scaling,
+    "offset_reliability": _offset_reliability,
+    "offset_bias_correction": _boolean(),
+    "offset_max_ratio": _offset_max_ratio,
+    "offset_fixed_a": _offset_fixed_a,
+    "offset_fixed_lambda": _offset_fixed_lambda,
+    "offset_seed": _offset_seed,
+    "offset_log_file": lambda name, value, args: check_log_file(value),
+}
 
 
 @dataclass
@@ -226,7 +298,8 @@ class BPModifiedTrainingArguments(TrainingArguments):
         default="layer",
         metadata={
             "help": "ResNet blocks: 'layer' (one per residual layer), 'layer+stem' (the stem a block of its own) or "
-            "'stage' (one per stage)."
+            "'stage' (one per stage).",
+            "choices": GRANULARITIES,
         },
     )
 
@@ -248,7 +321,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
     )
     offset_scaling: str = field(
         default="aligned",
-        metadata={"help": f"How a and lambda are chosen, one of {SCALING_MODES}."},
+        metadata={"help": f"How a and lambda are chosen, one of {SCALING_MODES}.", "choices": SCALING_MODES},
     )
     offset_fixed_a: float = field(default=1.0, metadata={"help": "a for offset_scaling='fixed'."})
     offset_fixed_lambda: float = field(default=0.5, metadata={"help": "lambda in [0, 1] for offset_scaling='fixed'."})
@@ -337,7 +410,7 @@ class BPModifiedTrainingArguments(TrainingArguments):
             batch_size=self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size,
             sample_size=self.offset_batch_size,
             micro_batch_size=self.offset_micro_batch_size,
-            period=parse_offset_period(self.offset_period),
+            period=self._parsed_offset_period(),
             scaling=self.offset_scaling,
             fixed_a=self.offset_fixed_a,
             fixed_lambda=self.offset_fixed_lambda,
@@ -347,128 +420,16 @@ class BPModifiedTrainingArguments(TrainingArguments):
             seed=self.seed if self.offset_seed is None else self.offset_seed,
         )
 
-    def _check_arguments(self) -> None:
-        """Check the type, range and finiteness of every argument this class adds, and normalise each to its type
-        (a boolean or number given as a string, as from a YAML or JSON file, is read as the command line reads it).
-        Each error names the argument, its value and a value that works."""
-        self.bp_modified = parse_bool("bp_modified", self.bp_modified, optional=True)
-        self.local_horizon = parse_int(
-            "local_horizon", self.local_horizon, 1, MAX_COUNT, "use 1 (Forward-Forward), 2 (LoCo), 5 (MPC) or more"
-        )
-        if not isinstance(self.block_granularity, str) or self.block_granularity not in (
-            "layer",
-            "layer+stem",
-            "stage",
-        ):
-            raise ValueError(
-                f"`block_granularity` ({_shown(self.block_granularity)}) must be 'layer' (one block per residual "
-                "layer), 'layer+stem' (the same, with the ResNet stem as a block of its own) or 'stage' (one block "
-                "per ResNet stage)."
-            )
-        self.max_nonfinite_steps = parse_int(
-            "max_nonfinite_steps",
-            self.max_nonfinite_steps,
-            0,
-            MAX_COUNT,
-            "the non-finite steps allowed in a row, e.g. 10",
-        )
-        self.rebuild_bpmod_state = parse_bool("rebuild_bpmod_state", self.rebuild_bpmod_state)
-        self.eval_block_accuracy = parse_bool("eval_block_accuracy", self.eval_block_accuracy)
-        self.offset_batch_size = parse_int(
-            "offset_batch_size",
-            self.offset_batch_size,
-            2,
-            MAX_COUNT,
-            "B' is the number of examples per offset refresh, e.g. 320",
-        )
-        self.offset_micro_batch_size = parse_int(
-            "offset_micro_batch_size",
-            self.offset_micro_batch_size,
-            1,
-            MAX_COUNT,
-            "b' is the micro-batch size of the offset pass, e.g. 8",
-        )
-        if self.offset_batch_size % self.offset_micro_batch_size:
-            raise ValueError(
-                f"`offset_micro_batch_size` ({self.offset_micro_batch_size}) must divide `offset_batch_size` "
-                f"({self.offset_batch_size}); e.g. use {self._divisor_hint()}."
-            )
-        if self.offset_batch_size // self.offset_micro_batch_size < 2:
-            raise ValueError(
-                f"`offset_batch_size` ({self.offset_batch_size}) must hold at least two micro-batches of "
-                f"`offset_micro_batch_size` ({self.offset_micro_batch_size}) to estimate the gradient variance; "
-                f"e.g. use {self._divisor_hint()}."
-            )
-        if isinstance(self.offset_period, bool) or not isinstance(self.offset_period, (str, int, float)):
-            raise ValueError(
-                f"`offset_period` ({_shown(self.offset_period)}) must be a string such as `'200'` or `'200steps'` "
-                "(optimizer steps) or `'epoch'`, `'1epoch'`, `'0.25epoch'` (epochs)."
-            )
-        parse_offset_period(self.offset_period)
-        if not isinstance(self.offset_scaling, str) or self.offset_scaling not in SCALING_MODES:
-            raise ValueError(f"`offset_scaling` ({_shown(self.offset_scaling)}) must be one of {SCALING_MODES}.")
-        self.offset_reliability = parse_bool("offset_reliability", self.offset_reliability, optional=True)
-        if self.offset_reliability is None:
-            self.offset_reliability = self.offset_scaling == "aligned"
-        self.offset_bias_correction = parse_bool("offset_bias_correction", self.offset_bias_correction)
-        if self.offset_max_ratio is None:
-            self.offset_max_ratio = 0.1 if self.offset_scaling == "aligned" else float("inf")
-        self.offset_max_ratio = parse_float(
-            "offset_max_ratio",
-            self.offset_max_ratio,
-            condition="a positive number",
-            hint="the largest share of the local gradient the offset may take, e.g. 0.1; use float('inf') for no cap",
-        )
-        if not self.offset_max_ratio > 0:
-            raise ValueError(
-                f"`offset_max_ratio` ({self.offset_max_ratio!r}) must be positive: the largest share of the local "
-                "gradient the offset may take, e.g. 0.1; use float('inf') for no cap."
-            )
-        self.offset_fixed_a = parse_float(
-            "offset_fixed_a",
-            self.offset_fixed_a,
-            condition="a finite number",
-            hint="the scale of the local gradient for `offset_scaling='fixed'`, e.g. 1.0",
-        )
-        if not math.isfinite(self.offset_fixed_a):
-            raise ValueError(
-                f"`offset_fixed_a` ({self.offset_fixed_a!r}) must be a finite number: the scale of the local gradient "
-                "for `offset_scaling='fixed'`, e.g. 1.0."
-            )
-        if abs(self.offset_fixed_a) > MAX_FIXED_A:
-            raise ValueError(
-                f"`offset_fixed_a` ({self.offset_fixed_a!r}) must lie in [-{MAX_FIXED_A:g}, {MAX_FIXED_A:g}]: it scales "
-                "the local gradient, and the scaled gradient must stay within float32's range; e.g. 1.0."
-            )
-        self.offset_fixed_lambda = parse_float(
-            "offset_fixed_lambda",
-            self.offset_fixed_lambda,
-            condition="a number in [0, 1]",
-            hint="the weight of the offset for `offset_scaling='fixed'`, e.g. 0.5",
-        )
-        if not 0.0 <= self.offset_fixed_lambda <= 1.0:
-            raise ValueError(
-                f"`offset_fixed_lambda` ({self.offset_fixed_lambda}) must lie in [0, 1]: the weight of the offset for "
-                "`offset_scaling='fixed'`, e.g. 0.5."
-            )
-        if self.offset_seed is not None:
-            self.offset_seed = parse_int(
-                "offset_seed",
-                self.offset_seed,
-                SEED_RANGE[0],
-                SEED_RANGE[1],
-                "the range torch's generators accept; e.g. 42, or None to use `seed`",
-            )
-        self.offset_log_file = check_log_file(self.offset_log_file)
+    def _parsed_offset_period(self) -> tuple[float, str]:
+        """``offset_period`` as ``(value, unit)``, as parsed by its check; parsed again only where it was set after
+        the arguments were built (or they were unpickled from a release that did not keep the parsed value)."""
+        given, parsed = getattr(self, "_checked_offset_period", (None, None))
+        if parsed is not None and (type(given), given) == (type(self.offset_period), self.offset_period):
+            return parsed
+        return parse_offset_period(self.offset_period)
 
-    def _divisor_hint(self) -> str:
-        """A value of ``offset_micro_batch_size`` that passes the checks: the divisor of ``offset_batch_size`` nearest
-        the one given that leaves at least two micro-batches."""
-        size = self.offset_batch_size
-        divisors = set()
-        for d in range(1, math.isqrt(size) + 1):
-            if size % d == 0:
-                divisors.update((d, size // d))
-        usable = [d for d in sorted(divisors) if size // d >= 2]  # never empty: size >= 2, so 1 is usable
-        near = min(usable, key=lambda d: abs(d - self.offset_micro_batch_size))
-        return f"`offset_micro_batch_size={near}`"
+    def _check_arguments(self) -> None:
+        """Run every argument this class adds through its check in ``ARGUMENT_CHECKS`` and keep the normalised value
+        (a boolean or number given as a string, as from a YAML or JSON file, is read as the command line reads it)."""
+        for name, check in ARGUMENT_CHECKS.items():
+            setattr(self, name, check(name, getattr(self, name), self))

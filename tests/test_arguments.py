@@ -5,20 +5,26 @@ property-based test that throws values of every type at every field."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import gc
+import io
 import json
 import os
+import pickle
 import re
 import tempfile
+import typing
 
 import pytest
 import torch
 import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
-from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
-from hf_bpmod.config import MAX_COUNT, SEED_RANGE
+from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, config
+from hf_bpmod.adapters import BlockGranularity
+from hf_bpmod.config import ARGUMENT_CHECKS, GRANULARITIES, MAX_COUNT, SCALING_MODES, SEED_RANGE
 from hf_bpmod.offset_pass import offset_sample
 from hf_bpmod.testing import SyntheticImages, tiny_resnet
 
@@ -285,6 +291,84 @@ def test_refused_arguments_leave_the_environment_as_it_was(tmp_path):
     assert dict(os.environ) == environment
 
 
+# ---------------------------------------------------------------------------------------------- declared checks
+def test_every_added_argument_has_exactly_one_check():
+    """``ARGUMENT_CHECKS`` covers the fields this class adds to ``TrainingArguments``, no more and no fewer: a new
+    field cannot go unchecked."""
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    added = [f.name for f in dataclasses.fields(BPModifiedTrainingArguments) if f.name not in inherited]
+    assert sorted(ARGUMENT_CHECKS) == sorted(added)
+
+
+@pytest.mark.parametrize(
+    "field, choices, outside",
+    [("block_granularity", GRANULARITIES, "Layer"), ("offset_scaling", SCALING_MODES, "best")],
+)
+def test_fields_with_fixed_values_list_them_and_refuse_others(tmp_path, capsys, field, choices, outside):
+    """``--help`` lists the choices, argparse refuses another value on the command line, and a value from a file or
+    from Python gets the error that names the field, the value and the accepted values."""
+    parser = HfArgumentParser(BPModifiedTrainingArguments)
+    assert f"--{field} {{{','.join(choices)}}}" in parser.format_help()
+    base = ["--output_dir", str(tmp_path), "--report_to", "none"]
+    for choice in choices:
+        (args,) = parser.parse_args_into_dataclasses([*base, f"--{field}", choice])
+        assert getattr(args, field) == choice
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args_into_dataclasses([*base, f"--{field}", outside])
+    assert exit_.value.code == 2 and f"invalid choice: '{outside}'" in capsys.readouterr().err
+    (tmp_path / "args.yaml").write_text(f"output_dir: {tmp_path}\nreport_to: none\n{field}: {outside}\n")
+    with pytest.raises(ValueError, match=rf"`{field}` \('{outside}'\) must be") as error:
+        parser.parse_yaml_file(str(tmp_path / "args.yaml"))
+    assert all(repr(choice) in str(error.value) for choice in choices)
+
+
+def test_the_granularities_are_the_adapters_literal():
+    assert GRANULARITIES == typing.get_args(BlockGranularity) and len(GRANULARITIES) == 3
+
+
+def test_offset_period_is_parsed_once_when_the_arguments_are_built(tmp_path, monkeypatch):
+    calls = []
+
+    def counted(period):
+        calls.append(period)
+        return parse(period)
+
+    parse = config.parse_offset_period
+    monkeypatch.setattr(config, "parse_offset_period", counted)
+    args = _args(tmp_path, offset_period="0.5epoch")
+    assert calls == ["0.5epoch"]
+    assert args.offset_settings().period == (0.5, "epoch") and args.offset_settings().period_steps(10) == 5
+    assert calls == ["0.5epoch"]  # offset_settings() reads the parsed value
+    args.offset_period = "3"  # set after the arguments were built: parsed when read, as before
+    assert args.offset_settings().period == (3.0, "step")
+    args.offset_period = "often"
+    with pytest.raises(ValueError, match=r"`offset_period` \('often'\) is not understood"):
+        args.offset_settings()
+
+
+def test_the_parsed_period_is_no_argument(tmp_path):
+    """The parsed ``offset_period`` is kept beside the fields: ``to_dict()``, the JSON, copies, pickles (the
+    Trainer's ``training_args.bin``) and ``dataclasses.replace`` see the arguments as given."""
+    args = _args(tmp_path, offset_period="2steps")
+    fields = {f.name for f in dataclasses.fields(args) if f.init}
+    assert set(args.to_dict()) == fields and json.loads(args.to_json_string())["offset_period"] == "2steps"
+    assert "_checked_offset_period" not in str(args)
+    buffer = io.BytesIO()
+    torch.save(args, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(args), pickle.loads(pickle.dumps(args)), torch.load(buffer, weights_only=False)]
+    for copied in copies:
+        assert copied.to_dict() == args.to_dict() and copied.offset_settings() == args.offset_settings()
+    assert args.offset_settings().period == (2.0, "step")
+    replaced = dataclasses.replace(args, offset_period="0.25epoch")
+    assert replaced.offset_period == "0.25epoch" and replaced.offset_settings().period == (0.25, "epoch")
+    assert args.offset_settings().period == (2.0, "step")
+    older = copy.deepcopy(args)
+    del older._checked_offset_period  # unpickled from a release that did not keep it
+    assert older.offset_settings() == args.offset_settings()
+
+
 # ---------------------------------------------------------------------------------------------- property-based
 _ANY = st.one_of(
     st.none(),
@@ -355,10 +439,20 @@ _TYPES = {
 _CONTEXT = {"offset_fixed_a": dict(offset_scaling="fixed"), "offset_fixed_lambda": dict(offset_scaling="fixed")}
 
 
+@pytest.fixture
+def frozen_heap():
+    """Every ``train()`` starts with accelerate's ``free_memory()``, a full ``gc.collect()`` that walks each object
+    alive (torch, transformers, hypothesis): most of a one-step run's time. Frozen first, those are skipped, and the
+    collection walks only what the examples made."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.mark.parametrize("field", sorted(_NEAR))
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_any_value_is_refused_when_built_or_trains(field, data):
+def test_any_value_is_refused_when_built_or_trains(field, frozen_heap, data):
     """Each field, given any value: either ``BPModifiedTrainingArguments`` refuses it (``ValueError`` or
     ``TypeError`` naming the field), or ``BPModifiedTrainer`` refuses it when it is built, before any training
     (a check that needs the data, e.g. ``offset_batch_size`` against the training set), or one step trains."""

@@ -1,0 +1,81 @@
+"""How ``BPModifiedTrainingArguments`` reads a boolean or a number given as a Python value or as a string (from the
+command line, a YAML or a JSON file), and the errors it raises: each names the argument, shows the value and says
+what works."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any
+
+MAX_COUNT = 2**31 - 1  # the largest count (steps, examples, blocks) an argument may hold
+_TRUE = ("yes", "y", "true", "t", "on", "1")  # HfArgumentParser's and transformers' ``strtobool`` spellings
+_FALSE = ("no", "n", "false", "f", "off", "0")
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to a readable length for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:45]}...{text[-10:]} ({len(text)} characters)"
+
+
+def parse_bool(name: str, value: Any, optional: bool = False) -> bool | None:
+    """An argument's boolean as ``HfArgumentParser`` reads it from the command line: ``True``/``False``, ``1``/``0``
+    or a string ``"true"``/``"false"``, ``"yes"``/``"no"``, ``"t"``/``"f"``, ``"y"``/``"n"``, ``"on"``/``"off"``,
+    ``"1"``/``"0"`` (any case); ``None`` where ``optional``. Anything else raises ``ValueError`` naming ``name``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    accepted = "True, False" + (" or None (the default)" if optional else "")
+    raise ValueError(
+        f"`{name}` ({shown(value)}) must be {accepted}; strings are read as on the command line: "
+        f"{'/'.join(_TRUE)} for True, {'/'.join(_FALSE)} for False."
+    )
+
+
+def parse_int(name: str, value: Any, minimum: int, maximum: int, hint: str) -> int:
+    """An argument's integer in ``[minimum, maximum]``: an ``int`` (not a ``bool``) or a string ``int()`` reads, as
+    from the command line. A float, even a whole one, is refused: the argument counts something."""
+    number = None
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            pass
+    elif not isinstance(value, (bool, float)):
+        try:
+            number = operator.index(value)  # int and integer types of numpy / torch
+        except TypeError:
+            pass
+    limits = f">= {minimum}" if maximum == MAX_COUNT else f"from {minimum} to {maximum}"
+    if number is None:
+        whole = isinstance(value, float) and math.isfinite(value) and value == int(value)
+        fix = f"write `{name}={int(value)}`" if whole else hint
+        raise ValueError(f"`{name}` ({shown(value)}) must be an integer {limits}; {fix}.")
+    if number < minimum:
+        raise ValueError(f"`{name}` ({shown(value)}) must be an integer {limits}; {hint}.")
+    if number > maximum:
+        raise ValueError(f"`{name}` ({shown(value)}) must be at most {maximum}; {hint}.")
+    return number
+
+
+def parse_float(name: str, value: Any, *, condition: str, hint: str) -> float:
+    """An argument's real number: an ``int`` or ``float`` (not a ``bool``), or a string ``float()`` reads, as from
+    the command line. NaN is always refused; the caller checks the range (``condition`` says it in the message)."""
+    number = None
+    try:
+        if isinstance(value, str):
+            number = float(value.strip())
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            number = float(value)
+    except (ValueError, OverflowError):
+        pass
+    if number is None or math.isnan(number):
+        raise ValueError(f"`{name}` ({shown(value)}) must be {condition}; {hint}.")
+    return number
