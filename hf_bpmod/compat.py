@@ -153,14 +153,22 @@ def reload_full_model(checkpoint: str, model: nn.Module) -> bool:
 UNNAMED_BASE_MODEL_SENTENCE = "This model is a fine-tuned version of [](https://huggingface.co/) on "
 
 
+#: Whether ``PreTrainedModel.from_pretrained`` looks for a peft adapter itself, with the hub arguments it was given
+#: (transformers < 5; since, only ``AutoModel*.from_pretrained`` looks, without them: see ``model_load_kwargs``).
+_MODEL_LOOKS_FOR_ADAPTERS_ITSELF = "find_adapter_config_file" in (
+    inspect.unwrap(transformers.PreTrainedModel.from_pretrained.__func__).__code__.co_names
+)
+
+
 def model_load_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """No release fixes this yet (transformers 5.25: load a cached model with ``local_files_only=True`` while the Hub
     is unreachable to see it).
 
     ``AutoModel*.from_pretrained`` looks for a peft ``adapter_config.json`` without the ``local_files_only`` and
     ``cache_dir`` it was given, so with the Hub out of reach it retries that one file for about 20 seconds before it
-    loads the cached model. ``adapter_kwargs`` gives that lookup the same settings."""
-    if not kwargs.get("local_files_only"):
+    loads the cached model. ``adapter_kwargs`` gives that lookup the same settings. Releases whose model class looks
+    itself pass them already (and would get them twice)."""
+    if not kwargs.get("local_files_only") or _MODEL_LOOKS_FOR_ADAPTERS_ITSELF:
         return kwargs
     adapter = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token") if kwargs.get(k) is not None}
     return {**kwargs, "adapter_kwargs": adapter}
