@@ -22,14 +22,15 @@ from transformers.utils import logging as hf_logging
 
 from hf_bpmod import get_adapter
 from hf_bpmod.memory import peak_saved_bytes
-from hf_bpmod.testing import TINY_KINDS, embedded_short_run, tiny_model
+from hf_bpmod.testing import TINY_KINDS, embedded_short_run, short_run_data, tiny_model
 
 #: ``beit_shared`` (one position bias shared by every layer) is refused by the BEiT adapter until
 #: ``hf_bpmod.adapters.unshare_relative_position_bias`` gives each layer its copy; ``beit`` is measured instead.
 KINDS = [kind for kind in TINY_KINDS if kind != "beit_shared"]
 
 
-def measure(kind: str, image_size: int, batch: int, accuracy: bool) -> dict:
+def measure(kind: str, image_size: int, batch: int, data: tuple | None) -> dict:
+    """One row; ``data``: the short run's data (:func:`short_run_data`), or ``None`` for no short run."""
     model = tiny_model(kind, image_size=image_size).train()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, image_size, image_size, generator=g)
@@ -42,9 +43,9 @@ def measure(kind: str, image_size: int, batch: int, accuracy: bool) -> dict:
         "bp": bp,
         "h1": local,
     }
-    if accuracy:
+    if data is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            row["accuracy"] = embedded_short_run(kind, tmp)
+            row["accuracy"] = embedded_short_run(kind, tmp, data=data)
     return row
 
 
@@ -77,7 +78,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     opts = parser.parse_args()
     hf_logging.set_verbosity_error()
-    rows = [measure(kind, opts.image_size, opts.batch, opts.accuracy) for kind in opts.kinds]
+    data = short_run_data() if opts.accuracy else None  # transformed once for every kind
+    rows = [measure(kind, opts.image_size, opts.batch, data) for kind in opts.kinds]
     text = table(rows, opts.image_size, opts.batch)
     command = " ".join(["python", "benchmarks/architectures.py", *sys.argv[1:]])
     text += f"\n\nCommand: `{command}`\n"
