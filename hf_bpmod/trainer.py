@@ -65,7 +65,7 @@ class BPModifiedTrainer(Trainer):
             raise ValueError("`model_init` is not supported by BPModifiedTrainer: pass an instantiated `model`.")
         self.adapter = get_adapter(model)  # fails here, before any work, for unsupported models
         block_metrics.check_eval_block_accuracy(args, model)
-        self.bp_modified = self._resolve_bp_modified(args)
+        self.bp_modified = setup_checks.resolve_bp_modified(args, self.adapter)
         if args.gradient_checkpointing:
             compat.check_layer_checkpointing(model)
         if type(self).compute_loss is not BPModifiedTrainer.compute_loss:
@@ -86,7 +86,7 @@ class BPModifiedTrainer(Trainer):
         self.add_callback(_OffsetLogStart(self))
         self.add_callback(head_clipping.ClipAuxHeadGradients(self.aux_heads))
         self.block_chain = self.adapter.chain(base, self.aux_heads, args.block_granularity)
-        setup_checks.warn_about_ignored_settings(self)
+        setup_checks.warn_about_ignored_settings(args, self.block_chain.num_blocks)
         missed = self.block_chain.uncovered_parameters(self.model)
         if missed:
             warnings.warn(
@@ -114,23 +114,6 @@ class BPModifiedTrainer(Trainer):
         self.add_callback(self.block_metrics)
 
     # ------------------------------------------------------------------ set-up
-    def _resolve_bp_modified(self, args: BPModifiedTrainingArguments) -> bool:
-        """``bp_modified`` as given, or (``None``) the architecture's default
-        (``ArchitectureAdapter.offset_by_default``), which is logged."""
-        if args.bp_modified is not None:
-            return args.bp_modified
-        chosen = self.adapter.offset_by_default
-        name = self.adapter.model_type
-        if chosen:
-            logger.info(f"bp_modified=None: the BP offset is on, the default for {name} models.")
-        else:  # a warning from the main process only
-            (logger.warning if args.should_log else logger.info)(
-                f"bp_modified=None: no BP offset for this {name} model, which trains with the plain local loss: on "
-                f"{name} models the offset did not improve accuracy in the package's measurements. Pass "
-                "`bp_modified=True` for the paper's method, or `bp_modified=False` to silence this."
-            )
-        return chosen
-
     @property
     def uses_offset(self) -> bool:
         """Whether the BP offset is on (``bp_modified``, resolved per architecture when ``None``, and some block's
