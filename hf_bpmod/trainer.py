@@ -81,7 +81,7 @@ class BPModifiedTrainer(Trainer):
         self.forward_takes_labels = losses.forward_takes_labels(self.model)
         if args.label_names is None and not self.forward_takes_labels:
             self.label_names = ["labels"]  # keep the column that the trainer's own loss reads
-        distributed.reject_unsupported_backends(self)
+        distributed.reject_unsupported_backends(self.accelerator, args, self.model)
         base = unwrap_model(self.model)
         self.training_loss = losses.TrainingLoss(
             base,
@@ -210,7 +210,7 @@ class BPModifiedTrainer(Trainer):
         return result.loss
 
     def _forward_context(self) -> contextlib.ExitStack:
-        return precision.forward_context(self)
+        return precision.forward_context(self.accelerator, self.compute_loss_context_manager)
 
     def _grad_scale(self) -> float:
         return precision.loss_scale(self.accelerator, self.args.device)
@@ -308,11 +308,14 @@ class BPModifiedTrainer(Trainer):
         if checkpoint is None:
             super()._load_optimizer_and_scheduler(checkpoint)
             return
-        state = load_bpmod_state(checkpoint, self)  # checked against this model before the optimizer's state
+        # checked against this model before the optimizer's state; None: rebuild_bpmod_state with a fresh state
+        state = load_bpmod_state(checkpoint, self.aux_heads, self.block_chain.block_params, self.args)
         super()._load_optimizer_and_scheduler(checkpoint)
-        self.load_bpmod_state_dict(state)
-        if state.get("rebuilt"):  # fresh heads (rebuild_bpmod_state) start with no optimizer state
-            forget_optimizer_state(self.optimizer, self.aux_heads.parameters())
+        if state is not None:
+            self.load_bpmod_state_dict(state)
+            return
+        self.offset.state = OffsetState()  # refreshed at the next step
+        forget_optimizer_state(self.optimizer, self.aux_heads.parameters())  # the heads start afresh
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the model weights of a checkpoint to resume from (see `_reload_full_model`)."""
