@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,9 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from ._extras import require_extra
 from ._files import write_atomically
-from .adapters import unwrap_model
+from ._unwrap import unwrap_model
+from .chain import BlockChain
+from .losses import split_inputs
 
 ReduceSum = Callable[[torch.Tensor], Any]
 SINGLE_LABEL_ONLY = ("regression", "multi_label_classification")
@@ -71,20 +73,41 @@ class BlockMetrics(TrainerCallback):
     """Collects the per-block metrics of a :class:`~hf_bpmod.BPModifiedTrainer` (see the module's docstring).
 
     Args:
-        trainer: the trainer; its chain, auxiliary heads, arguments and accelerator are read when needed.
+        chain: the model's blocks and heads (the auxiliary heads on block outputs, the model's own last).
+        aux_heads: the auxiliary heads, put in evaluation mode while evaluation runs.
+        loss: ``L`` of one head's logits and the labels (:class:`~hf_bpmod.losses.TrainingLoss`): the evaluation loss.
+        accelerator: its ``gather_for_metrics`` gathers predictions, its ``num_processes`` averages the losses.
+        eval_block_accuracy: the training argument: report every head's evaluation accuracy.
+        logging_nan_inf_filter: the training argument: a non-finite loss counts as the average so far.
+        label_names: the Trainer's ``label_names``, which must hold ``labels`` for ``eval_block_accuracy``.
         reduce_sum: the in-place sum across processes (``dist.all_reduce``), ``None`` with one process.
     """
 
-    def __init__(self, trainer: Any, reduce_sum: ReduceSum | None = None) -> None:
-        if trainer.args.eval_block_accuracy and "labels" not in trainer.label_names:
+    def __init__(
+        self,
+        chain: BlockChain,
+        aux_heads: nn.Module,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        accelerator: Any,
+        *,
+        eval_block_accuracy: bool = False,
+        logging_nan_inf_filter: bool = True,
+        label_names: Sequence[str] = ("labels",),
+        reduce_sum: ReduceSum | None = None,
+    ) -> None:
+        if eval_block_accuracy and "labels" not in label_names:
             raise ValueError(
                 "`eval_block_accuracy` scores every head against the `labels` of each evaluation batch, but the "
-                f"Trainer's `label_names` is {trainer.label_names} (some transformers releases find none in a peft "
+                f"Trainer's `label_names` is {label_names} (some transformers releases find none in a peft "
                 "model's forward). Pass `label_names=['labels']` in the arguments."
             )
-        self.trainer = trainer
+        self.chain = chain
+        self.aux_heads = aux_heads
+        self.loss = loss
+        self.accelerator = accelerator
+        self.eval_block_accuracy = eval_block_accuracy
+        self.logging_nan_inf_filter = logging_nan_inf_filter
         self.reduce_sum = reduce_sum
-        chain = trainer.block_chain
         self.heads = [s for s in range(1, chain.num_blocks + 1) if chain.heads[s - 1] is not None]
         self._sums: dict[int, torch.Tensor] = {}
         self._steps = 0
@@ -102,7 +125,7 @@ class BlockMetrics(TrainerCallback):
         """Add one micro-batch's ``L(x_s)`` (detached, scaled as the Trainer scales ``loss``) to the sums;
         ``step_done`` on the last micro-batch of an optimizer step. With ``logging_nan_inf_filter`` a non-finite
         loss counts as the average so far, as the Trainer counts its ``loss``."""
-        nan_filter = self.trainer.args.logging_nan_inf_filter
+        nan_filter = self.logging_nan_inf_filter
         for s, loss in head_losses.items():
             total = self._sums.get(s)
             if total is None:
@@ -123,7 +146,7 @@ class BlockMetrics(TrainerCallback):
         totals = torch.stack([self._sums[s] for s in heads])
         if self.reduce_sum is not None:
             self.reduce_sum(totals)
-            totals = totals / self.trainer.accelerator.num_processes
+            totals = totals / self.accelerator.num_processes
         steps, self._sums, self._steps = self._steps, {}, 0
         return {loss_name(s): total / steps for s, total in zip(heads, totals.tolist())}
 
@@ -131,9 +154,9 @@ class BlockMetrics(TrainerCallback):
     def evaluation_loop(self, loop: Callable[..., Any], *args: Any, metric_key_prefix: str = "eval", **kwargs: Any):
         """Run the Trainer's evaluation ``loop``; with ``eval_block_accuracy`` its metrics gain
         ``{metric_key_prefix}_block_{s}_accuracy`` of every head."""
-        if not self.trainer.args.eval_block_accuracy:
+        if not self.eval_block_accuracy:
             return loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-        aux_heads = self.trainer.aux_heads
+        aux_heads = self.aux_heads
         was_training = aux_heads.training
         self._correct, self._count, self.collecting = None, 0, True
         aux_heads.eval()
@@ -161,14 +184,13 @@ class BlockMetrics(TrainerCallback):
     def compute_loss(self, inputs: dict[str, Any], return_outputs: bool):
         """The Trainer's evaluation loss and logits from one forward through the blocks, recording every head's
         predictions on the way."""
-        trainer = self.trainer
-        pixel_values, labels = trainer._split_inputs(inputs)
+        pixel_values, labels = split_inputs(inputs)
         if labels.ndim != 1 or labels.is_floating_point():
             raise ValueError(
                 "`eval_block_accuracy` needs single-label classification (one integer class per example), got "
                 f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype}. Set `eval_block_accuracy=False`."
             )
-        chain = trainer.block_chain
+        chain = self.chain
         predictions = []
         x = _as_input_of(chain.blocks[0], pixel_values)  # as the model's forward casts the pixels
         for t, block in enumerate(chain.blocks[:-1]):
@@ -178,14 +200,14 @@ class BlockMetrics(TrainerCallback):
                 predictions.append(head(_as_input_of(head, x)).argmax(-1))
         logits = chain.heads[-1](chain.blocks[-1](x))
         predictions.append(logits.argmax(-1))
-        loss = trainer._logits_loss(logits, labels)
+        loss = self.loss(logits, labels)
         self._record(torch.stack(predictions, dim=1), labels)
         return (loss, ImageClassifierOutput(loss=loss, logits=logits)) if return_outputs else loss
 
     def _record(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
         """Count the correct predictions of every head over the batch of every process (one gather per batch)."""
         both = torch.cat([predictions, labels.to(predictions.dtype)[:, None]], dim=1)
-        both = self.trainer.accelerator.gather_for_metrics(both)
+        both = self.accelerator.gather_for_metrics(both)
         correct = (both[:, :-1] == both[:, -1:]).sum(dim=0)
         self._correct = correct if self._correct is None else self._correct + correct
         self._count += both.shape[0]

@@ -31,7 +31,6 @@ from transformers.utils import logging
 
 from ._files import write_atomically
 from .offset import BlockOffset
-from .offset_pass import OffsetState
 
 logger = logging.get_logger(__name__)
 
@@ -329,15 +328,17 @@ def check_against_model(
                 )
 
 
-def load_bpmod_state(checkpoint: str, trainer: Any) -> dict[str, Any]:
-    """The state saved in ``checkpoint``, checked against ``trainer``'s model and block split before anything is
-    loaded, with the offsets on their parameters' devices. With ``rebuild_bpmod_state``, a missing or damaged state
-    gives the trainer's fresh one (its heads as built, an offset refreshed at the next step; marked ``rebuilt``)."""
-    args, chain = trainer.args, trainer.block_chain
+def load_bpmod_state(
+    checkpoint: str, aux_heads: torch.nn.Module, block_params: list[list], args: Any
+) -> dict[str, Any] | None:
+    """The state saved in ``checkpoint``, checked against ``aux_heads``, the blocks' trainable parameters
+    (``block_params``) and the block split of ``args`` before anything is loaded, with the offsets on their
+    parameters' devices. With ``args.rebuild_bpmod_state``, ``None`` for a missing or damaged state: the caller
+    keeps its heads, drops their optimizer state and starts a fresh offset (refreshed at the next step)."""
     try:
         state, path = read_bpmod_state(checkpoint)
         check_block_split(state, args)
-        check_against_model(state, path, trainer.aux_heads, chain.block_params)
+        check_against_model(state, path, aux_heads, block_params)
     except BPModStateError as e:
         if not args.rebuild_bpmod_state:
             raise
@@ -346,8 +347,8 @@ def load_bpmod_state(checkpoint: str, trainer: Any) -> dict[str, Any]:
             "resuming the model and optimizer from the checkpoint with fresh auxiliary heads (and their optimizer "
             "state) and a fresh offset, refreshed at the next step."
         )
-        return {**trainer.bpmod_state_dict(), "offset": OffsetState().state_dict(), "rebuilt": True}
-    for block, params in zip(state["offset"]["blocks"], chain.block_params):
+        return None
+    for block, params in zip(state["offset"]["blocks"], block_params):
         if block["delta"] is not None:
             block["delta"] = [d.to(p.device) for d, p in zip(block["delta"], params)]
     return state

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import LabelSmoother
 
-from .adapters.base import unwrap_model
+from ._unwrap import unwrap_model
 
 #: Delete when: transformers >= 5.0. Since 5 the label-smoothed loss is normalised by `num_items_in_batch` as the
 #: Trainer passes it; before, by the batch. Training follows whichever the installed Trainer does.

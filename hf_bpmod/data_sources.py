@@ -28,6 +28,7 @@ from typing import Any
 from . import compat
 from ._extras import require_extra
 from ._image_columns import IMAGE_COLUMN_CANDIDATES, LABEL_COLUMN_CANDIDATES, SPLITS, Piece, assemble
+from .embedded_data import EMBEDDED_DATASET_NAME, load_animal_shape_mnist
 
 with require_extra("hf_bpmod.data"):
     import datasets
@@ -133,8 +134,6 @@ def load_image_dataset(
     Returns:
         An :class:`ImageData`.
     """
-    from .data import EMBEDDED_DATASET_NAME, load_animal_shape_mnist
-
     given = {split: path for split, path in zip(SPLITS, (train_file, validation_file, test_file)) if path}
     if dataset_name and given:
         raise ValueError(

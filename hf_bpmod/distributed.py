@@ -64,34 +64,37 @@ def average_buffers(modules: Iterable[nn.Module], num_processes: int) -> None:
             all_reduce_mean(buffers, num_processes)
 
 
-def reject_unsupported_backends(trainer: Any) -> None:
-    """Raise for the parallel backends that cannot run local gradients, naming what to launch instead."""
-    if trainer.is_deepspeed_enabled:
+def reject_unsupported_backends(accelerator: Any, args: Any, model: nn.Module) -> None:
+    """Raise for the parallel backends that cannot run local gradients, naming what to launch instead: those of the
+    ``accelerator`` (DeepSpeed and FSDP plugins, as ``Trainer.is_deepspeed_enabled`` reads them, and its parallelism
+    config), of ``args`` (one process on several GPUs) and of the ``model`` (SyncBatchNorm)."""
+    state = accelerator.state
+    if getattr(state, "deepspeed_plugin", None) is not None:
         raise ValueError(
             "DeepSpeed is not supported by BPModifiedTrainer (its engine owns the backward pass). "
             "Launch with plain data parallelism: `torchrun --nproc_per_node N` or `accelerate launch` without a "
             "DeepSpeed config."
         )
-    if trainer.is_fsdp_enabled:
+    if getattr(state, "fsdp_plugin", None) is not None:
         raise ValueError(
             "FSDP is not supported by BPModifiedTrainer (sharded parameters cannot be differentiated block by "
             "block). Launch with plain data parallelism (DDP): `torchrun --nproc_per_node N` or "
             "`accelerate launch` with `distributed_type: MULTI_GPU`."
         )
-    if trainer.args.n_gpu > 1:
+    if args.n_gpu > 1:
         raise ValueError(
-            f"One process sees {trainer.args.n_gpu} GPUs: BPModifiedTrainer does not support `nn.DataParallel` (it "
+            f"One process sees {args.n_gpu} GPUs: BPModifiedTrainer does not support `nn.DataParallel` (it "
             "never calls the wrapped model's forward, so only one GPU would work). Launch one process per GPU: "
             "`torchrun --nproc_per_node N ...` or `accelerate launch --multi_gpu ...`."
         )
-    config = compat.parallelism_config(trainer.accelerator)
+    config = compat.parallelism_config(accelerator)
     sharded = [n for n in ("tp_size", "cp_size", "sp_size") if (getattr(config, n, None) or 1) > 1]
     if sharded:
         raise ValueError(
             f"Tensor, context and sequence parallelism are not supported by BPModifiedTrainer ({sharded} > 1 in "
             "the accelerate parallelism config): use plain data parallelism."
         )
-    if any(isinstance(m, nn.SyncBatchNorm) for m in trainer.model.modules()):
+    if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         raise ValueError(
             "SyncBatchNorm is not supported by BPModifiedTrainer: the offset pass runs a different number of "
             "micro-batches on each process, so its collectives would not match. Keep the model's BatchNorm "

@@ -79,6 +79,28 @@ def _disarm(inner: Any) -> None:
             inner.step = previous
 
 
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+class _InARow:
+    """Failures in a row: ``allowed`` of them pass, the next raises :class:`NonFiniteTrainingError`."""
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.count = 0
+
+    def success(self) -> None:
+        self.count = 0
+
+    def failure(self, message: Callable[[str], str]) -> None:
+        """Count one more failure; past ``allowed``, raise with ``message`` of its ordinal (``"3rd"``)."""
+        self.count += 1
+        if self.count > self.allowed:
+            raise NonFiniteTrainingError(message(_ordinal(self.count)))
+
+
 class NonFiniteGuard:
     """Checks each optimizer step's losses and gradients and skips the step when one is not finite.
 
@@ -113,12 +135,22 @@ class NonFiniteGuard:
                     seen.add(id(p))
                     self.params.append(p)
                     self.owners.append(name)
-        self.skipped_in_a_row = 0
-        self.failed_refreshes_in_a_row = 0
+        self._skipped = _InARow(max_nonfinite_steps)
+        self._failed_refreshes = _InARow(max_nonfinite_steps)
         self._losses: list[tuple[list[int], torch.Tensor]] = []
         self._buffers: list[torch.Tensor] = []
         self._snapshot: list[torch.Tensor] = []
         self._optimizer: Any = None
+
+    @property
+    def skipped_in_a_row(self) -> int:
+        """Optimizer steps skipped in a row, up to the last one."""
+        return self._skipped.count
+
+    @property
+    def failed_refreshes_in_a_row(self) -> int:
+        """Offset refreshes with non-finite statistics in a row, up to the last one."""
+        return self._failed_refreshes.count
 
     # ------------------------------------------------------------------ during the step
     def start_step(self) -> None:
@@ -164,7 +196,7 @@ class NonFiniteGuard:
         num_losses = len(loss_keys)
         checked = verdict[num_losses:] if scaler_enabled else verdict
         if bool(torch.isfinite(checked).all()):
-            self.skipped_in_a_row = 0
+            self._skipped.success()
             return True
         self._restore_buffers()
         if scaler_enabled:  # the scaler's own overflow: it skips the step and lowers its scale
@@ -180,14 +212,14 @@ class NonFiniteGuard:
             p.grad = None
         self._optimizer = optimizer
         _skip_once(optimizer)
-        self.skipped_in_a_row += 1
-        if self.skipped_in_a_row > self.max_nonfinite_steps:
-            raise NonFiniteTrainingError(
-                f"Step {global_step}: {what} is not finite, the {self._nth(self.skipped_in_a_row)} step in a row "
+        self._skipped.failure(
+            lambda nth: (
+                f"Step {global_step}: {what} is not finite, the {nth} step in a row "
                 f"(max_nonfinite_steps={self.max_nonfinite_steps}); training stopped. The model, its buffers, the "
                 f"optimizer state and the auxiliary heads are left as they were after the last finite step. "
                 f"{WHAT_TO_CHECK}."
             )
+        )
         warnings.warn(
             f"Step {global_step}: {what} is not finite; the optimizer step is skipped (weights, optimizer state, "
             f"buffers and auxiliary heads unchanged), {self.skipped_in_a_row} in a row of the "
@@ -201,23 +233,17 @@ class NonFiniteGuard:
         """Count an offset refresh: a failed one (non-finite statistics, previous offset kept) adds to its run;
         raises :class:`NonFiniteTrainingError` when one more than ``max_nonfinite_steps`` fails in a row."""
         if finite:
-            self.failed_refreshes_in_a_row = 0
+            self._failed_refreshes.success()
             return
-        self.failed_refreshes_in_a_row += 1
-        if self.failed_refreshes_in_a_row > self.max_nonfinite_steps:
-            raise NonFiniteTrainingError(
-                f"Step {global_step}: the offset refresh gave non-finite statistics, the "
-                f"{self._nth(self.failed_refreshes_in_a_row)} refresh in a row (max_nonfinite_steps="
-                f"{self.max_nonfinite_steps}); training stopped. The model is left as it was after the last finite "
-                f"step. {WHAT_TO_CHECK}."
+        self._failed_refreshes.failure(
+            lambda nth: (
+                f"Step {global_step}: the offset refresh gave non-finite statistics, the {nth} refresh in a "
+                f"row (max_nonfinite_steps={self.max_nonfinite_steps}); training stopped. The model is left as it was "
+                f"after the last finite step. {WHAT_TO_CHECK}."
             )
+        )
 
     def _restore_buffers(self) -> None:
         if self._buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self._buffers, self._snapshot)
-
-    @staticmethod
-    def _nth(n: int) -> str:
-        suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-        return f"{n}{suffix}"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from ._files import write_atomically
 from .compat import UNNAMED_BASE_MODEL_SENTENCE
 
 CARD_TAGS = ("hf_bpmod", "local-learning")
@@ -44,7 +44,4 @@ def add_method_section(path: str, description: dict[str, Any]) -> None:
     )
     lines.append("")
     lines += [f"- {key}: {value}" for key, value in description.items()]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(card + "\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, (card + "\n".join(lines) + "\n").encode("utf-8"))

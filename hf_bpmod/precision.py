@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 
-def forward_context(trainer: Any) -> contextlib.ExitStack:
-    """The context of every forward computation: the Trainer's ``compute_loss_context_manager`` and accelerate's
-    autocast (which wraps ``model.forward`` only; the chain calls the model's blocks directly, so without this
-    ``bf16``/``fp16`` would silently run in fp32)."""
+def forward_context(
+    accelerator: Any, compute_loss_context_manager: Callable[[], contextlib.AbstractContextManager]
+) -> contextlib.ExitStack:
+    """The context of every forward computation: the Trainer's ``compute_loss_context_manager`` and the
+    ``accelerator``'s autocast (which wraps ``model.forward`` only; the chain calls the model's blocks directly, so
+    without this ``bf16``/``fp16`` would silently run in fp32)."""
     stack = contextlib.ExitStack()
-    stack.enter_context(trainer.compute_loss_context_manager())
-    stack.enter_context(trainer.accelerator.autocast())
+    stack.enter_context(compute_loss_context_manager())
+    stack.enter_context(accelerator.autocast())
     return stack
 
 

@@ -22,7 +22,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from . import block_metrics, compat, distributed, head_clipping, losses, precision, run_lock, setup_checks
-from .adapters import get_adapter, unwrap_model
+from ._unwrap import unwrap_model
+from .adapters import get_adapter
 from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
 from .config import BPModifiedTrainingArguments
 from .guard import NonFiniteGuard
@@ -65,7 +66,7 @@ class BPModifiedTrainer(Trainer):
             raise ValueError("`model_init` is not supported by BPModifiedTrainer: pass an instantiated `model`.")
         self.adapter = get_adapter(model)  # fails here, before any work, for unsupported models
         block_metrics.check_eval_block_accuracy(args, model)
-        self.bp_modified = self._resolve_bp_modified(args)
+        self.bp_modified = setup_checks.resolve_bp_modified(args, self.adapter)
         if args.gradient_checkpointing:
             compat.check_layer_checkpointing(model)
         if type(self).compute_loss is not BPModifiedTrainer.compute_loss:
@@ -77,16 +78,24 @@ class BPModifiedTrainer(Trainer):
                 stacklevel=2,
             )
         super().__init__(model=model, args=args, **kwargs)
-        if args.label_names is None and not losses.forward_takes_labels(self.model):
+        self.forward_takes_labels = losses.forward_takes_labels(self.model)
+        if args.label_names is None and not self.forward_takes_labels:
             self.label_names = ["labels"]  # keep the column that the trainer's own loss reads
-        distributed.reject_unsupported_backends(self)
+        distributed.reject_unsupported_backends(self.accelerator, args, self.model)
         base = unwrap_model(self.model)
+        self.training_loss = losses.TrainingLoss(
+            base,
+            compute_loss_func=self.compute_loss_func,
+            label_smoother=self.label_smoother,
+            model_accepts_loss_kwargs=self.model_accepts_loss_kwargs,
+            average_tokens_across_devices=args.average_tokens_across_devices,
+        )
         self.aux_heads = self.adapter.aux_heads(base, args.local_horizon, args.block_granularity).to(args.device)
         distributed.broadcast_from_main_process(self.aux_heads)  # not part of the DDP model: start equal everywhere
         self.add_callback(_OffsetLogStart(self))
         self.add_callback(head_clipping.ClipAuxHeadGradients(self.aux_heads))
         self.block_chain = self.adapter.chain(base, self.aux_heads, args.block_granularity)
-        setup_checks.warn_about_ignored_settings(self)
+        setup_checks.warn_about_ignored_settings(args, self.block_chain.num_blocks)
         missed = self.block_chain.uncovered_parameters(self.model)
         if missed:
             warnings.warn(
@@ -110,27 +119,19 @@ class BPModifiedTrainer(Trainer):
         self.guard = NonFiniteGuard(
             self.block_chain, [base, self.aux_heads], args.max_nonfinite_steps, reduce_sum=reduce_sum
         )
-        self.block_metrics = block_metrics.BlockMetrics(self, reduce_sum)  # per-block losses and accuracies
+        self.block_metrics = block_metrics.BlockMetrics(  # per-block losses and accuracies
+            self.block_chain,
+            self.aux_heads,
+            self.training_loss,
+            self.accelerator,
+            eval_block_accuracy=args.eval_block_accuracy,
+            logging_nan_inf_filter=args.logging_nan_inf_filter,
+            label_names=self.label_names,
+            reduce_sum=reduce_sum,
+        )
         self.add_callback(self.block_metrics)
 
     # ------------------------------------------------------------------ set-up
-    def _resolve_bp_modified(self, args: BPModifiedTrainingArguments) -> bool:
-        """``bp_modified`` as given, or (``None``) the architecture's default
-        (``ArchitectureAdapter.offset_by_default``), which is logged."""
-        if args.bp_modified is not None:
-            return args.bp_modified
-        chosen = self.adapter.offset_by_default
-        name = self.adapter.model_type
-        if chosen:
-            logger.info(f"bp_modified=None: the BP offset is on, the default for {name} models.")
-        else:  # a warning from the main process only
-            (logger.warning if args.should_log else logger.info)(
-                f"bp_modified=None: no BP offset for this {name} model, which trains with the plain local loss: on "
-                f"{name} models the offset did not improve accuracy in the package's measurements. Pass "
-                "`bp_modified=True` for the paper's method, or `bp_modified=False` to silence this."
-            )
-        return chosen
-
     @property
     def uses_offset(self) -> bool:
         """Whether the BP offset is on (``bp_modified``, resolved per architecture when ``None``, and some block's
@@ -150,9 +151,6 @@ class BPModifiedTrainer(Trainer):
         return optimizer
 
     # ------------------------------------------------------------------ losses
-    def _logits_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        return losses.logits_loss(self, logits, labels, num_items_in_batch)
-
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ):
@@ -163,27 +161,13 @@ class BPModifiedTrainer(Trainer):
         mean by the number of processes."""
         if self.block_metrics.collecting and "labels" in inputs:
             return self.block_metrics.compute_loss(inputs, return_outputs)
-        if "labels" in inputs and not losses.forward_takes_labels(model):
-            return losses.loss_of_logits(self, model, inputs, return_outputs)
+        if "labels" in inputs and not self.forward_takes_labels:
+            return losses.loss_of_logits(self.training_loss, model, inputs, return_outputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs)
 
     def evaluation_loop(self, *args, **kwargs):
         """The Trainer's loop; with ``eval_block_accuracy`` its metrics gain ``{prefix}_block_{s}_accuracy``."""
         return self.block_metrics.evaluation_loop(super().evaluation_loop, *args, **kwargs)
-
-    def _split_inputs(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        if "pixel_values" not in inputs or "labels" not in inputs:
-            raise ValueError(
-                f"BPModifiedTrainer expects batches with `pixel_values` and `labels`, got {sorted(inputs)}. "
-                "Check the data collator (it must return both)."
-            )
-        extra = set(inputs) - {"pixel_values", "labels"}
-        if extra:
-            raise ValueError(
-                f"BPModifiedTrainer runs the model block by block and cannot pass {sorted(extra)} to it; remove "
-                "these columns in the data collator."
-            )
-        return inputs["pixel_values"], inputs["labels"]
 
     # ------------------------------------------------------------------ training
     def train(self, *args, **kwargs):
@@ -202,11 +186,18 @@ class BPModifiedTrainer(Trainer):
             self.aux_heads.zero_grad(set_to_none=True)
             self._zero_aux_grads = False
             self.guard.start_step()
-        pixel_values, labels = self._split_inputs(self._prepare_inputs(inputs))
+        pixel_values, labels = losses.split_inputs(self._prepare_inputs(inputs))
+        loss_fn = self.training_loss.micro_batch(
+            labels,
+            num_items_in_batch,
+            data_processes=self.accelerator.num_processes // compat.tensor_parallel_size(self),
+            accumulation_steps=compat.gradient_accumulation_steps(self),
+            scaled_for_ga=compat.loss_is_scaled_for_ga(self, num_items_in_batch),
+        )
         result = local_gradients(
             self.block_chain,
             pixel_values,
-            losses.head_loss_fn(self, labels, num_items_in_batch),
+            loss_fn,
             self.args.local_horizon,
             accumulate=True,
             loss_scale=self._grad_scale(),
@@ -219,7 +210,7 @@ class BPModifiedTrainer(Trainer):
         return result.loss
 
     def _forward_context(self) -> contextlib.ExitStack:
-        return precision.forward_context(self)
+        return precision.forward_context(self.accelerator, self.compute_loss_context_manager)
 
     def _grad_scale(self) -> float:
         return precision.loss_scale(self.accelerator, self.args.device)
@@ -260,8 +251,8 @@ class BPModifiedTrainer(Trainer):
             collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
 
         def fetch(indices: list[int]):
-            pixel_values, labels = self._split_inputs(self._prepare_inputs(collator([dataset[i] for i in indices])))
-            return pixel_values, lambda logits: self._logits_loss(logits, labels)
+            pixel_values, labels = losses.split_inputs(self._prepare_inputs(collator([dataset[i] for i in indices])))
+            return pixel_values, lambda logits: self.training_loss(logits, labels)
 
         args = self.args
         per_step = args.per_device_train_batch_size * args.world_size
@@ -317,11 +308,14 @@ class BPModifiedTrainer(Trainer):
         if checkpoint is None:
             super()._load_optimizer_and_scheduler(checkpoint)
             return
-        state = load_bpmod_state(checkpoint, self)  # checked against this model before the optimizer's state
+        # checked against this model before the optimizer's state; None: rebuild_bpmod_state with a fresh state
+        state = load_bpmod_state(checkpoint, self.aux_heads, self.block_chain.block_params, self.args)
         super()._load_optimizer_and_scheduler(checkpoint)
-        self.load_bpmod_state_dict(state)
-        if state.get("rebuilt"):  # fresh heads (rebuild_bpmod_state) start with no optimizer state
-            forget_optimizer_state(self.optimizer, self.aux_heads.parameters())
+        if state is not None:
+            self.load_bpmod_state_dict(state)
+            return
+        self.offset.state = OffsetState()  # refreshed at the next step
+        forget_optimizer_state(self.optimizer, self.aux_heads.parameters())  # the heads start afresh
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the model weights of a checkpoint to resume from (see `_reload_full_model`)."""

@@ -69,7 +69,7 @@ HAND_WRITTEN = [
         "the loss ignores num_items_in_batch under gradient accumulation (each micro-batch mean, not divided by the "
         "accumulation steps: twice the loss with 2 steps)",
         ["tests/test_trainer.py"], keyword="sgd_with_uneven_accumulation",
-        replace=("if trainer.model_accepts_loss_kwargs and num_items_in_batch is not None:", "if False:"),
+        replace=("if self.model_accepts_loss_kwargs and num_items_in_batch is not None:", "if False:"),
     ),
     Mutant(
         "compat.py", 0,

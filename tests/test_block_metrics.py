@@ -15,7 +15,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod.adapters import get_adapter
 from hf_bpmod.block_metrics import BlockMetrics, block_accuracy_by_epoch, plot_block_accuracy
+from hf_bpmod.losses import TrainingLoss
 from hf_bpmod.metrics import compute_accuracy_metrics
 from hf_bpmod.testing import SyntheticImages, tiny_model
 
@@ -106,12 +108,11 @@ def test_non_finite_losses_count_as_the_trainers_loss_does_and_processes_are_ave
         tensor.add_(other_process)
 
     for nan_filter, head_2 in ((True, (2.0 + 2.0 / 2 + 0.5 + 1.0) / 2 / 2), (False, float("nan"))):
-        trainer = SimpleNamespace(
-            args=SimpleNamespace(eval_block_accuracy=False, logging_nan_inf_filter=nan_filter),
-            block_chain=SimpleNamespace(num_blocks=3, heads=[None, object(), object()]),
-            accelerator=SimpleNamespace(num_processes=2),
+        chain = SimpleNamespace(num_blocks=3, heads=[None, object(), object()])
+        accelerator = SimpleNamespace(num_processes=2)
+        metrics = BlockMetrics(
+            chain, None, None, accelerator, logging_nan_inf_filter=nan_filter, reduce_sum=reduce_sum
         )
-        metrics = BlockMetrics(trainer, reduce_sum)
         assert metrics.heads == [2, 3]
         metrics.add_losses({2: torch.tensor(2.0), 3: torch.tensor(1.0)}, step_done=True)
         metrics.add_losses({2: torch.tensor(float("nan")), 3: torch.tensor(2.0)}, step_done=False)
@@ -171,6 +172,40 @@ def test_each_heads_evaluation_accuracy_is_the_model_cut_after_its_block(tmp_pat
     assert not [k for k in plain if "block" in k]
     assert plain["eval_accuracy"] == metrics["eval_accuracy"]
     assert plain["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_block_metrics_built_from_plain_objects_score_every_head(kind):
+    """``BlockMetrics`` from a chain, its auxiliary heads, a loss and a stand-in accelerator, under a stand-in
+    evaluation loop over batches of 4 and 2: each head's accuracy is its share of right argmaxes, the loss of each
+    batch is the model's own, and the heads are back in training mode afterwards."""
+    model = tiny_model(kind).eval()
+    adapter = get_adapter(model)
+    aux_heads = adapter.aux_heads(model, 1)
+    chain = adapter.chain(model, aux_heads)
+    gathered = []
+    accelerator = SimpleNamespace(num_processes=1, gather_for_metrics=lambda t: gathered.append(t) or t)
+    metrics = BlockMetrics(chain, aux_heads, TrainingLoss(model), accelerator, eval_block_accuracy=True)
+    data = SyntheticImages(6)
+    batches = [
+        {"pixel_values": data.pixel_values[i : i + n], "labels": data.labels[i : i + n]} for i, n in ((0, 4), (4, 2))
+    ]
+    losses = []
+
+    def loop(*args, metric_key_prefix="eval", **kwargs):
+        assert not aux_heads.training
+        with torch.no_grad():
+            losses.extend(metrics.compute_loss(batch, return_outputs=False) for batch in batches)
+        return SimpleNamespace(metrics={f"{metric_key_prefix}_loss": 0.0})
+
+    output = metrics.evaluation_loop(loop, metric_key_prefix="test")
+    assert aux_heads.training and [t.shape for t in gathered] == [(4, NUM_BLOCKS + 1), (2, NUM_BLOCKS + 1)]
+    with torch.no_grad():
+        logits = _head_logits(model, aux_heads.eval(), kind, data.pixel_values)
+        own = [model(**batch).loss for batch in batches]
+    expected = {f"test_block_{s}_accuracy": (z.argmax(-1) == data.labels).sum().item() / 6 for s, z in logits.items()}
+    assert output.metrics == pytest.approx({"test_loss": 0.0, **expected}, abs=1e-12)
+    torch.testing.assert_close(losses, own)
 
 
 def test_a_model_cast_for_evaluation_is_scored_in_its_dtype(tmp_path):

@@ -9,13 +9,15 @@ import os
 import pickle
 import shutil
 import struct
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
-from hf_bpmod.checkpoint import BPModStateError, read_bpmod_state, save_bpmod_state
+from hf_bpmod.adapters import get_adapter
+from hf_bpmod.checkpoint import BPModStateError, load_bpmod_state, read_bpmod_state, save_bpmod_state
 from hf_bpmod.testing import SyntheticImages, tiny_vit
 
 JSON, TENSORS, LEGACY = "bpmod_state.json", "bpmod_state.safetensors", "bpmod_state.pt"
@@ -289,6 +291,34 @@ def test_rebuild_bpmod_state_loads_an_intact_state(saved, tmp_path, caplog):
     for key, value in state["aux_heads"].items():
         torch.testing.assert_close(seen["heads"][key], value, rtol=0, atol=0)
     assert seen["offset"] == (1, 4, 4) and seen["head_moments"]
+
+
+def test_load_bpmod_state_checks_against_plain_objects(saved, checkpoint):
+    """``load_bpmod_state`` from heads, the blocks' parameters and the arguments alone: an intact state as read, a
+    damaged one refused, or ``None`` (the caller starts afresh) with ``rebuild_bpmod_state``, a block split that is
+    not the checkpoint's refused."""
+    model = tiny_vit(num_layers=4)
+    adapter = get_adapter(model)
+    aux_heads = adapter.aux_heads(model, 1)
+    block_params = adapter.chain(model, aux_heads).block_params
+    args = SimpleNamespace(local_horizon=1, block_granularity="layer", rebuild_bpmod_state=False, should_log=True)
+    state, _ = read_bpmod_state(str(saved[0]))
+    loaded = load_bpmod_state(str(saved[0]), aux_heads, block_params, args)
+    assert loaded["aux_heads"].keys() == state["aux_heads"].keys() == aux_heads.state_dict().keys()
+    assert all(torch.equal(loaded["aux_heads"][k], v) for k, v in state["aux_heads"].items())
+    assert any(block["delta"] is not None for block in loaded["offset"]["blocks"])
+    for mine, read, params in zip(loaded["offset"]["blocks"], state["offset"]["blocks"], block_params, strict=True):
+        if read["delta"] is None:
+            assert mine["delta"] is None
+        else:
+            assert len(mine["delta"]) == len(params) and all(map(torch.equal, mine["delta"], read["delta"]))
+    with pytest.raises(ValueError, match=r"trained with `local_horizon=1`, this run has `local_horizon=2`"):
+        load_bpmod_state(str(saved[0]), aux_heads, block_params, SimpleNamespace(**{**vars(args), "local_horizon": 2}))
+    _flip_offset_bit(checkpoint)
+    with pytest.raises(BPModStateError, match="SHA-256"):
+        load_bpmod_state(str(checkpoint), aux_heads, block_params, args)
+    args.rebuild_bpmod_state = True
+    assert load_bpmod_state(str(checkpoint), aux_heads, block_params, args) is None
 
 
 class _EarlierRelease(BPModifiedTrainer):

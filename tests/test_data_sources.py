@@ -193,10 +193,11 @@ def test_unreachable_hub_name_says_what_to_check(monkeypatch):
 
 
 def test_embedded_data_by_name(monkeypatch):
-    import hf_bpmod.data
+    import hf_bpmod.data_sources
 
     embedded = datasets.DatasetDict({"train": cifar_style(TRAIN), "test": cifar_style(TEST)})
-    monkeypatch.setattr(hf_bpmod.data, "load_animal_shape_mnist", lambda: embedded)  # the real one: test_data.py
+    # the real one: test_data.py
+    monkeypatch.setattr(hf_bpmod.data_sources, "load_animal_shape_mnist", lambda: embedded)
     data = load(dataset_name=EMBEDDED_DATASET_NAME)
     assert data.splits["train"] is embedded["train"] and data.label_names == list(CLASSES)
     assert data.sources == [EMBEDDED_DATASET_NAME]

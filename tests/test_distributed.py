@@ -29,6 +29,7 @@ from torch import nn
 from transformers import Trainer
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
+from hf_bpmod.distributed import reject_unsupported_backends
 from hf_bpmod.offset_pass import OffsetSettings, Processes, compute_offsets
 from hf_bpmod.testing import SyntheticImages, micro_batch_fetch, tiny_resnet, tiny_vit
 
@@ -292,8 +293,8 @@ def _args(tmp_path, **kw) -> BPModifiedTrainingArguments:
 @pytest.mark.parametrize(
     "flag, message",
     [
-        ("is_fsdp_enabled", "FSDP is not supported by BPModifiedTrainer"),
-        ("is_deepspeed_enabled", "DeepSpeed is not supported by BPModifiedTrainer"),
+        ("fsdp_plugin", "FSDP is not supported by BPModifiedTrainer"),
+        ("deepspeed_plugin", "DeepSpeed is not supported by BPModifiedTrainer"),
     ],
 )
 def test_accelerate_level_fsdp_and_deepspeed_are_rejected(tmp_path, monkeypatch, flag, message):
@@ -302,11 +303,40 @@ def test_accelerate_level_fsdp_and_deepspeed_are_rejected(tmp_path, monkeypatch,
 
     def create(self):
         original(self)
-        setattr(self, flag, True)
+        monkeypatch.setattr(type(self.accelerator.state), flag, property(lambda state: object()), raising=False)
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", create)
     with pytest.raises(ValueError, match=message):
         BPModifiedTrainer(model=tiny_vit(num_layers=2), args=_args(tmp_path))
+
+
+def _accelerator(parallelism_config=None, **plugins) -> SimpleNamespace:
+    """A stand-in accelerator: its state's DeepSpeed and FSDP plugins (``None`` unless given) and parallelism config."""
+    state = SimpleNamespace(**{"deepspeed_plugin": None, "fsdp_plugin": None, **plugins})
+    return SimpleNamespace(state=state, parallelism_config=parallelism_config)
+
+
+@pytest.mark.parametrize(
+    "accelerator, n_gpu, model, message",
+    [
+        (_accelerator(deepspeed_plugin=object()), 1, nn.Linear(2, 2), "DeepSpeed is not supported"),
+        (_accelerator(fsdp_plugin=object()), 1, nn.Linear(2, 2), "FSDP is not supported"),
+        (_accelerator(), 2, nn.Linear(2, 2), "One process sees 2 GPUs"),
+        (_accelerator(parallelism_config=SimpleNamespace(cp_size=2)), 1, nn.Linear(2, 2), r"\['cp_size'\] > 1"),
+        (_accelerator(), 1, nn.Sequential(nn.SyncBatchNorm(2)), "SyncBatchNorm is not supported"),
+        (_accelerator(), 1, nn.Sequential(nn.BatchNorm2d(2)), None),
+    ],
+    ids=["deepspeed", "fsdp", "data-parallel", "context-parallel", "sync-batchnorm", "plain"],
+)
+def test_unsupported_backends_are_read_from_the_accelerator_the_arguments_and_the_model(
+    accelerator, n_gpu, model, message
+):
+    args = SimpleNamespace(n_gpu=n_gpu)
+    if message is None:
+        reject_unsupported_backends(accelerator, args, model)
+        return
+    with pytest.raises(ValueError, match=message):
+        reject_unsupported_backends(accelerator, args, model)
 
 
 def test_tensor_parallel_config_is_rejected(tmp_path, monkeypatch):

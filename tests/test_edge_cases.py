@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
+from hf_bpmod.setup_checks import warn_about_ignored_settings
 from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit
 
 COMMON = dict(
@@ -81,6 +82,14 @@ def test_no_warning_where_the_offset_was_not_asked_for_or_applies(tmp_path, capl
         trainer = BPModifiedTrainer(model=tiny_resnet(depths=(2, 2)), args=args, train_dataset=SyntheticImages(32))
     assert trainer.uses_offset == (bp_modified is not False and horizon < 4)
     assert "bp_modified=True has no effect" not in caplog.text
+
+
+def test_the_ignored_settings_are_read_from_the_arguments_and_the_number_of_blocks(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_bpmod.trainer"):
+        warn_about_ignored_settings(_args(tmp_path, bp_modified=True, local_horizon=3), num_blocks=4)
+        assert "no effect" not in caplog.text
+        warn_about_ignored_settings(_args(tmp_path, bp_modified=True, local_horizon=4), num_blocks=4)
+    assert "bp_modified=True has no effect: local_horizon=4 >= the model's 4 blocks" in caplog.text
 
 
 # ---------------------------------------------------------------- block_granularity a ViT does not have

@@ -7,6 +7,7 @@ gradients (local gradient + offset) and the trained parameters must equal those 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
 from hf_bpmod.adapters.vit import find_layer_list
 from hf_bpmod.offset import BlockOffset
 from hf_bpmod.offset_pass import apply_block_offsets
+from hf_bpmod.precision import forward_context
 from hf_bpmod.testing import SyntheticImages, tiny_vit
 
 
@@ -51,6 +53,21 @@ def _trainer(tmp_path, data, **kw) -> tuple[BPModifiedTrainer, _Capture]:
 def _relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     num = math.sqrt(sum(((x.double() - y.double()) ** 2).sum().item() for x, y in zip(a, b)))
     return num / math.sqrt(sum((y.double() ** 2).sum().item() for y in b))
+
+
+def test_the_forward_context_enters_the_trainers_context_then_the_accelerators_autocast():
+    events = []
+
+    @contextlib.contextmanager
+    def context(name):
+        events.append(f"enter {name}")
+        yield
+        events.append(f"exit {name}")
+
+    accelerator = SimpleNamespace(autocast=lambda: context("autocast"))
+    with forward_context(accelerator, lambda: context("compute_loss_context_manager")):
+        assert events == ["enter compute_loss_context_manager", "enter autocast"]
+    assert events[2:] == ["exit autocast", "exit compute_loss_context_manager"]
 
 
 # ---------------------------------------------------------------------------------------------------------- bf16

@@ -7,6 +7,7 @@ from typing import Literal
 
 from torch import nn
 
+from .._unwrap import unwrap_model, unwrap_with_peft_levels
 from ..chain import BlockChain
 
 BlockGranularity = Literal["layer", "layer+stem", "stage"]
@@ -29,17 +30,6 @@ def register_adapter(model_type: str):
     return wrap
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP / accelerate / peft wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
-            model = model.module  # DDP, DataParallel
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()  # peft
-        else:
-            return model
-
-
 def check_single_peft_wrapper(model: nn.Module) -> None:
     """Refuse a peft model wrapped in another peft model (``get_peft_model`` applied twice).
 
@@ -48,15 +38,7 @@ def check_single_peft_wrapper(model: nn.Module) -> None:
     forward signature of the outer wrapper's base model (the inner wrapper's ``*args, **kwargs``), drops every column
     of every batch.
     """
-    levels = 0
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            levels += 1
-            model = model.get_base_model()
-        else:
-            break
+    levels = unwrap_with_peft_levels(model)[1]
     if levels > 1:
         raise ValueError(
             f"The model is wrapped in {levels} peft models (`get_peft_model` applied to a model that already is a "
