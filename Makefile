@@ -37,7 +37,7 @@ train: install
 # tests marked slow (training runs on the embedded data, the example in a subprocess) and the torchrun ones.
 TEST_WORKERS ?= 8
 PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(1)/bin/python -m pytest -q -W ignore::FutureWarning \
-	-n auto --maxprocesses $(TEST_WORKERS) --dist loadgroup --durations=20
+	-n auto --maxprocesses $(TEST_WORKERS) --dist worksteal --durations=20
 test: install
 	$(call PYTEST,$(VENV))
 

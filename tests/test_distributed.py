@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch import nn
 from transformers import Trainer
 
@@ -35,9 +35,6 @@ from hf_bpmod.testing import SyntheticImages, micro_batch_fetch, tiny_resnet, ti
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_script as script  # noqa: E402
-
-#: The tests reading the module's one torchrun run share a pytest-xdist worker, so that it runs once.
-pytestmark = pytest.mark.xdist_group("two_process_runs")
 
 PARAM_TOL = 1e-5
 OFFSET_TOL = 1e-6
@@ -56,26 +53,36 @@ def _identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.fixture(scope="session")
 def two_process_runs(tmp_path_factory) -> dict[str, Any]:
-    """One ``torchrun --nproc_per_node 2`` for every configuration of ``distributed_script.CONFIGS``, once per
-    session (a module-scoped fixture would run again whenever pytest-xdist interleaves another module's tests)."""
-    out = tmp_path_factory.mktemp("ddp")
+    """One ``torchrun --nproc_per_node 2`` for every configuration of ``distributed_script.CONFIGS``, run once per
+    test session: pytest-xdist workers share its output folder, and the first to take the lock runs it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common folder
+    out = root / "two_process_runs"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "finished").exists():
+            out.mkdir(exist_ok=True)
+            _torchrun(out)
+            (out / "finished").touch()
+    runs = {
+        name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)] for name in script.CONFIGS
+    }
+    return {"runs": runs}
+
+
+def _torchrun(out: Path) -> None:
+    """Run ``distributed_script.py`` under ``torchrun`` (2 CPU processes) into ``out``; fail with its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(Path(script.__file__)), "--out", str(out)]
-    start = time.perf_counter()
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"torchrun did not finish in {TORCHRUN_TIMEOUT_S} s:\n{(e.stderr or '')[-4000:]}")
-    seconds = time.perf_counter() - start
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-6000:]}"
     for message in DDP_ERRORS:
         assert message not in output, f"{message!r} in the torchrun output:\n{output[-6000:]}"
-    runs = {
-        name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)] for name in script.CONFIGS
-    }
-    return {"runs": runs, "seconds": seconds, "dir": out}
 
 
 def _per_step(batches: list[list[int]], accumulation: int) -> list[list[int]]:

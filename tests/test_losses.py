@@ -121,7 +121,9 @@ def test_a_model_that_counts_items_normalises_by_them(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(compute_loss_func=weighted_cross_entropy), dict(label_smoothing_factor=0.1), {}], ids=str
+    "kw",
+    [dict(compute_loss_func=weighted_cross_entropy), dict(label_smoothing_factor=0.1), {}],
+    ids=["compute_loss_func", "label_smoothing", "model_loss"],  # stable ids: pytest-xdist workers compare them
 )
 def test_the_bp_modified_trainer_builds_its_loss_from_its_settings(tmp_path, kw):
     """``BPModifiedTrainer.training_loss`` on a model's logits is the plain Trainer's loss of the same model."""
