@@ -17,6 +17,7 @@ import typing
 import pytest
 import torch
 import transformers
+from helpers import training_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import HfArgumentParser, TrainingArguments
@@ -31,24 +32,20 @@ pytestmark = pytest.mark.compat  # HfArgumentParser and TrainingArguments' own c
 
 # One optimizer step of a tiny ResNet with the offset on: the first refresh (two micro-batches) runs before it.
 TRAIN = dict(
-    report_to="none",
-    use_cpu=True,
     max_steps=1,
     per_device_train_batch_size=8,
     bp_modified=True,
     offset_batch_size=16,
     offset_micro_batch_size=8,
     offset_period="1",
-    save_strategy="no",
     logging_strategy="no",
-    disable_tqdm=True,
 )
 MODEL = tiny_resnet(depths=(1, 1))
 DATA = SyntheticImages(32)
 
 
 def _args(output_dir, **kw) -> BPModifiedTrainingArguments:
-    return BPModifiedTrainingArguments(output_dir=str(output_dir), **{**TRAIN, **kw})
+    return training_args(output_dir, **{**TRAIN, **kw})
 
 
 def _train_one_step(args: BPModifiedTrainingArguments) -> BPModifiedTrainer:

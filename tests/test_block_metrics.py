@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import training_args
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -21,14 +22,11 @@ from hf_bpmod.losses import TrainingLoss
 from hf_bpmod.metrics import compute_accuracy_metrics
 from hf_bpmod.testing import SyntheticImages, tiny_model
 
-COMMON = dict(
-    report_to="none", use_cpu=True, save_strategy="no", seed=0, data_seed=0, disable_tqdm=True, bp_modified=False
-)
 NUM_BLOCKS = 4  # tiny_model("vit") has 4 encoder layers, tiny_model("resnet") 2 stages of 2 residual layers
 
 
 def _args(tmp_path, **kw) -> BPModifiedTrainingArguments:
-    return BPModifiedTrainingArguments(output_dir=str(tmp_path / "out"), **{**COMMON, **kw})
+    return training_args(tmp_path / "out", **{"bp_modified": False, **kw})
 
 
 def _block_outputs(model, kind: str, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

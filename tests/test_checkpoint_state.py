@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import training_args
 from transformers import Trainer, TrainerCallback
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
@@ -20,17 +21,18 @@ from hf_bpmod.adapters import get_adapter
 from hf_bpmod.checkpoint import BPModStateError, load_bpmod_state, read_bpmod_state, save_bpmod_state
 from hf_bpmod.testing import SyntheticImages, tiny_vit
 
+pytestmark = pytest.mark.compat  # checkpoints and resume go through the Trainer's own saving and loading
+
 JSON, TENSORS, LEGACY = "bpmod_state.json", "bpmod_state.safetensors", "bpmod_state.pt"
+#: The offset on and a checkpoint every 3 steps (helpers.COMMON holds the rest).
 KW = dict(
-    per_device_train_batch_size=16, learning_rate=1e-3, report_to="none", use_cpu=True, seed=0, data_seed=0,
-    disable_tqdm=True, logging_steps=1, local_horizon=1, bp_modified=True, offset_batch_size=32, offset_period="4",
-    save_strategy="steps", save_steps=3,
-)  # fmt: skip
+    local_horizon=1, bp_modified=True, offset_batch_size=32, offset_period="4", save_strategy="steps", save_steps=3
+)
 DATA = SyntheticImages(96)
 
 
 def _args(out, **kw) -> BPModifiedTrainingArguments:
-    return BPModifiedTrainingArguments(output_dir=str(out), **{**KW, **kw})
+    return training_args(out, **{**KW, **kw})
 
 
 def _train(out, model=None, max_steps=3, cls=BPModifiedTrainer, **kw):

@@ -304,6 +304,7 @@ def _args(tmp_path, **kw) -> BPModifiedTrainingArguments:
         ("deepspeed_plugin", "DeepSpeed is not supported by BPModifiedTrainer"),
     ],
 )
+@pytest.mark.compat  # accelerate and transformers name the backends differently across releases
 def test_accelerate_level_fsdp_and_deepspeed_are_rejected(tmp_path, monkeypatch, flag, message):
     """An accelerate config (``accelerate launch`` with FSDP / DeepSpeed) turns these on without any argument."""
     original = Trainer.create_accelerator_and_postprocess
@@ -335,6 +336,7 @@ def _accelerator(parallelism_config=None, **plugins) -> SimpleNamespace:
     ],
     ids=["deepspeed", "fsdp", "data-parallel", "context-parallel", "sync-batchnorm", "plain"],
 )
+@pytest.mark.compat  # accelerate and transformers name the backends differently across releases
 def test_unsupported_backends_are_read_from_the_accelerator_the_arguments_and_the_model(
     accelerator, n_gpu, model, message
 ):
@@ -346,6 +348,7 @@ def test_unsupported_backends_are_read_from_the_accelerator_the_arguments_and_th
         reject_unsupported_backends(accelerator, args, model)
 
 
+@pytest.mark.compat  # accelerate and transformers name the backends differently across releases
 def test_tensor_parallel_config_is_rejected(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
@@ -363,6 +366,7 @@ def test_tensor_parallel_config_is_rejected(tmp_path, monkeypatch):
         BPModifiedTrainer(model=tiny_vit(num_layers=2), args=_args(tmp_path))
 
 
+@pytest.mark.compat  # accelerate and transformers name the backends differently across releases
 def test_data_parallel_in_one_process_is_rejected(tmp_path):
     args = _args(tmp_path)
     args._n_gpu = 2  # one process that sees two GPUs: the Trainer would use nn.DataParallel
@@ -370,6 +374,7 @@ def test_data_parallel_in_one_process_is_rejected(tmp_path):
         BPModifiedTrainer(model=tiny_vit(num_layers=2), args=args)
 
 
+@pytest.mark.compat  # accelerate and transformers name the backends differently across releases
 def test_sync_batchnorm_is_rejected(tmp_path):
     model = nn.SyncBatchNorm.convert_sync_batchnorm(tiny_resnet(depths=(1, 1)))
     with pytest.raises(ValueError, match="SyncBatchNorm is not supported"):
@@ -386,11 +391,13 @@ def test_sync_batchnorm_is_rejected(tmp_path):
         (dict(fsdp="full_shard"), r"`fsdp` \(.*\) is not supported by .*Use plain data parallelism \(DDP"),
     ],
 )
+@pytest.mark.compat  # accelerate and transformers name the backends differently across releases
 def test_argument_level_backends_are_rejected(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _args(tmp_path, **kwargs)
 
 
+@pytest.mark.compat  # accelerate and transformers name the backends differently across releases
 def test_deepspeed_argument_is_rejected(tmp_path):
     """Checked before ``TrainingArguments.__post_init__``, which would first ask for the deepspeed package."""
     with pytest.raises(ValueError, match="`deepspeed` is not supported by BPModifiedTrainer"):

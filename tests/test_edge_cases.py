@@ -6,26 +6,17 @@ import re
 
 import pytest
 import torch
+from helpers import training_args
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
-from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, get_adapter
+from hf_bpmod import BPModifiedTrainer, get_adapter
 from hf_bpmod.setup_checks import warn_about_ignored_settings
 from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit
 
-COMMON = dict(
-    per_device_train_batch_size=16,
-    learning_rate=1e-2,
-    report_to="none",
-    use_cpu=True,
-    save_strategy="no",
-    seed=0,
-    disable_tqdm=True,
-)
-
 
 def _args(tmp_path, **kw):
-    return BPModifiedTrainingArguments(output_dir=str(tmp_path / "out"), **{**COMMON, **kw})
+    return training_args(tmp_path / "out", **{"learning_rate": 1e-2, **kw})
 
 
 def _lora(model, r: int = 2):

@@ -12,6 +12,8 @@ from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, compat
 from hf_bpmod.losses import TrainingLoss, split_inputs
 from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit, weighted_cross_entropy
 
+pytestmark = pytest.mark.compat  # the loss follows the Trainer's release-dependent rules (compat.py)
+
 
 def _batch(n: int = 6, num_labels: int = 5) -> dict[str, torch.Tensor]:
     data = SyntheticImages(n, num_labels=num_labels)

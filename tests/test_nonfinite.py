@@ -7,23 +7,17 @@ import warnings
 
 import pytest
 import torch
+from helpers import training_args
 from transformers import TrainerCallback, default_data_collator
 
-from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod import BPModifiedTrainer
 from hf_bpmod.guard import NonFiniteTrainingError
 from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit
 
 BATCH = 16
-COMMON = dict(
+#: The offset on, refreshed every 2 steps from two micro-batches (helpers.COMMON holds the rest).
+OFFSET = dict(
     per_device_train_batch_size=BATCH,
-    learning_rate=1e-3,
-    report_to="none",
-    use_cpu=True,
-    save_strategy="no",
-    seed=0,
-    data_seed=0,
-    disable_tqdm=True,
-    logging_steps=1,
     bp_modified=True,
     offset_batch_size=16,
     offset_micro_batch_size=8,
@@ -33,7 +27,7 @@ FACTORIES = {"vit": lambda: tiny_vit(num_layers=3), "resnet": lambda: tiny_resne
 
 
 def _args(tmp_path, **kw):
-    return BPModifiedTrainingArguments(output_dir=str(tmp_path / "out"), **{**COMMON, **kw})
+    return training_args(tmp_path / "out", **{**OFFSET, **kw})
 
 
 class Poison:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import lokr_resnet, lora_vit
+from helpers import lokr_resnet, lora_vit, max_param_diff, training_args
 from transformers import (
     HfArgumentParser,
     ResNetForImageClassification,
@@ -23,25 +23,12 @@ from hf_bpmod.checkpoint import read_bpmod_state
 from hf_bpmod.model_card import method_description
 from hf_bpmod.testing import SyntheticImages, tiny_resnet, tiny_vit, weighted_cross_entropy
 
-COMMON = dict(
-    per_device_train_batch_size=16,
-    learning_rate=1e-3,
-    report_to="none",
-    use_cpu=True,
-    save_strategy="no",
-    seed=0,
-    data_seed=0,
-    disable_tqdm=True,
-    logging_steps=1,
-)
+# Against plain Trainer: compat.py, checkpoints and resume, PEFT wrapping and the Hub format.
+pytestmark = pytest.mark.compat
 
 
 def _args(tmp_path, cls=BPModifiedTrainingArguments, **kw):
-    return cls(output_dir=str(tmp_path / "out"), **{**COMMON, **kw})
-
-
-def _max_diff(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    return training_args(tmp_path / "out", cls, **kw)
 
 
 @pytest.mark.parametrize("factory", [lambda: tiny_vit(num_layers=4), lambda: tiny_resnet(depths=(2, 2))])
@@ -55,8 +42,8 @@ def test_full_horizon_equals_plain_trainer(tmp_path, factory, accumulation):
     trainer = BPModifiedTrainer(model=model, args=_args(tmp_path, local_horizon=99, **kw), train_dataset=data)
     assert len(trainer.aux_heads) == 0  # h >= T needs no auxiliary head
     trainer.train()
-    assert _max_diff(model, factory()) > 1e-3  # it did train
-    assert _max_diff(model, reference) <= 1e-6
+    assert max_param_diff(model, factory()) > 1e-3  # it did train
+    assert max_param_diff(model, reference) <= 1e-6
 
 
 def _cross_entropy_per_item(outputs, labels, num_items_in_batch=None):
@@ -97,7 +84,7 @@ def test_full_horizon_equals_plain_trainer_under_sgd_with_uneven_accumulation(tm
     trainer.train()
     assert trainer.state.global_step == plain.state.global_step == 4
     assert all(group.get("momentum", 0) == 0 for group in trainer.optimizer.param_groups)
-    assert _max_diff(model, factory()) > 1e-2  # it did train
+    assert max_param_diff(model, factory()) > 1e-2  # it did train
     state, ref_state = model.state_dict(), reference.state_dict()
     assert set(state) == set(ref_state)
     for key in state:  # weights and buffers (BatchNorm running statistics) alike
@@ -107,7 +94,7 @@ def test_full_horizon_equals_plain_trainer_under_sgd_with_uneven_accumulation(tm
     if isinstance(model, ViTForImageClassification):  # the model's own loss in plain Trainer: the same run
         own = factory()
         Trainer(model=own, args=_args(tmp_path / "own", TrainingArguments, **kw), train_dataset=data).train()
-        assert _max_diff(own, model) <= 1e-6
+        assert max_param_diff(own, model) <= 1e-6
 
 
 class _MultiLabel(SyntheticImages):
@@ -151,8 +138,8 @@ def test_the_models_problem_type_is_the_loss(tmp_path, problem, factory, data):
     BPModifiedTrainer(
         model=full, args=_args(tmp_path / "full", local_horizon=99, max_steps=4), train_dataset=data
     ).train()
-    assert _max_diff(full, factory()) > 1e-4
-    assert _max_diff(full, reference) <= 1e-6
+    assert max_param_diff(full, factory()) > 1e-4
+    assert max_param_diff(full, reference) <= 1e-6
     args = _args(tmp_path / "ff", max_steps=4, offset_batch_size=32, offset_period="2", bp_modified=True)
     trainer = BPModifiedTrainer(model=model(), args=args, train_dataset=data)
     trainer.train()
@@ -174,8 +161,8 @@ def test_compute_loss_func_full_horizon_equals_plain_trainer(tmp_path, accumulat
     trainer = BPModifiedTrainer(model=model, args=_args(tmp_path, local_horizon=99, **kw), train_dataset=data,
                                 compute_loss_func=weighted_cross_entropy)  # fmt: skip
     trainer.train()
-    assert _max_diff(model, tiny_vit(num_layers=4)) > 1e-3
-    assert _max_diff(model, reference) <= 1e-6
+    assert max_param_diff(model, tiny_vit(num_layers=4)) > 1e-3
+    assert max_param_diff(model, reference) <= 1e-6
     losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (plain, trainer)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
@@ -197,8 +184,8 @@ def test_compute_loss_func_is_every_blocks_loss(tmp_path):
     ]  # fmt: skip
     for trainer in trainers:
         trainer.train()
-    assert _max_diff(models[0], tiny_vit(num_layers=4)) > 1e-3
-    assert _max_diff(models[0], models[1]) <= 1e-6
+    assert max_param_diff(models[0], tiny_vit(num_layers=4)) > 1e-3
+    assert max_param_diff(models[0], models[1]) <= 1e-6
     heads = [list(t.aux_heads.parameters()) for t in trainers]
     assert max((a - b).abs().max().item() for a, b in zip(*heads, strict=True)) <= 1e-6
 
@@ -224,7 +211,7 @@ def test_local_training_trains_blocks_and_aux_heads(tmp_path):
     optimizer_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert all(id(p) in optimizer_params for p in trainer.aux_heads.parameters())
     assert all(not torch.equal(b, p) for b, p in zip(before, trainer.aux_heads.parameters()))
-    assert _max_diff(model, tiny_vit(num_layers=4)) > 1e-4
+    assert max_param_diff(model, tiny_vit(num_layers=4)) > 1e-4
 
 
 def test_save_model_is_plain_transformers_model(tmp_path):
@@ -364,7 +351,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, bp_modified):
     resumed = tiny_vit(num_layers=4, seed=123)  # different init: everything must come from the checkpoint
     trainer = BPModifiedTrainer(model=resumed, args=args, train_dataset=data)
     trainer.train(resume_from_checkpoint=str(checkpoint))
-    assert _max_diff(resumed, full) <= 1e-6
+    assert max_param_diff(resumed, full) <= 1e-6
     if bp_modified:
         out = tmp_path / "b" / "out"
         log = [json.loads(line) for line in open(out / "bpmod_offsets.jsonl")]
@@ -510,8 +497,8 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
     # 4 steps + 2 refreshes of 4 micro-batches; recomputed: once per training backward, twice per micro-batch
     # (its local and its true gradient)
     assert (forwards[False], forwards[True]) == (12, 32)
-    assert _max_diff(models[True], tiny_vit(num_layers=4)) > 1e-3
-    assert _max_diff(models[True], models[False]) <= 1e-6
+    assert max_param_diff(models[True], tiny_vit(num_layers=4)) > 1e-3
+    assert max_param_diff(models[True], models[False]) <= 1e-6
 
 
 @pytest.mark.parametrize(
@@ -605,7 +592,7 @@ def test_a_streamed_training_set_is_rejected_for_the_offset_only(tmp_path):
     BPModifiedTrainer(
         model=model, args=_args(tmp_path, bp_modified=False, max_steps=2), train_dataset=Stream()
     ).train()
-    assert _max_diff(model, tiny_vit(num_layers=4)) > 1e-4  # without the offset it trains
+    assert max_param_diff(model, tiny_vit(num_layers=4)) > 1e-4  # without the offset it trains
 
 
 def test_flags_parse_from_the_command_line(tmp_path):
@@ -650,7 +637,7 @@ def test_bp_modified_defaults_to_the_architectures_measured_choice(tmp_path, cap
         method_description(trainer.args, trainer.block_chain.num_blocks, trainer.uses_offset)["bp_modified"] is False
     )  # what the model card records
     _, plain = train(vit, _args(tmp_path / "off", max_steps=2, bp_modified=False))
-    assert _max_diff(auto, plain) == 0.0
+    assert max_param_diff(auto, plain) == 0.0
     _, forced = train(
         vit,
         _args(
@@ -662,7 +649,7 @@ def test_bp_modified_defaults_to_the_architectures_measured_choice(tmp_path, cap
             bp_modified=True,
         ),
     )
-    assert _max_diff(auto, forced) > 1e-4
+    assert max_param_diff(auto, forced) > 1e-4
 
     caplog.clear()
     trainer, auto = train(resnet, args)
@@ -671,7 +658,7 @@ def test_bp_modified_defaults_to_the_architectures_measured_choice(tmp_path, cap
         tmp_path / "on", max_steps=2, offset_batch_size=16, offset_period="1", offset_scaling="fixed", bp_modified=True
     )
     _, forced = train(resnet, on)
-    assert _max_diff(auto, forced) == 0.0
+    assert max_param_diff(auto, forced) == 0.0
     trainer = BPModifiedTrainer(model=resnet(), args=_args(tmp_path / "off", bp_modified=False), train_dataset=data)
     assert not trainer.uses_offset
     assert ArchitectureAdapter.offset_by_default is True  # an adapter a user registers: the paper's method
@@ -707,7 +694,7 @@ def test_resume_keeps_the_checkpoints_method_when_bp_modified_is_left_unset(tmp_
     with caplog.at_level(logging.WARNING, logger="hf_bpmod.trainer"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.uses_offset and "resuming with the BP offset, as the checkpoint was trained" in caplog.text
-    assert _max_diff(resumed, full) <= 1e-6
+    assert max_param_diff(resumed, full) <= 1e-6
 
 
 def test_vit_reload_identical_logits(tmp_path):
