@@ -42,7 +42,7 @@ test: install
 	$(call PYTEST,$(VENV))
 
 test-fast: install
-	$(call PYTEST,$(VENV)) -m "not slow and not distributed"
+	$(call PYTEST,$(VENV)) -m "not slow and not distributed and not gpu"
 
 # The tests marked `compat` (the code that depends on the release: the adapters' layer lookup, compat.py, checkpoints
 # and resume, the example's Hub and offline paths, PEFT wrapping) against the oldest releases we support (the floors
@@ -55,7 +55,7 @@ $(COMPAT_VENV)/.installed: pyproject.toml Makefile tests/constraints-oldest.txt
 	touch $@
 
 test-compat: $(COMPAT_VENV)/.installed
-	$(call PYTEST,$(COMPAT_VENV)) -m "compat and not slow"
+	$(call PYTEST,$(COMPAT_VENV)) -m "compat and not slow and not gpu"
 
 # `pip install .` into a virtual environment holding only torch: no examples' dependencies, and it trains.
 LEAN_VENV ?= .venv-lean
@@ -67,7 +67,7 @@ test-lean:
 
 # Only the tests marked slow.
 test-slow: install
-	$(call PYTEST,$(VENV)) -m slow
+	$(call PYTEST,$(VENV)) -m "slow and not gpu"
 
 # A mutation check of the algorithm modules (scripts/mutation_check.py): hand-written mutants for the mistakes the
 # suite must catch, and a seeded sample of operator mutants, each against the fast tests of its module; every
