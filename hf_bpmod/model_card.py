@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._files import write_atomically
+from ._files import refuse_symlink, write_atomically
 from .compat import UNNAMED_BASE_MODEL_SENTENCE
 
 CARD_TAGS = ("hf_bpmod", "local-learning")
@@ -32,7 +32,9 @@ def method_description(args: Any, num_blocks: int, uses_offset: bool) -> dict[st
 
 def add_method_section(path: str, description: dict[str, Any]) -> None:
     """Append the method section to the card at ``path`` (replaced whole, never left half-written); a model built
-    from a config is said to be trained from scratch instead of fine-tuned from an empty link."""
+    from a config is said to be trained from scratch instead of fine-tuned from an empty link. A symbolic link at
+    ``path`` is refused, not read."""
+    refuse_symlink(path)
     with open(path, encoding="utf-8") as f:
         card = f.read()
     card = card.replace(UNNAMED_BASE_MODEL_SENTENCE, "This model was trained from scratch on ", 1)

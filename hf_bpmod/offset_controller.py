@@ -57,6 +57,7 @@ class OffsetController:
         forward_context: the context of every forward computation (autocast).
         log_path: the JSON-lines refresh log, written by this process (``None``: not written here); its rules are
             those of :mod:`hf_bpmod.refresh_log`.
+        log_folder: the ``output_dir`` the log must stay inside, symbolic links resolved.
     """
 
     def __init__(
@@ -68,13 +69,14 @@ class OffsetController:
         preserve: Sequence[nn.Module] = (),
         forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         log_path: str | None = None,
+        log_folder: str | None = None,
     ) -> None:
         self.chain = chain
         self.settings = settings
         self.processes = processes
         self.preserve = list(preserve)
         self.forward_context = forward_context
-        self.log = RefreshLog(log_path) if log_path is not None else None
+        self.log = RefreshLog(log_path, log_folder) if log_path is not None else None
         self.state = OffsetState()
         self.pending_logs: dict[str, float] | None = None
 

@@ -11,6 +11,8 @@ Rules:
 * A line that is not a whole record (a write torn by a crash, or any unparsable line) is dropped from the log with a
   warning naming the file and the line; the original stays in the numbered copy.
 * A record is appended as one whole line in one write, flushed to disk.
+* The log is never read or written through a symbolic link (:mod:`hf_bpmod._files`): a link at its name is refused,
+  and so is a linked folder on its path that leads out of ``output_dir`` once resolved.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 import uuid
 from typing import Any
 
-from ._files import write_atomically
+from ._files import SymlinkRefusedError, open_no_follow, refuse_symlink, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +60,40 @@ def keep_numbered_copy(path: str) -> str:
 
 
 class RefreshLog:
-    """The refresh log at ``path`` (see the module's rules)."""
+    """The refresh log at ``path``, which must stay inside ``folder`` (the ``output_dir``; by default the log's own
+    folder) once symbolic links are resolved (see the module's rules)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, folder: str | None = None) -> None:
         self.path = path
+        self.folder = (os.path.dirname(path) or os.curdir) if folder is None else folder
         self.run_id = uuid.uuid4().hex
         self.resumed_from_step: int | None = None
+
+    def check_path(self) -> None:
+        """Raise :class:`~hf_bpmod._files.SymlinkRefusedError` if the log is a symbolic link, or a linked folder on its
+        path leads out of ``folder``."""
+        root = os.path.realpath(self.folder)
+        real = os.path.realpath(os.path.dirname(self.path) or os.curdir)
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            step, link = self.folder, None
+            for part in os.path.relpath(os.path.dirname(self.path), self.folder).split(os.sep):
+                step = os.path.join(step, part)
+                if link is None and os.path.islink(step):
+                    link = step
+            link = link or os.path.dirname(self.path)
+            raise SymlinkRefusedError(
+                f"{link} is a symbolic link to {os.path.realpath(link)}, outside `output_dir` {self.folder}: the "
+                f"refresh log {self.path} would be written there. Remove the link (or choose another "
+                "`offset_log_file`) and start again."
+            )
+        refuse_symlink(self.path)
 
     def start(self, start_step: int) -> None:
         """A training run starts at ``start_step`` (0: a fresh run, else a resume from that checkpoint step): a new
         run id, and the log as the rules say."""
         self.run_id = uuid.uuid4().hex
         self.resumed_from_step = start_step if start_step > 0 else None
+        self.check_path()
         path = self.path
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             return
@@ -113,8 +137,9 @@ class RefreshLog:
         """Append ``record`` with this run's id as one whole line, flushed to disk."""
         record = {"run_id": self.run_id, "resumed_from_step": self.resumed_from_step, **record}
         data = (json.dumps(record) + "\n").encode("utf-8")
+        self.check_path()
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        fd = open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             view = memoryview(data)
             while view:

@@ -9,7 +9,8 @@ The lock is an OS lock on the open file (``fcntl.flock`` on POSIX, ``msvcrt.lock
 releases when the process ends: a run that crashed or was killed never leaves the folder locked. The file names the
 holder (process id, host, start time) for the error message and is removed when the lock is released (on Windows
 it stays, empty of meaning once unlocked). Where neither is available, training runs without the lock, with a
-warning.
+warning. A symbolic link at the lock's name is refused (:mod:`hf_bpmod._files`): the lock would truncate the file it
+points to.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import socket
 import time
 import warnings
 from typing import Any
+
+from ._files import open_no_follow
 
 try:
     import fcntl
@@ -66,7 +69,7 @@ class RunLock:
             return
         os.makedirs(self.folder, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+            fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 _lock(fd)
             except OSError:
@@ -138,7 +141,7 @@ def _unlock(fd: int) -> None:
 
 def _same_file(fd: int, path: str) -> bool:
     try:
-        at_path = os.stat(path)
+        at_path = os.lstat(path)
     except FileNotFoundError:
         return False
     mine = os.fstat(fd)

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from . import block_metrics, compat, distributed, head_clipping, losses, precision, run_lock, setup_checks
+from ._files import refuse_symlink
 from ._unwrap import unwrap_model
 from .adapters import get_adapter
 from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
@@ -113,6 +114,7 @@ class BPModifiedTrainer(Trainer):
             preserve=[self.model, self.aux_heads],
             forward_context=self._forward_context,
             log_path=os.path.join(args.output_dir, args.offset_log_file) if args.should_save else None,
+            log_folder=args.output_dir,
         )
         if self.uses_offset and self.train_dataset is not None:
             self.offset.check_dataset(self.train_dataset)
@@ -336,6 +338,10 @@ class BPModifiedTrainer(Trainer):
 
     # ------------------------------------------------------------------ model card
     def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        """The Trainer's card with our tags and method section; a symbolic link at ``README.md`` is refused first (the
+        Trainer's ``open(path, "w")`` would write through it)."""
+        if self.is_world_process_zero():
+            refuse_symlink(os.path.join(self.args.output_dir, "README.md"))
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         tags += [t for t in CARD_TAGS if t not in tags]
         super().create_model_card(*args, tags=tags, **kwargs)

@@ -1,8 +1,10 @@
-"""The refresh log across runs in one output_dir (run ids, numbered copies, torn lines) and the output_dir lock."""
+"""The refresh log across runs in one output_dir (run ids, numbered copies, torn lines), the output_dir lock, and the
+files the package writes there, none of them through a symbolic link."""
 
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
+from hf_bpmod._files import write_atomically
 from hf_bpmod.refresh_log import RefreshLog
 from hf_bpmod.run_lock import LOCK_NAME, OutputDirInUseError, RunLock
 from hf_bpmod.testing import SyntheticImages, tiny_vit
@@ -214,3 +217,110 @@ def test_a_forked_child_leaves_its_parents_lock_alone(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
     with RunLock(str(tmp_path)):  # free again
         pass
+
+
+# ---------------------------------------------------------------------------------------------- symbolic links
+NOTES = b"the user's notes, which no run may touch\n"
+
+
+def _refused(link) -> str:
+    """The start of the error that refuses writing through the symbolic link ``link``."""
+    return rf"{re.escape(str(link))} is a symbolic link .*Remove the link"
+
+
+def _unchanged(model, before) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-a-file", "dangling"])
+def test_a_symlink_planted_as_the_lock_is_refused_and_what_it_points_to_is_untouched(tmp_path, dangling):
+    """The lock used to follow the link: the file it pointed to was truncated to the pid line (or created)."""
+    out, notes = tmp_path / "out", tmp_path / "notes.txt"
+    out.mkdir()
+    if not dangling:
+        notes.write_bytes(NOTES)
+    (out / LOCK_NAME).symlink_to(notes)
+    model = tiny_vit(num_layers=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = _trainer(out, model)
+    with pytest.raises(OSError, match=_refused(out / LOCK_NAME)):
+        trainer.train()
+    assert (notes.read_bytes() == NOTES) if not dangling else not os.path.lexists(notes)
+    assert (out / LOCK_NAME).is_symlink() and os.listdir(out) == [LOCK_NAME]  # no log, nothing else written
+    assert trainer.state.global_step == 0 and _unchanged(model, before)
+
+
+@pytest.mark.parametrize("planted", ["log", "folder"])
+def test_a_refresh_log_through_a_symlink_is_refused_and_what_it_points_to_is_untouched(tmp_path, planted):
+    """A linked log used to be read (its target copied into ``output_dir`` as the numbered copy) and then written; a
+    linked sub-folder took the log out of ``output_dir`` (the check of the name was lexical)."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_bytes(NOTES)
+    if planted == "log":
+        link, kw, message = out / LOG, {}, _refused(out / LOG)
+        link.symlink_to(elsewhere / "notes.txt")
+    else:
+        link, kw = out / "logs", {"offset_log_file": "logs/offsets.jsonl"}
+        message = rf"{re.escape(str(out / 'logs'))} is a symbolic link to .*outside `output_dir`"
+        link.symlink_to(elsewhere, target_is_directory=True)
+    model = tiny_vit(num_layers=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = _trainer(out, model, **kw)
+    with pytest.raises(OSError, match=message):
+        trainer.train()
+    assert os.listdir(elsewhere) == ["notes.txt"] and (elsewhere / "notes.txt").read_bytes() == NOTES
+    assert os.listdir(out) == [link.name] and link.is_symlink()  # no copy of the target, no log
+    assert trainer.state.global_step == 0 and _unchanged(model, before)
+
+
+def test_a_symlink_planted_at_the_log_while_a_run_trains_is_not_written_through(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(NOTES)
+    log = RefreshLog(str(tmp_path / LOG))
+    log.start(0)
+    log.append({"step": 0, "blocks": []})
+    os.remove(tmp_path / LOG)
+    (tmp_path / LOG).symlink_to(notes)
+    with pytest.raises(OSError, match=_refused(tmp_path / LOG)):
+        log.append({"step": 1, "blocks": []})
+    assert notes.read_bytes() == NOTES
+
+
+def test_an_atomic_write_never_writes_through_a_symlink(tmp_path):
+    """Checkpoint state, the model card, predictions.csv and block_accuracy.png are written through a temporary file
+    that replaces the target: a link at either name used to be followed (the temporary) or silently replaced."""
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(NOTES)
+    target = tmp_path / "predictions.csv"
+    temporary = tmp_path / f"predictions.csv.tmp-{os.getpid()}"
+    for link in (temporary, target):
+        link.symlink_to(notes)
+        with pytest.raises(OSError, match=_refused(link)):
+            write_atomically(str(target), b"new")
+        assert notes.read_bytes() == NOTES and link.is_symlink()
+        os.remove(link)
+    write_atomically(str(target), b"new")  # no link: written
+    assert target.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["notes.txt", "predictions.csv"]
+
+
+def test_a_numbered_copy_is_never_written_through_a_symlink(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(NOTES)
+    (tmp_path / LOG).write_bytes(b'{"step": 0, "blocks": []}\n')
+    (tmp_path / f"{LOG}.1").symlink_to(notes)
+    RefreshLog(str(tmp_path / LOG)).start(0)
+    assert notes.read_bytes() == NOTES and (tmp_path / f"{LOG}.2").read_bytes() == b'{"step": 0, "blocks": []}\n'
+
+
+def test_a_symlink_planted_as_the_model_card_is_refused_and_what_it_points_to_is_untouched(tmp_path):
+    """The Trainer writes ``README.md`` with ``open(path, "w")``, which follows a link; the method section was then
+    appended to what the link pointed to."""
+    out, notes = tmp_path / "out", tmp_path / "notes.txt"
+    out.mkdir()
+    notes.write_bytes(NOTES)
+    (out / "README.md").symlink_to(notes)
+    with pytest.raises(OSError, match=_refused(out / "README.md")):
+        _trainer(out).create_model_card()
+    assert notes.read_bytes() == NOTES and (out / "README.md").is_symlink()
