@@ -15,6 +15,7 @@ from .adapters.base import BlockGranularity
 from .argument_values import MAX_COUNT, parse_bool, parse_float, parse_int, shown
 from .compat import non_reentrant_checkpointing, sync_activation_checkpointing_kwargs
 from .offset_pass import OffsetSettings
+from .run_files import length_problem, run_file_owner
 
 GRANULARITIES: tuple[str, ...] = get_args(BlockGranularity)
 SCALING_MODES = ("aligned", "optimal", "bias_only", "fixed")
@@ -55,8 +56,9 @@ def parse_offset_period(period: str | float | int) -> tuple[float, str]:
     return value, unit
 
 
-def check_log_file(value: Any) -> str:
-    """``offset_log_file``, normalised: a non-empty relative file path that stays inside ``output_dir``."""
+def check_log_file(value: Any, output_dir: str | None) -> str:
+    """``offset_log_file``, normalised: a non-empty relative file path that stays inside ``output_dir``, is none of
+    the run's own files and is not too long for file systems (:mod:`hf_bpmod.run_files`)."""
     hint = "give a file name relative to `output_dir`, e.g. `'bpmod_offsets.jsonl'` or `'logs/bpmod_offsets.jsonl'`"
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -73,6 +75,15 @@ def check_log_file(value: Any) -> str:
         )
     if value.endswith(("/", os.sep)) or normal == os.curdir:
         raise ValueError(f"`offset_log_file` ({shown(value)}) names a folder, not a file; {hint}.")
+    owner = run_file_owner(normal)
+    if owner is not None:
+        raise ValueError(
+            f"`offset_log_file` ({shown(value)}) is or lies inside {owner[0]} in `output_dir` (`{owner[1]}`): the "
+            f"log would overwrite it or be deleted with it; {hint}."
+        )
+    too_long = length_problem(normal, output_dir or "trainer_output")  # transformers >= 5 defaults to it
+    if too_long is not None:
+        raise ValueError(f"`offset_log_file` ({shown(value)}) {too_long}; {hint}.")
     return normal
 
 
@@ -212,7 +223,7 @@ ARGUMENT_CHECKS: dict[str, Check] = {
     "offset_fixed_a": _offset_fixed_a,
     "offset_fixed_lambda": _offset_fixed_lambda,
     "offset_seed": _offset_seed,
-    "offset_log_file": lambda name, value, args: check_log_file(value),
+    "offset_log_file": lambda name, value, args: check_log_file(value, args.output_dir),
 }
 
 
@@ -274,7 +285,9 @@ class BPModifiedTrainingArguments(TrainingArguments):
             torch's generators take. The sampler never touches the training data order.
         offset_log_file (`str`, *optional*, defaults to `"bpmod_offsets.jsonl"`):
             JSON-lines file with one record per offset refresh (per-block a, lambda, bias, ...): a path relative to
-            `output_dir` that stays inside it (e.g. `"logs/offsets.jsonl"`; no absolute path, no `..` out of it).
+            `output_dir` that stays inside it (e.g. `"logs/offsets.jsonl"`; no absolute path, no `..` out of it), is
+            not one of the run's own files or folders (the lock, `checkpoint-*`, the saved model, the Trainer's files:
+            :data:`hf_bpmod.run_files.RUN_FILES`) and is short enough for file systems.
         max_nonfinite_steps (`int`, *optional*, defaults to `10`):
             Optimizer steps whose local losses or gradients are not finite are skipped (weights, optimizer state and
             heads untouched), as are offset refreshes with non-finite statistics (the previous offset is kept); after

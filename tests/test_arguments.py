@@ -171,6 +171,70 @@ def test_the_log_file_must_be_a_file_inside_the_output_dir(tmp_path, value, mess
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ("_bpmod_training.lock", "the run's lock"),
+        ("checkpoint-999/log.jsonl", "a checkpoint folder"),
+        ("checkpoint-2/bpmod_state.json", "a checkpoint folder"),
+        ("tmp-checkpoint-3/log.jsonl", "a checkpoint folder"),
+        ("model.safetensors", "a file `save_model` writes"),
+        ("model-00001-of-00002.safetensors", "a file `save_model` writes"),
+        ("model.safetensors.index.json", "a file `save_model` writes"),
+        ("pytorch_model.bin", "a file `save_model` writes"),
+        ("config.json", "a file `save_model` writes"),
+        ("Config.JSON", "a file `save_model` writes"),  # one file on macOS and Windows file systems
+        ("preprocessor_config.json", "a file `save_model` writes"),
+        ("adapter_model.safetensors", "a file `save_model` writes"),
+        ("adapter_config.json", "a file `save_model` writes"),
+        ("tokenizer.json", "a file `save_model` writes"),
+        ("training_args.bin", "a file or folder the Trainer writes"),
+        ("trainer_state.json", "a file or folder the Trainer writes"),
+        ("README.md", "a file or folder the Trainer writes"),
+        ("eval_results.json", "a file or folder the Trainer writes"),
+        ("all_results.json", "a file or folder the Trainer writes"),
+        ("runs/offsets.jsonl", "a file or folder the Trainer writes"),
+        ("emissions.csv", "a file or folder the Trainer writes"),
+        ("predictions.csv", "a file or folder the example script writes"),
+        ("block_accuracy.png", "a file or folder the example script writes"),
+        ("_base_model/offsets.jsonl", "a file or folder the example script writes"),
+    ],
+)
+def test_a_log_file_that_is_or_lies_inside_one_of_the_runs_own_files_is_refused(tmp_path, value, why):
+    """Such names used to be accepted: the lock was deleted (a second run was let in), checkpoint rotation deleted
+    every real checkpoint, ``save_model`` overwrote the log or the log ruined the model or a checkpoint."""
+    pattern = rf"`offset_log_file` \({re.escape(repr(value))}\) is or lies inside {re.escape(why)} in `output_dir`"
+    with pytest.raises(ValueError, match=pattern + r".*; give .*e\.g\. `'[^']+'`") as error:
+        _args(tmp_path / "out", offset_log_file=value)
+    assert not os.path.exists(tmp_path / "out")
+    suggested = re.search(r"e\.g\. `'([^']+)'`", str(error.value))[1]
+    assert _args(tmp_path / "out", offset_log_file=suggested).offset_log_file == suggested  # the name given works
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["logs/config.json", "checkpoints.jsonl", "logs/checkpoint-1.jsonl", "my_README.md", "runs.jsonl", "lock"],
+)
+def test_names_near_the_runs_own_files_are_accepted(tmp_path, value):
+    assert _args(tmp_path, offset_log_file=value).offset_log_file == value
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("a" * 300, "has a component of 300 bytes"),
+        ("logs/" + "a" * 256, "has a component of 256 bytes"),
+        ("\u00e9" * 128, "has a component of 256 bytes"),  # 128 characters, 256 bytes in UTF-8
+        ("/".join(["b" * 200] * 6), "would be a path of"),
+    ],
+)
+def test_a_log_file_name_longer_than_file_systems_take_is_refused(tmp_path, value, message):
+    """A 300-character name used to be accepted, and training failed with an ``OSError`` at step 0."""
+    with pytest.raises(ValueError, match=rf"`offset_log_file` \(.*\) {message}.*; give .*e\.g\. `'bpmod_offsets"):
+        _args(tmp_path / "out", offset_log_file=value)
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_a_log_file_in_a_subfolder_is_written_there(tmp_path):
     args = _args(tmp_path / "out", offset_log_file="logs/./runs/../offsets.jsonl")
     assert args.offset_log_file == os.path.join("logs", "offsets.jsonl")
