@@ -344,16 +344,20 @@ def _modes_given(args: list[str]) -> bool:
     return any(arg.lstrip("-").split("=")[0] in modes for arg in args if arg.startswith("--"))
 
 
+def parse_arguments(args: list[str]) -> tuple[ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments]:
+    """The script's arguments from the command line ``args``, or from its one JSON or YAML file."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments))
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(yaml_file=os.path.abspath(args[0]))
+    return parser.parse_args_into_dataclasses(args=args)
+
+
 def main(args: list[str] | None = None) -> None:
     """Train, evaluate and predict as the command line ``args`` (default: ``sys.argv[1:]``) says."""
     args = sys.argv[1:] if args is None else list(args)
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments))
-    if len(args) == 1 and args[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(args[0]))
-    elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-        model_args, data_args, training_args = parser.parse_yaml_file(yaml_file=os.path.abspath(args[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    model_args, data_args, training_args = parse_arguments(args)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
