@@ -4,13 +4,14 @@ what works."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 import operator
 from typing import Any
 
 MAX_COUNT = 2**31 - 1  # the largest count (steps, examples, blocks) an argument may hold
-_TRUE = ("yes", "y", "true", "t", "on", "1")  # HfArgumentParser's and transformers' ``strtobool`` spellings
+_TRUE = ("yes", "y", "true", "t", "on", "1")  # transformers' ``strtobool`` spellings
 _FALSE = ("no", "n", "false", "f", "off", "0")
 
 
@@ -21,7 +22,7 @@ def shown(value: Any) -> str:
 
 
 def parse_bool(name: str, value: Any, optional: bool = False) -> bool | None:
-    """An argument's boolean as ``HfArgumentParser`` reads it from the command line: ``True``/``False``, ``1``/``0``
+    """An argument's boolean as the command line reads it (:class:`BooleanFlag`): ``True``/``False``, ``1``/``0``
     or a string ``"true"``/``"false"``, ``"yes"``/``"no"``, ``"t"``/``"f"``, ``"y"``/``"n"``, ``"on"``/``"off"``,
     ``"1"``/``"0"`` (any case); ``None`` where ``optional``. Anything else raises ``ValueError`` naming ``name``."""
     if value is None and optional:
@@ -37,6 +38,31 @@ def parse_bool(name: str, value: Any, optional: bool = False) -> bool | None:
         f"`{name}` ({shown(value)}) must be {accepted}; strings are read as on the command line: "
         f"{'/'.join(_TRUE)} for True, {'/'.join(_FALSE)} for False."
     )
+
+
+def command_line_bool(text: str) -> bool:
+    """A boolean flag's value on the command line, spelled as :func:`parse_bool` reads it."""
+    if text.strip().lower() in _TRUE + _FALSE:
+        return text.strip().lower() in _TRUE
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a boolean: write {'/'.join(_TRUE)} for True, {'/'.join(_FALSE)} for False."
+    )
+
+
+class BooleanFlag(argparse.Action):
+    """The command-line action of the boolean arguments (``field(metadata={"action": BooleanFlag})``): their value
+    is read by :func:`command_line_bool`, so the command line takes every spelling a config file or Python may use.
+    ``HfArgumentParser`` gives each boolean field its ``string_to_bool``, which refuses ``on``/``off``; this action
+    replaces that type and keeps the rest (``--flag`` alone is ``True`` where the field has a boolean default). Not
+    for a field that defaults to ``True``: the parser's ``--no_<field>`` complement would get this action too."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **{**kwargs, "type": command_line_bool})
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string=None
+    ):
+        setattr(namespace, self.dest, values)
 
 
 def parse_int(name: str, value: Any, minimum: int, maximum: int, hint: str) -> int:

@@ -12,7 +12,7 @@ from typing import Any, get_args
 from transformers import TrainingArguments
 
 from .adapters.base import BlockGranularity
-from .argument_values import MAX_COUNT, parse_bool, parse_float, parse_int, shown
+from .argument_values import MAX_COUNT, BooleanFlag, parse_bool, parse_float, parse_int, shown
 from .compat import non_reentrant_checkpointing, sync_activation_checkpointing_kwargs
 from .offset_pass import OffsetSettings
 from .run_files import length_problem, run_file_owner
@@ -320,8 +320,9 @@ class BPModifiedTrainingArguments(TrainingArguments):
     bp_modified: bool | None = field(
         default=None,
         metadata={
+            "action": BooleanFlag,
             "help": "Add the periodic BP offset of eq. 5 to the local gradient. Default: the architecture's choice, "
-            "made by measurement (on for ResNets, off for ViTs)."
+            "made by measurement (on for ResNets, off for ViTs).",
         },
     )
     offset_batch_size: int = field(default=320, metadata={"help": "B': examples drawn per offset refresh."})
@@ -339,13 +340,15 @@ class BPModifiedTrainingArguments(TrainingArguments):
     offset_fixed_a: float = field(default=1.0, metadata={"help": "a for offset_scaling='fixed'."})
     offset_fixed_lambda: float = field(default=0.5, metadata={"help": "lambda in [0, 1] for offset_scaling='fixed'."})
     offset_bias_correction: bool = field(
-        default=False, metadata={"help": "Subtract the sampling noise Var/K from the bias estimate."}
+        default=False,
+        metadata={"action": BooleanFlag, "help": "Subtract the sampling noise Var/K from the bias estimate."},
     )
     offset_reliability: bool | None = field(
         default=None,
         metadata={
+            "action": BooleanFlag,
             "help": "Scale lambda by how much of the previous offset survived one period (the first period gets "
-            "none). Default: on for offset_scaling='aligned', off for the others."
+            "none). Default: on for offset_scaling='aligned', off for the others.",
         },
     )
     offset_max_ratio: float | None = field(
@@ -370,7 +373,8 @@ class BPModifiedTrainingArguments(TrainingArguments):
     rebuild_bpmod_state: bool = field(
         default=False,
         metadata={
-            "help": "On resume, build fresh auxiliary heads and offsets if the checkpoint's are missing or damaged."
+            "action": BooleanFlag,
+            "help": "On resume, build fresh auxiliary heads and offsets if the checkpoint's are missing or damaged.",
         },
     )
 
@@ -378,8 +382,9 @@ class BPModifiedTrainingArguments(TrainingArguments):
     eval_block_accuracy: bool = field(
         default=False,
         metadata={
+            "action": BooleanFlag,
             "help": "Also report each head's evaluation accuracy, eval_block_{s}_accuracy: the model cut after block "
-            "s (single-label classification only)."
+            "s (single-label classification only).",
         },
     )
 

@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, config
 from hf_bpmod.adapters import BlockGranularity
 from hf_bpmod.config import ARGUMENT_CHECKS, GRANULARITIES, MAX_COUNT, SCALING_MODES, SEED_RANGE
+from hf_bpmod.config_file import parse_config_file
 from hf_bpmod.offset_pass import offset_sample
 from hf_bpmod.testing import SyntheticImages, tiny_resnet
 
@@ -343,6 +344,65 @@ def test_the_command_line_and_config_files_are_read_the_same_way(tmp_path):
     for flags, field in ((["--offset_log_file", "../x.jsonl"], "offset_log_file"), (["--offset_fixed_a", "nan"], "")):
         with pytest.raises(ValueError, match=f"`{field or 'offset_fixed_a'}`"):
             parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "none", *flags])
+
+
+BOOLEAN_FIELDS = [
+    "bp_modified",
+    "offset_reliability",
+    "offset_bias_correction",
+    "rebuild_bpmod_state",
+    "eval_block_accuracy",
+]
+
+
+@pytest.mark.parametrize("field", BOOLEAN_FIELDS)
+def test_boolean_flags_take_on_and_off_as_every_spelling_the_checks_read(tmp_path, capsys, field):
+    """``--bp_modified off`` used to be refused by ``HfArgumentParser`` (its ``string_to_bool`` has no on/off), though
+    a config file's ``off`` was read as False."""
+    parser = HfArgumentParser(BPModifiedTrainingArguments)
+    base = ["--output_dir", str(tmp_path), "--report_to", "none"]
+    for text in ["on", "off", "ON", "Off", "yes", "no", "true", "False", "t", "F", "y", "n", "1", "0"]:
+        (args,) = parser.parse_args_into_dataclasses([*base, f"--{field}", text])
+        assert getattr(args, field) is (text.lower() in ("on", "yes", "true", "t", "y", "1")), text
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args_into_dataclasses([*base, f"--{field}", "maybe"])
+    assert exit_.value.code == 2
+    assert re.search(
+        rf"argument --{field}\S*: 'maybe' .*yes/y/true/t/on/1 for True.*no/n/false/f/off/0", capsys.readouterr().err
+    )
+
+
+def test_nested_config_values_follow_yaml_1_2_and_ambiguous_files_are_refused(tmp_path):
+    """``parse_config_file``: a list for a flag of several values is read item by item as its flag; a mapping under
+    YAML 1.2's core schema (``0o17`` is 15, ``on`` a string); merge keys work; a name given twice, or a file that holds
+    no mapping, is refused naming the file."""
+    parser = HfArgumentParser(BPModifiedTrainingArguments)
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"defaults: &defaults {{report_to: none, seed: 017}}\noutput_dir: {tmp_path}\nlabel_names: [labels, 017]\n"
+        "gradient_checkpointing_kwargs: {use_reentrant: false, a: 0o17, b: on, c: 1:30, d: .inf}\noffset_seed: ~\n"
+    )
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser: \\['defaults'\\]"):
+        parse_config_file(parser, path)
+    (args,) = parse_config_file(parser, path, allow_extra_keys=True)
+    assert args.label_names == ["labels", "017"] and args.offset_seed is None
+    kwargs = args.gradient_checkpointing_kwargs
+    assert kwargs == {"use_reentrant": False, "a": 15, "b": "on", "c": "1:30", "d": float("inf")}
+    path.write_text(f"<<: {{run_name: 1.10, seed: 3}}\noutput_dir: {tmp_path}\nreport_to: none\nseed: 017\n")
+    (args,) = parse_config_file(parser, path)
+    assert (args.run_name, args.seed) == ("1.10", 17)  # merged, and the file's own key wins
+    for text, message in [
+        (f"output_dir: {tmp_path}\nseed: 1\nseed: 2\n", r"`seed` is given twice \(line 3\); keep one"),
+        ("- a\n- b\n", "must hold a mapping of argument names to values"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*{message}"):
+            parse_config_file(parser, path)
+    path = tmp_path / "config.json"
+    path.write_text(f'{{"output_dir": "{tmp_path}", "seed": 1, "seed": 2}}')
+    with pytest.raises(ValueError, match=r"`seed` is given twice; keep one"):
+        parse_config_file(parser, path)
 
 
 def test_refused_arguments_leave_the_environment_as_it_was(tmp_path):

@@ -8,6 +8,7 @@ reported evaluation accuracy and loss from it on the same data.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -207,3 +208,65 @@ def test_two_processes_report_once(tmp_path):
         assert output.count(line) == 1, f"{line!r} {output.count(line)} times:\n{output[-5000:]}"
     assert not (tmp_path / "out" / "adapter_config.json").exists()
     assert (tmp_path / "out" / "model.safetensors").exists()  # the merged model, written once by the main process
+
+
+# ---------------------------------------------------------------------------------------------- config files
+#: Values as a user writes them in a config file and on the command line, where YAML 1.1 (PyYAML's ``safe_load``)
+#: read something else: ``017`` as 15, ``1:30`` as 90, ``no``/``off`` as False, ``1e-3`` as a string, ``1.10`` as
+#: 1.1, ``2024-01-01`` as a date, ``0123`` as 83.
+SAME_AS_THE_COMMAND_LINE = [
+    ("offset_seed", "017"),
+    ("seed", "017"),
+    ("offset_period", "1:30"),
+    ("offset_period", "200"),
+    ("bp_modified", "off"),
+    ("bp_modified", "on"),
+    ("offset_reliability", "no"),
+    ("offset_max_ratio", "inf"),
+    ("offset_log_file", "0123"),
+    ("offset_batch_size", "0x20"),
+    ("learning_rate", "1e-3"),
+    ("save_strategy", "no"),
+    ("do_train", "no"),
+    ("do_train", "on"),
+    ("run_name", "1.10"),
+    ("model_revision", "2024-01-01"),
+    ("peft_alpha", "4"),
+    ("train_val_split", "0.5"),
+]
+
+
+def _parsed(script: ModuleType, argv: list[str]) -> dict | str:
+    """What ``parse_arguments(argv)`` gives, as plain values (the time-stamped ``logging_dir`` left out), or the
+    error it refuses them with (``"exit"`` for argparse's usage error)."""
+    try:
+        model_args, data_args, training_args = script.parse_arguments(argv)
+    except SystemExit:
+        return "exit"
+    except ValueError as error:
+        return str(error)
+    values = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **training_args.to_dict()}
+    values.pop("logging_dir", None)
+    return values
+
+
+@pytest.mark.compat  # HfArgumentParser's types and TrainingArguments' fields vary across releases
+@pytest.mark.parametrize("kind", ["yaml", "json"])
+@pytest.mark.parametrize("field, text", SAME_AS_THE_COMMAND_LINE)
+def test_a_config_file_means_what_the_same_flags_mean_on_the_command_line(script, tmp_path, capsys, kind, field, text):
+    """Each value of a YAML or JSON config file (a JSON string here) is read as the command line reads the same
+    text after its flag: the same value, or refused there too (with the same message where a check refuses it)."""
+    base = {"output_dir": str(tmp_path / "out"), "report_to": "none"}
+    path = tmp_path / f"config.{kind}"
+    if kind == "yaml":
+        path.write_text("".join(f"{key}: {value}\n" for key, value in {**base, field: text}.items()))
+    else:
+        path.write_text(json.dumps({**base, field: text}))
+    on_the_command_line = _parsed(script, [*(f"--{key}={value}" for key, value in base.items()), f"--{field}", text])
+    from_the_file = _parsed(script, [str(path)])
+    capsys.readouterr()
+    if on_the_command_line == "exit":  # argparse refused the text: the file's value is refused, naming it
+        assert isinstance(from_the_file, str) and f"`{field}` ({text!r})" in from_the_file, from_the_file
+    else:
+        assert from_the_file == on_the_command_line
+    assert script._modes_given([str(path)]) is (field == "do_train")

@@ -1,6 +1,6 @@
 """The paper recipes (examples/paper_recipes/*.yaml): complete, up to date, parsed by the example script, buildable.
 
-Each recipe is parsed with the example script's own ``HfArgumentParser`` and its values are checked against the
+Each recipe is parsed as the example script parses its config file and its values are checked against the
 paper's settings (Ren & Li, Section 6, Section 6.1, Section 6.2 and Appendix D.2), written out here independently of
 ``make_recipes.py``. Then its ``BPModifiedTrainer`` is built around a tiny stand-in of the same architecture (wrapped
 by the recipe's peft method through the script's ``apply_peft``) on synthetic data: nothing is downloaded.
@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 from helpers import import_file
-from transformers import HfArgumentParser
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
 from hf_bpmod.config import parse_offset_period
@@ -96,8 +95,8 @@ def expected_cells() -> dict[str, dict[str, Any]]:
 
 
 def _parse(script: ModuleType, recipe: Path) -> tuple[Any, Any, BPModifiedTrainingArguments]:
-    parser = HfArgumentParser((script.ModelArguments, script.DataTrainingArguments, BPModifiedTrainingArguments))
-    return parser.parse_yaml_file(yaml_file=str(recipe))
+    """The recipe's arguments, read as the script reads its one config file."""
+    return script.parse_arguments([str(recipe)])
 
 
 def test_every_cell_has_a_recipe_and_nothing_else():
