@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from ._files import SymlinkRefusedError  # noqa: E402
 from .adapters import ArchitectureAdapter, get_adapter, register_adapter  # noqa: E402
 from .chain import BlockChain  # noqa: E402
 from .checkpoint import BPModStateError  # noqa: E402
@@ -19,6 +20,7 @@ __all__ = [
     "BPModStateError",
     "NonFiniteTrainingError",
     "OutputDirInUseError",
+    "SymlinkRefusedError",
     "ArchitectureAdapter",
     "get_adapter",
     "register_adapter",

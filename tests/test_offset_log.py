@@ -288,6 +288,19 @@ def test_a_symlink_planted_at_the_log_while_a_run_trains_is_not_written_through(
     assert notes.read_bytes() == NOTES
 
 
+def test_links_that_stay_inside_the_output_dir_are_followed(tmp_path):
+    """An ``output_dir`` that is itself a link (a cluster's scratch space), and a linked folder that resolves inside
+    it, are the user's layout: the log is written through them."""
+    (tmp_path / "real" / "kept").mkdir(parents=True)
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "real", target_is_directory=True)
+    (out / "logs").symlink_to(tmp_path / "real" / "kept", target_is_directory=True)
+    log = RefreshLog(str(out / "logs" / LOG), str(out))
+    log.start(0)
+    log.append({"step": 0, "blocks": []})
+    assert [r["step"] for r in _records(tmp_path / "real" / "kept" / LOG)] == [0]
+
+
 def test_an_atomic_write_never_writes_through_a_symlink(tmp_path):
     """Checkpoint state, the model card, predictions.csv and block_accuracy.png are written through a temporary file
     that replaces the target: a link at either name used to be followed (the temporary) or silently replaced."""
