@@ -411,7 +411,13 @@ class BPModifiedTrainingArguments(TrainingArguments):
         self._check_arguments()
         super().__post_init__()
         if self.gradient_checkpointing:  # after TrainingArguments, which parses the kwargs and resolves their aliases
-            if (self.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            kwargs = self.gradient_checkpointing_kwargs or {}
+            if "use_reentrant" in kwargs:  # a string from a config file ("no") is read as the command line reads it
+                given = kwargs["use_reentrant"]
+                kwargs = {**kwargs, "use_reentrant": parse_bool("gradient_checkpointing_kwargs.use_reentrant", given)}
+                self.gradient_checkpointing_kwargs = kwargs
+                sync_activation_checkpointing_kwargs(self)
+            if kwargs.get("use_reentrant", False):
                 raise ValueError(
                     "`gradient_checkpointing_kwargs={'use_reentrant': True}` is not supported by BPModifiedTrainer: "
                     "reentrant checkpointing cannot be differentiated with `torch.autograd.grad`, which local "

@@ -549,6 +549,24 @@ def test_gradient_checkpointing_is_non_reentrant(tmp_path):
         _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
 
 
+@pytest.mark.parametrize(("given", "read"), [("no", False), ("off", False), ("false", False), ("yes", True)])
+def test_use_reentrant_from_a_config_file_is_read_as_the_command_line_reads_it(tmp_path, given, read):
+    """A config file's ``gradient_checkpointing_kwargs: {use_reentrant: no}`` holds the string "no", which torch would
+    take as true: it is read as False, and "yes" is refused as True is."""
+    kwargs = {"use_reentrant": given}
+    if read:
+        with pytest.raises(ValueError, match="use_reentrant.*not supported by BPModifiedTrainer"):
+            _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
+        return
+    args = _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert getattr(args, "activation_checkpointing_kwargs", args.gradient_checkpointing_kwargs) == {
+        "use_reentrant": False
+    }
+    with pytest.raises(ValueError, match="`gradient_checkpointing_kwargs.use_reentrant` \\('maybe'\\)"):
+        _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": "maybe"})
+
+
 def test_sgd_takes_its_optim_args(tmp_path):
     """``optim="sgd"`` with ``optim_args`` (the paper recipes: momentum 0.9) gets them, whichever transformers is
     installed (4.x dropped them)."""
