@@ -8,10 +8,12 @@ import os
 import pytest
 import torch
 from helpers import lokr_resnet, lora_vit, max_param_diff, training_args
+from safetensors.torch import load_file
 from transformers import (
     HfArgumentParser,
     ResNetForImageClassification,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     ViTForImageClassification,
 )
@@ -468,6 +470,48 @@ def test_resuming_from_a_checkpoint_without_our_state_fails_clearly(tmp_path, wr
     trainer = BPModifiedTrainer(model=tiny_vit(num_layers=4), args=args, train_dataset=data)
     with pytest.raises(FileNotFoundError, match=message):
         trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+class _ModelAtTrainBegin(TrainerCallback):
+    """The model's state once a checkpoint is loaded, before the first step."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer, self.state = trainer, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.state = {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_resume_loads_the_saved_weights_whatever_dtype_the_config_names(tmp_path, dtype):
+    """A checkpoint's `config.json` edited to name another dtype (`torch_dtype` before transformers 5, `dtype`
+    since): the resumed model gets the saved weights bit for bit, in its own dtype, as the plain Trainer loads them."""
+    data = SyntheticImages(96)
+    kw = dict(max_steps=3, save_strategy="steps", save_steps=3)
+    args = _args(tmp_path, offset_batch_size=32, **kw)
+    BPModifiedTrainer(model=tiny_resnet(depths=(2, 2)), args=args, train_dataset=data).train()
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    config = json.loads((checkpoint / "config.json").read_text())
+    edited = [key for key in ("torch_dtype", "dtype") if key in config]
+    assert edited and all(config[key] == "float32" for key in edited)
+    (checkpoint / "config.json").write_text(json.dumps({**config, **dict.fromkeys(edited, dtype)}))
+    saved = load_file(checkpoint / "model.safetensors")
+
+    plain = Trainer(model=tiny_resnet(depths=(2, 2), seed=123), args=_args(tmp_path / "plain", TrainingArguments))
+    plain._load_from_checkpoint(str(checkpoint))  # the Trainer's own loading of the model's weights
+    model = tiny_resnet(depths=(2, 2), seed=123)
+    trainer = BPModifiedTrainer(
+        model=model, args=_args(tmp_path / "again", offset_batch_size=32, **kw), train_dataset=data
+    )
+    probe = _ModelAtTrainBegin(trainer)
+    trainer.add_callback(probe)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert next(model.parameters()).dtype == torch.float32
+    loaded = {"Trainer": plain.model.state_dict(), "BPModifiedTrainer": probe.state}
+    for name, state in loaded.items():
+        assert state.keys() == saved.keys(), name
+        different = [k for k, v in saved.items() if v.dtype != state[k].dtype or not torch.equal(v, state[k])]
+        assert not different, f"{name}: {different[:3]}"
 
 
 def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
