@@ -216,9 +216,9 @@ class BPModifiedTrainer(Trainer):
         return precision.loss_scale(self.accelerator, self.args.device)
 
     def _finish_optimizer_step_gradients(self) -> None:
-        """Once per optimizer step: average the gradients (and BatchNorm statistics) across processes, skip the step
-        if a loss or gradient is not finite (:mod:`hf_bpmod.guard`), then ``g^ = a g_h + lambda Delta`` (eq. 5),
-        refreshing the offset first when a period starts."""
+        """Once per optimizer step: average the gradients (and BatchNorm statistics) across processes, then
+        ``g^ = a g_h + lambda Delta`` (eq. 5), refreshing the offset first when a period starts, then skip the step
+        if a loss or gradient is not finite (:mod:`hf_bpmod.guard`)."""
         self._zero_aux_grads = True
         num_processes = self.accelerator.num_processes
         if num_processes > 1:
@@ -226,12 +226,18 @@ class BPModifiedTrainer(Trainer):
             distributed.average_gradients(params, num_processes)
             if self.args.ddp_broadcast_buffers is not False:
                 distributed.average_buffers((unwrap_model(self.model), self.aux_heads), num_processes)
+        offset_blocks: list[int] = []
+        if self.uses_offset:
+            if self.offset.due(self.state.global_step):
+                self._refresh_offset()
+            self.offset.apply(self._grad_scale())
+            offset_blocks = [
+                t
+                for t, b in enumerate(self.offset.state.blocks)
+                if b.scale != 1.0 or (b.delta is not None and b.weight != 0.0)
+            ]
         scaler_on = precision.scaler_enabled(self.accelerator)
-        if not self.guard.finish_step(self.state.global_step, self.optimizer, scaler_on) or not self.uses_offset:
-            return
-        if self.offset.due(self.state.global_step):
-            self._refresh_offset()
-        self.offset.apply(self._grad_scale())
+        self.guard.finish_step(self.state.global_step, self.optimizer, scaler_on, offset_blocks)
 
     # ------------------------------------------------------------------ the offset's data
     def _refresh_offset(self) -> None:
