@@ -16,7 +16,9 @@ micro-batch, and a warning names the step and the first non-finite loss or gradi
 the global step and the offset's refresh schedule advance as for any step (a refresh due at that step has run). After ``max_nonfinite_steps`` skipped steps in a row the next
 non-finite one raises :class:`NonFiniteTrainingError` (``0``: the first one does), the model being left at the last
 finite step. Offset refreshes with non-finite statistics (the previous offset is kept) are counted the same way,
-in a run of their own: after ``max_nonfinite_steps`` failed refreshes in a row the next failure raises.
+in a run of their own: after ``max_nonfinite_steps`` failed refreshes in a row the next failure raises. Both
+counts travel with checkpoints (:meth:`NonFiniteGuard.state_dict`), so that a resumed run stops where the
+uninterrupted one would.
 
 Under fp16 with an enabled gradient scaler, non-finite gradients are the scaler's normal overflow: the scaler
 skips that step itself and lowers its scale, so the guard neither drops the gradients (the scaler must see them)
@@ -154,6 +156,18 @@ class NonFiniteGuard:
     def failed_refreshes_in_a_row(self) -> int:
         """Offset refreshes with non-finite statistics in a row, up to the last one."""
         return self._failed_refreshes.count
+
+    def state_dict(self) -> dict[str, int]:
+        """The counts in a row, for a checkpoint."""
+        return {
+            "skipped_steps_in_a_row": self._skipped.count,
+            "failed_refreshes_in_a_row": self._failed_refreshes.count,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The counts of a checkpoint (missing ones: 0)."""
+        self._skipped.count = int(state.get("skipped_steps_in_a_row", 0))
+        self._failed_refreshes.count = int(state.get("failed_refreshes_in_a_row", 0))
 
     # ------------------------------------------------------------------ during the step
     def start_step(self) -> None:

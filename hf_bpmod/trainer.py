@@ -24,7 +24,13 @@ from transformers.utils import logging
 from . import block_metrics, compat, distributed, head_clipping, losses, precision, run_lock, setup_checks
 from ._unwrap import unwrap_model
 from .adapters import get_adapter
-from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
+from .checkpoint import (
+    check_block_split,
+    forget_optimizer_state,
+    load_bpmod_state,
+    save_bpmod_state,
+    saved_method,
+)
 from .config import BPModifiedTrainingArguments
 from .guard import NonFiniteGuard
 from .local_grad import local_gradients
@@ -260,12 +266,14 @@ class BPModifiedTrainer(Trainer):
             pixel_values, labels = losses.split_inputs(self._prepare_inputs(collator([dataset[i] for i in indices])))
             return pixel_values, lambda logits: self.training_loss(logits, labels)
 
+        return OffsetData(size=len(dataset), fetch=fetch, steps_per_epoch=self._steps_per_epoch(len(dataset)))
+
+    def _steps_per_epoch(self, n: int) -> int:
+        """Optimizer steps of an epoch over ``n`` training examples."""
         args = self.args
         per_step = args.per_device_train_batch_size * args.world_size
-        n = len(dataset)
         batches = n // per_step if args.dataloader_drop_last else -(-n // per_step)
-        steps_per_epoch = max(1, -(-batches // args.gradient_accumulation_steps))
-        return OffsetData(size=n, fetch=fetch, steps_per_epoch=steps_per_epoch)
+        return max(1, -(-batches // args.gradient_accumulation_steps))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
@@ -281,12 +289,14 @@ class BPModifiedTrainer(Trainer):
             "local_horizon": self.args.local_horizon,
             "block_granularity": self.args.block_granularity,
             "bp_modified": self.uses_offset,
+            "nonfinite": self.guard.state_dict(),
         }
 
     def load_bpmod_state_dict(self, state: dict) -> None:
         check_block_split(state, self.args)
         self.aux_heads.load_state_dict(state["aux_heads"])
         self.offset.state = OffsetState.from_state_dict(state["offset"])
+        self.guard.load_state_dict(state.get("nonfinite") or {})
         self._resume_method(saved_method(state))
 
     def _resume_method(self, saved: bool) -> None:
@@ -315,13 +325,24 @@ class BPModifiedTrainer(Trainer):
             super()._load_optimizer_and_scheduler(checkpoint)
             return
         # checked against this model before the optimizer's state; None: rebuild_bpmod_state with a fresh state
-        state = load_bpmod_state(checkpoint, self.aux_heads, self.block_chain.block_params, self.args)
+        state = load_bpmod_state(
+            checkpoint, self.aux_heads, self.block_chain.block_params, self.args, self._offset_period_steps()
+        )
         super()._load_optimizer_and_scheduler(checkpoint)
         if state is not None:
             self.load_bpmod_state_dict(state)
             return
         self.offset.state = OffsetState()  # refreshed at the next step
+        self.guard.load_state_dict({})
         forget_optimizer_state(self.optimizer, self.aux_heads.parameters())  # the heads start afresh
+
+    def _offset_period_steps(self) -> int | None:
+        """This run's offset period in optimizer steps (``K``); ``None`` without a training set of known size."""
+        try:
+            n = len(self.train_dataset)
+        except TypeError:  # none, or streamed
+            return None
+        return self.args.offset_settings().period_steps(self._steps_per_epoch(n))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the model weights of a checkpoint to resume from (see `_reload_full_model`)."""

@@ -216,6 +216,48 @@ def test_a_gradient_the_offset_makes_non_finite_skips_its_step(tmp_path):
     assert trainer.state.global_step == 5 and _finite(trainer) and trainer.guard.skipped_in_a_row == 0
 
 
+class _CountersAtTrainBegin(TrainerCallback):
+    def __init__(self, trainer) -> None:
+        self.trainer, self.seen = trainer, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen = (self.trainer.guard.skipped_in_a_row, self.trainer.guard.failed_refreshes_in_a_row)
+
+
+@pytest.mark.compat  # resumes through the Trainer's own loading
+@pytest.mark.parametrize("what", ["steps", "refreshes"])
+def test_a_resumed_run_stops_where_the_uninterrupted_run_stops(tmp_path, what):
+    """Non-finite gradients from step 2 on, 3 allowed in a row, stop a run without the offset at step 5; refreshes that all fail, 2
+    allowed in a row, stop it at the refresh of step 4. Resumed from the checkpoint of step 3 or 4, whose counters
+    say how many failed in a row before it, the run stops at the same step with the same error."""
+    if what == "steps":
+        collator = Poison(lambda b: None, which=set())
+        kw = dict(max_nonfinite_steps=3, save_steps=4, bp_modified=False)
+    else:
+        collator, kw = Poison(nan_pixel, which=set(), refresh=True), dict(max_nonfinite_steps=2, save_steps=3)
+    errors, counters = [], []
+    for resume in (None, str(tmp_path / "out" / f"checkpoint-{kw['save_steps']}")):
+        trainer, _ = _train(tmp_path, "vit", collator, max_steps=12, save_strategy="steps", **kw)
+        if what == "steps":
+            param = trainer.block_chain.block_params[1][0]
+            param.register_hook(lambda g, t=trainer: g if t.state.global_step < 2 else torch.full_like(g, math.inf))
+        probe = _CountersAtTrainBegin(trainer)
+        trainer.add_callback(probe)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with pytest.raises(NonFiniteTrainingError) as error:
+                trainer.train(resume_from_checkpoint=resume)
+        errors.append(str(error.value))
+        counters.append(probe.seen)
+    if what == "steps":
+        assert "Step 5: the gradient of block 1" in errors[0] and "the 4th step in a row" in errors[0]
+        assert counters == [(0, 0), (2, 0)]  # steps 2 and 3 skipped before the checkpoint of step 4
+    else:
+        assert "Step 4: the offset refresh gave non-finite statistics, the 3rd refresh in a row" in errors[0]
+        assert counters == [(0, 0), (0, 2)]  # the refreshes of steps 0 and 2 failed
+    assert errors[1] == errors[0]
+
+
 def _small_chain():
     from hf_bpmod.chain import BlockChain
 
