@@ -13,12 +13,12 @@ A non-finite step is skipped: the gradients are dropped, the next ``optimizer.st
 optimizer state and the auxiliary heads stay as they were, step counts included), the floating-point buffers
 (BatchNorm running statistics) of the model and the heads are put back to what they were before the step's first
 micro-batch, and a warning names the step and the first non-finite loss or gradient. The learning-rate schedule,
-the global step and the offset's refresh schedule advance as for any step (a refresh due at that step has run). After ``max_nonfinite_steps`` skipped steps in a row the next
-non-finite one raises :class:`NonFiniteTrainingError` (``0``: the first one does), the model being left at the last
-finite step. Offset refreshes with non-finite statistics (the previous offset is kept) are counted the same way,
-in a run of their own: after ``max_nonfinite_steps`` failed refreshes in a row the next failure raises. Both
-counts travel with checkpoints (:meth:`NonFiniteGuard.state_dict`), so that a resumed run stops where the
-uninterrupted one would.
+the global step and the offset's refresh schedule advance as for any step (a refresh due at that step has run).
+After ``max_nonfinite_steps`` skipped steps in a row the next non-finite one raises :class:`NonFiniteTrainingError`
+(``0``: the first one does), the model being left at the last finite step. Offset refreshes with non-finite
+statistics (the previous offset is kept) are counted the same way, in a run of their own: after
+``max_nonfinite_steps`` failed refreshes in a row the next failure raises. Both counts travel with checkpoints
+(:meth:`NonFiniteGuard.state_dict`), so that a resumed run stops where the uninterrupted one would.
 
 Under fp16 with an enabled gradient scaler, non-finite gradients are the scaler's normal overflow: the scaler
 skips that step itself and lowers its scale, so the guard neither drops the gradients (the scaler must see them)

@@ -227,9 +227,9 @@ class _CountersAtTrainBegin(TrainerCallback):
 @pytest.mark.compat  # resumes through the Trainer's own loading
 @pytest.mark.parametrize("what", ["steps", "refreshes"])
 def test_a_resumed_run_stops_where_the_uninterrupted_run_stops(tmp_path, what):
-    """Non-finite gradients from step 2 on, 3 allowed in a row, stop a run without the offset at step 5; refreshes that all fail, 2
-    allowed in a row, stop it at the refresh of step 4. Resumed from the checkpoint of step 3 or 4, whose counters
-    say how many failed in a row before it, the run stops at the same step with the same error."""
+    """Non-finite gradients from step 2 on, 3 allowed in a row, stop a run without the offset at step 5; refreshes
+    that all fail, 2 allowed in a row, stop it at the refresh of step 4. Resumed from the checkpoint of step 4 or 3,
+    whose counters say how many failed in a row before it, the run stops at the same step with the same error."""
     if what == "steps":
         collator = Poison(lambda b: None, which=set())
         kw = dict(max_nonfinite_steps=3, save_steps=4, bp_modified=False)
