@@ -27,7 +27,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import safetensors.torch
@@ -39,6 +39,7 @@ from ._files import write_atomically
 from .checkpoint_files import (
     UnreadableFileError,
     checkpoint_global_step,
+    newest_complete_checkpoint,
     read_regular_file,
 )
 from .offset import BlockOffset
@@ -371,6 +372,14 @@ def read_bpmod_state(
     return state, path
 
 
+def last_complete_checkpoint(output_dir: str, flag: str, warn: Callable[[str], None] = logger.warning) -> str | None:
+    """The newest checkpoint of ``output_dir`` that holds everything a resume reads (this package's state
+    included), each newer incomplete one skipped with ``warn``; ``None`` if there is no checkpoint folder;
+    ``FileNotFoundError`` if none is complete (``flag``: how the user asked for it). See
+    :func:`hf_bpmod.checkpoint_files.newest_complete_checkpoint`."""
+    return newest_complete_checkpoint(output_dir, flag, (STATE_JSON, LEGACY_STATE), warn)
+
+
 def state_size_bound(aux_heads: torch.nn.Module, block_params: list[list]) -> int:
     """The most bytes a state file of these heads and blocks takes: twice their tensors' bytes (an offset per
     trainable parameter) plus each tensor's entry in the file's header, with a margin."""
@@ -422,8 +431,9 @@ def load_bpmod_state(
 ) -> dict[str, Any] | None:
     """The state saved in ``checkpoint``, checked against ``aux_heads``, the blocks' trainable parameters
     (``block_params``), the block split of ``args`` and this run's offset period (``period_steps``, if known) before
-    anything is loaded, with the offsets on their parameters' devices. With ``args.rebuild_bpmod_state``, ``None`` for a missing or damaged state: the caller
-    keeps its heads, drops their optimizer state and starts a fresh offset (refreshed at the next step)."""
+    anything is loaded, with the offsets on their parameters' devices. With ``args.rebuild_bpmod_state``, ``None``
+    for a missing or damaged state: the caller keeps its heads, drops their optimizer state and starts a fresh offset
+    (refreshed at the next step)."""
     try:
         bound = state_size_bound(aux_heads, block_params)
         state, path = read_bpmod_state(checkpoint, max_tensor_bytes=bound, period_steps=period_steps)

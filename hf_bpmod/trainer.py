@@ -27,6 +27,7 @@ from .adapters import get_adapter
 from .checkpoint import (
     check_block_split,
     forget_optimizer_state,
+    last_complete_checkpoint,
     load_bpmod_state,
     save_bpmod_state,
     saved_method,
@@ -176,10 +177,17 @@ class BPModifiedTrainer(Trainer):
         return self.block_metrics.evaluation_loop(super().evaluation_loop, *args, **kwargs)
 
     # ------------------------------------------------------------------ training
-    def train(self, *args, **kwargs):
-        """The Trainer's ``train``, holding the ``output_dir`` for this run alone (:mod:`hf_bpmod.run_lock`)."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """The Trainer's ``train``, holding the ``output_dir`` for this run alone (:mod:`hf_bpmod.run_lock`).
+        ``resume_from_checkpoint=True`` resumes from the newest complete checkpoint in ``output_dir``, skipping with
+        a warning any newer one that a kill during its save left incomplete
+        (:func:`~hf_bpmod.checkpoint.last_complete_checkpoint`)."""
         with run_lock.training_lock(self.args):
-            return super().train(*args, **kwargs)
+            if resume_from_checkpoint is True:
+                warn = logger.warning if self.args.should_log else logger.info
+                found = last_complete_checkpoint(self.args.output_dir, "resume_from_checkpoint=True", warn)
+                resume_from_checkpoint = True if found is None else found  # None: the Trainer's own error
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Local gradients of one micro-batch into ``.grad`` (eq. 4); on the last micro-batch of an optimizer step,
