@@ -58,7 +58,7 @@ Run from the repository root (``pip install -e .`` first, or the script adds the
 Without ``--do_train``/``--do_eval``/``--do_predict`` the script both trains and evaluates. ``--do_predict`` writes
 ``predict_results.json`` and ``predictions.csv`` (test row, predicted class, true class where known) for the test
 split. Resume a run with ``--resume_from_checkpoint path/to/checkpoint-500`` (or ``--resume_from_checkpoint last`` for
-the newest checkpoint in ``--output_dir``). The last line printed (once, by the main process) is ``final eval accuracy: 0.xxxx (top-5 0.xxxx)``.
+the newest complete checkpoint in ``--output_dir``: one a kill left half-saved is skipped, with a warning, and kept). The last line printed (once, by the main process) is ``final eval accuracy: 0.xxxx (top-5 0.xxxx)``.
 
 Models: ``--model_type`` and the model types of ``--model_name_or_path``/``--config_name`` must be ones hf_bpmod
 has an architecture adapter for (``--help`` lists them); anything else is refused before the data loads. A pretrained
@@ -105,6 +105,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from hf_bpmod.adapters import ADAPTERS
 from hf_bpmod.block_metrics import plot_block_accuracy
+from hf_bpmod.checkpoint import last_complete_checkpoint
 from hf_bpmod.config_file import parse_config_file, read_config_file
 from hf_bpmod.data import EMBEDDED_DATASET_NAME, collate_fn, with_pixel_values
 from hf_bpmod.metrics import compute_accuracy_metrics
@@ -386,7 +387,9 @@ def main(args: list[str] | None = None) -> None:
 
     checkpoint = training_args.resume_from_checkpoint
     if isinstance(checkpoint, str) and checkpoint.lower() in ("last", "true"):
-        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        flag = f"--resume_from_checkpoint {checkpoint}"
+        warn = logger.warning if training_args.should_log else logger.info
+        checkpoint = last_complete_checkpoint(training_args.output_dir, flag, warn)  # skips one a kill tore
         if checkpoint is None:
             raise ValueError(
                 f"--resume_from_checkpoint {training_args.resume_from_checkpoint} found no checkpoint-* folder in "

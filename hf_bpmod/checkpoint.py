@@ -6,30 +6,42 @@ Two files, written by the main process, neither of which can run code when read:
   of block ``t`` (one tensor per trainable parameter of the block) under ``offset.<t>.<i>``.
 - ``bpmod_state.json``: every plain value (format version, ``local_horizon``, ``block_granularity``,
   ``bp_modified``, the offset's period and each block's scalars, which blocks hold an offset and of how many
-  tensors) and the SHA-256 of the safetensors file. It is written last: a checkpoint without it has no state.
+  tensors, the non-finite guard's counters), the SHA-256 of the safetensors file, and the SHA-256 of its own
+  content (:func:`state_json_digest`), so that no value of either file changes unnoticed. It is written last: a
+  checkpoint without it has no state. Format 1 (no checksum of its own, no counters) is still read.
 
 Checkpoints of earlier releases hold ``bpmod_state.pt``, which is read with ``torch.load(weights_only=True)`` only
-(tensors and plain values; never a pickled object). Whatever the format, the state is checked before any of it (or
-the optimizer's state) is loaded: structure, checksum, keys, shapes and dtypes against the model, finite values. A
-damaged or mismatched state is refused with an error naming the file; ``rebuild_bpmod_state=True`` resumes with
-fresh auxiliary heads and offsets instead.
+(tensors and plain values; never a pickled object). Every file is read only if it is a regular file within a size
+bound (:func:`hf_bpmod.checkpoint_files.read_regular_file`). Whatever the format, the state is checked before any
+of it (or the optimizer's state) is loaded: structure, checksums, keys, shapes and dtypes against the model, finite
+values, and values that training can produce (:mod:`hf_bpmod.state_values`). A damaged or mismatched state is
+refused with an error naming the file; ``rebuild_bpmod_state=True`` resumes with fresh auxiliary heads and offsets
+instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import safetensors.torch
 import torch
 from transformers.utils import logging
 
+from . import state_values
 from ._files import write_atomically
+from .checkpoint_files import (
+    UnreadableFileError,
+    checkpoint_global_step,
+    newest_complete_checkpoint,
+    read_regular_file,
+)
 from .offset import BlockOffset
 
 logger = logging.get_logger(__name__)
@@ -38,7 +50,15 @@ STATE_JSON = "bpmod_state.json"
 STATE_TENSORS = "bpmod_state.safetensors"
 LEGACY_STATE = "bpmod_state.pt"
 FORMAT = "hf_bpmod.bpmod_state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The JSON's fields in each format version read.
+FIELDS = {
+    1: {"format", "version", "local_horizon", "block_granularity", "bp_modified", "offset", "tensors"},
+    2: {"format", "version", "local_horizon", "block_granularity", "bp_modified", "offset", "nonfinite", "tensors",
+        "sha256"},
+}  # fmt: skip
+#: The largest bpmod_state.json read (a few hundred bytes per block).
+MAX_JSON_BYTES = 8 * 2**20
 
 _BLOCK_FIELDS = {f.name: f for f in dataclasses.fields(BlockOffset) if f.name != "delta"}
 _BOOL_FIELDS = {"capped"}
@@ -80,6 +100,7 @@ def save_bpmod_state(state: dict[str, Any], checkpoint: str) -> None:
         {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}
     )
     write_atomically(os.path.join(checkpoint, STATE_TENSORS), data)
+    counters = state.get("nonfinite") or {}
     description = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -91,12 +112,47 @@ def save_bpmod_state(state: dict[str, Any], checkpoint: str) -> None:
             "next_refresh_step": state["offset"]["next_refresh_step"],
             "blocks": blocks,
         },
+        "nonfinite": {name: int(counters.get(name, 0)) for name in state_values.COUNTERS},
         "tensors": {"file": STATE_TENSORS, "sha256": hashlib.sha256(data).hexdigest()},
     }
+    description["sha256"] = state_json_digest(description)
     write_atomically(json_path, (json.dumps(description, indent=1, allow_nan=False) + "\n").encode())
 
 
+def state_json_digest(description: dict[str, Any]) -> str:
+    """The SHA-256 that bpmod_state.json records of its own content: of its canonical JSON (sorted keys, no
+    whitespace, as ``json.dumps`` writes it) without the ``sha256`` field. It covers the tensors' SHA-256 too."""
+    content = {k: v for k, v in description.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------- reading
+def _read(path: str, max_bytes: int | None, bound: str) -> bytes:
+    """:func:`~hf_bpmod.checkpoint_files.read_regular_file`, refusing with :class:`BPModStateError`."""
+    try:
+        return read_regular_file(path, max_bytes, bound)
+    except UnreadableFileError as e:
+        raise BPModStateError(path, e.problem) from None
+
+
+def _count(path: str, value: Any, what: str) -> int:
+    if _expect(path, value, int, what) < 0:
+        raise BPModStateError(path, f"{what} is {value}, below 0")
+    return value
+
+
+def _counters(path: str, counters: Any) -> dict[str, int]:
+    """The guard's counters as saved (zeros where a state predates them)."""
+    if counters is None:
+        return dict.fromkeys(state_values.COUNTERS, 0)
+    _expect(path, counters, dict, "`nonfinite`")
+    if set(counters) != set(state_values.COUNTERS):
+        raise BPModStateError(
+            path, f"`nonfinite` has fields {sorted(counters)}, not {', '.join(state_values.COUNTERS)}"
+        )
+    return {name: _count(path, counters[name], f"`nonfinite.{name}`") for name in state_values.COUNTERS}
+
+
 def _expect(path: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     """``value`` if it is of type ``kind`` (a bool is no number here), else the error naming ``path``."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -134,24 +190,34 @@ def _check_finite(path: str, name: str, tensor: Any) -> torch.Tensor:
     return tensor
 
 
-def _read_json_state(checkpoint: str) -> dict[str, Any]:
+def _read_json_state(checkpoint: str, max_tensor_bytes: int | None) -> dict[str, Any]:
     json_path = os.path.join(checkpoint, STATE_JSON)
     tensors_path = os.path.join(checkpoint, STATE_TENSORS)
     try:
-        with open(json_path, "rb") as f:
-            desc = json.loads(f.read().decode("utf-8"), parse_constant=lambda c: float(c))
+        raw = _read(json_path, MAX_JSON_BYTES, f"a {STATE_JSON} can take")
+    except FileNotFoundError:  # a link to nothing
+        raise MissingBPModStateError(json_path, "the file is missing (a link to nothing)") from None
+    try:
+        desc = json.loads(raw.decode("utf-8"), parse_constant=lambda c: float(c))
     except (ValueError, RecursionError) as e:  # undecodable bytes, malformed or absurdly nested JSON
         raise BPModStateError(json_path, f"not valid JSON ({e})") from None
     _expect(json_path, desc, dict, "the file's content")
-    fields = {"format", "version", "local_horizon", "block_granularity", "bp_modified", "offset", "tensors"}
+    version = desc.get("version")
+    fields = FIELDS.get(version, FIELDS[FORMAT_VERSION]) if isinstance(version, int) else FIELDS[FORMAT_VERSION]
     if set(desc) != fields:
         missing, unknown = sorted(fields - set(desc)), sorted(set(desc) - fields)
         raise BPModStateError(json_path, f"fields {missing} are missing, {unknown} unknown")
-    if desc["format"] != FORMAT or desc["version"] != FORMAT_VERSION:
+    if desc["format"] != FORMAT or version not in FIELDS or isinstance(version, bool):
         raise BPModStateError(
             json_path,
-            f"format {desc['format']!r} version {desc['version']!r} is not {FORMAT!r} version {FORMAT_VERSION} (a "
-            "newer hf_bpmod may read it)",
+            f"format {desc['format']!r} version {version!r} is not {FORMAT!r} version {FORMAT_VERSION} or earlier "
+            "(a newer hf_bpmod may read it)",
+        )
+    if version >= 2 and desc["sha256"] != state_json_digest(desc):
+        raise BPModStateError(
+            json_path,
+            "its content's SHA-256 is not the one recorded in it when it was written (field `sha256`): the file was "
+            "changed",
         )
     _expect(json_path, desc["local_horizon"], int, "`local_horizon`")
     _expect(json_path, desc["block_granularity"], str, "`block_granularity`")
@@ -162,8 +228,8 @@ def _read_json_state(checkpoint: str) -> dict[str, Any]:
             json_path, f"`offset` has fields {sorted(offset)}, not period_index, next_refresh_step, blocks"
         )
     for name in ("period_index", "next_refresh_step"):
-        if _expect(json_path, offset[name], int, f"`offset.{name}`") < 0:
-            raise BPModStateError(json_path, f"`offset.{name}` is {offset[name]}, below 0")
+        _count(json_path, offset[name], f"`offset.{name}`")
+    counters = _counters(json_path, desc.get("nonfinite"))
     blocks = []
     for t, block in enumerate(_expect(json_path, offset["blocks"], list, "`offset.blocks`")):
         scalars = _block_scalars(json_path, block, t, {"delta_tensors"})
@@ -176,8 +242,7 @@ def _read_json_state(checkpoint: str) -> dict[str, Any]:
         raise BPModStateError(json_path, f"`tensors` is {tensors_info!r}, not the file name and its sha256")
 
     try:
-        with open(tensors_path, "rb") as f:
-            data = f.read()
+        data = _read(tensors_path, max_tensor_bytes, "this model's auxiliary heads and offsets can take")
     except FileNotFoundError:
         raise MissingBPModStateError(tensors_path, f"the file is missing (described by {STATE_JSON})") from None
     if hashlib.sha256(data).hexdigest() != tensors_info["sha256"]:
@@ -206,17 +271,22 @@ def _read_json_state(checkpoint: str) -> dict[str, Any]:
                 for t, (s, n) in enumerate(blocks)
             ],
         },
+        "nonfinite": counters,
         "local_horizon": desc["local_horizon"],
         "block_granularity": desc["block_granularity"],
         "bp_modified": desc["bp_modified"],
     }
 
 
-def _read_legacy_state(checkpoint: str) -> dict[str, Any]:
+def _read_legacy_state(checkpoint: str, max_tensor_bytes: int | None) -> dict[str, Any]:
     """``bpmod_state.pt`` of earlier releases: tensors and plain values, loaded without unpickling any object."""
     path = os.path.join(checkpoint, LEGACY_STATE)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        raw = _read(path, max_tensor_bytes, "this model's auxiliary heads and offsets can take")
+    except FileNotFoundError:  # a link to nothing
+        raise MissingBPModStateError(path, "the file is missing (a link to nothing)") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch's unpickler and zip reader raise many types
         raise BPModStateError(
             path,
@@ -230,8 +300,7 @@ def _read_legacy_state(checkpoint: str) -> dict[str, Any]:
     aux = _expect(path, state["aux_heads"], dict, "`aux_heads`")
     offset = _expect(path, state["offset"], dict, "`offset`")
     for name in ("period_index", "next_refresh_step"):
-        if _expect(path, offset.get(name), int, f"`offset.{name}`") < 0:
-            raise BPModStateError(path, f"`offset.{name}` is {offset[name]}, below 0")
+        _count(path, offset.get(name), f"`offset.{name}`")
     blocks = []
     for t, block in enumerate(_expect(path, offset.get("blocks"), list, "`offset.blocks`")):
         scalars = _block_scalars(path, block, t, {"delta"})
@@ -250,43 +319,72 @@ def _read_legacy_state(checkpoint: str) -> dict[str, Any]:
             "next_refresh_step": offset["next_refresh_step"],
             "blocks": blocks,
         },
+        "nonfinite": _counters(path, state.get("nonfinite")),
         "local_horizon": state["local_horizon"],
         "block_granularity": state["block_granularity"],
         "bp_modified": bp_modified,
     }
 
 
-def read_bpmod_state(checkpoint: str) -> tuple[dict[str, Any], str]:
-    """The state saved in ``checkpoint`` (on the CPU) and the file it came from, checked for structure, checksum
-    and finite values; :class:`BPModStateError` if damaged, ``FileNotFoundError`` if absent."""
+def read_bpmod_state(
+    checkpoint: str, *, max_tensor_bytes: int | None = None, period_steps: int | None = None
+) -> tuple[dict[str, Any], str]:
+    """The state saved in ``checkpoint`` (on the CPU) and the file it came from, checked for structure, checksums,
+    finite values and values training can produce (:mod:`hf_bpmod.state_values`; ``period_steps``: this run's
+    offset period, if known); :class:`BPModStateError` if damaged, ``FileNotFoundError`` if absent. A tensor file
+    larger than ``max_tensor_bytes`` (``None``: any size) is refused unread."""
     json_path = os.path.join(checkpoint, STATE_JSON)
-    if os.path.isfile(json_path):
-        state, path = _read_json_state(checkpoint), json_path
+    tensors_path = os.path.join(checkpoint, STATE_TENSORS)
+    if os.path.lexists(json_path):
+        state, path = _read_json_state(checkpoint, max_tensor_bytes), json_path
         for k, v in state["aux_heads"].items():
-            _check_finite(os.path.join(checkpoint, STATE_TENSORS), f"aux_heads.{k}", v)
+            _check_finite(tensors_path, f"aux_heads.{k}", v)
         for t, block in enumerate(state["offset"]["blocks"]):
             for i, d in enumerate(block["delta"] or []):
-                _check_finite(os.path.join(checkpoint, STATE_TENSORS), f"offset.{t}.{i}", d)
-        return state, path
-    if os.path.isfile(os.path.join(checkpoint, STATE_TENSORS)):
+                _check_finite(tensors_path, f"offset.{t}.{i}", d)
+    elif os.path.lexists(tensors_path):
         raise MissingBPModStateError(
             json_path, f"the file is missing next to {STATE_TENSORS} (the save was interrupted before it was written)"
         )
-    if os.path.isfile(os.path.join(checkpoint, LEGACY_STATE)):
-        return _read_legacy_state(checkpoint), os.path.join(checkpoint, LEGACY_STATE)
-    saved = set(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else set()
-    if not any(name.startswith("optimizer") for name in saved):
-        raise FileNotFoundError(
-            f"{checkpoint} holds no training state (no optimizer state, no {STATE_JSON} with the auxiliary heads and "
-            "offsets), as `save_only_model=True` writes, so it cannot be resumed. Start a new run from its weights "
-            "(`from_pretrained`), or save full checkpoints to resume from."
+    elif os.path.lexists(os.path.join(checkpoint, LEGACY_STATE)):
+        state, path = _read_legacy_state(checkpoint, max_tensor_bytes), os.path.join(checkpoint, LEGACY_STATE)
+    else:
+        saved = set(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else set()
+        if not any(name.startswith("optimizer") for name in saved):
+            raise FileNotFoundError(
+                f"{checkpoint} holds no training state (no optimizer state, no {STATE_JSON} with the auxiliary heads "
+                "and offsets), as `save_only_model=True` writes, so it cannot be resumed. Start a new run from its "
+                "weights (`from_pretrained`), or save full checkpoints to resume from."
+            )
+        raise MissingBPModStateError(
+            json_path,
+            f"the file is missing (nor is there {STATE_TENSORS} or an earlier release's {LEGACY_STATE}): the "
+            "checkpoint was not written by BPModifiedTrainer, or its state files were lost. If it was not, start a "
+            "new run instead of resuming from it",
         )
-    raise MissingBPModStateError(
-        json_path,
-        f"the file is missing (nor is there {STATE_TENSORS} or an earlier release's {LEGACY_STATE}): the checkpoint "
-        "was not written by BPModifiedTrainer, or its state files were lost. If it was not, start a new run instead "
-        "of resuming from it",
+    problem = next(
+        (p for t, block in enumerate(state["offset"]["blocks"]) if (p := state_values.block_problem(t, block))), None
+    ) or state_values.run_problem(
+        state["offset"], state["nonfinite"], checkpoint_global_step(checkpoint), period_steps
     )
+    if problem:
+        raise BPModStateError(path, f"{problem}: training never writes that")
+    return state, path
+
+
+def last_complete_checkpoint(output_dir: str, flag: str, warn: Callable[[str], None] = logger.warning) -> str | None:
+    """The newest checkpoint of ``output_dir`` that holds everything a resume reads (this package's state
+    included), each newer incomplete one skipped with ``warn``; ``None`` if there is no checkpoint folder;
+    ``FileNotFoundError`` if none is complete (``flag``: how the user asked for it). See
+    :func:`hf_bpmod.checkpoint_files.newest_complete_checkpoint`."""
+    return newest_complete_checkpoint(output_dir, flag, (STATE_JSON, LEGACY_STATE), warn)
+
+
+def state_size_bound(aux_heads: torch.nn.Module, block_params: list[list]) -> int:
+    """The most bytes a state file of these heads and blocks takes: twice their tensors' bytes (an offset per
+    trainable parameter) plus each tensor's entry in the file's header, with a margin."""
+    tensors = [*aux_heads.state_dict().values(), *(p for params in block_params for p in params)]
+    return 2 * sum(t.numel() * t.element_size() for t in tensors) + 4096 * len(tensors) + 2**20
 
 
 def check_against_model(
@@ -329,14 +427,16 @@ def check_against_model(
 
 
 def load_bpmod_state(
-    checkpoint: str, aux_heads: torch.nn.Module, block_params: list[list], args: Any
+    checkpoint: str, aux_heads: torch.nn.Module, block_params: list[list], args: Any, period_steps: int | None = None
 ) -> dict[str, Any] | None:
     """The state saved in ``checkpoint``, checked against ``aux_heads``, the blocks' trainable parameters
-    (``block_params``) and the block split of ``args`` before anything is loaded, with the offsets on their
-    parameters' devices. With ``args.rebuild_bpmod_state``, ``None`` for a missing or damaged state: the caller
-    keeps its heads, drops their optimizer state and starts a fresh offset (refreshed at the next step)."""
+    (``block_params``), the block split of ``args`` and this run's offset period (``period_steps``, if known) before
+    anything is loaded, with the offsets on their parameters' devices. With ``args.rebuild_bpmod_state``, ``None``
+    for a missing or damaged state: the caller keeps its heads, drops their optimizer state and starts a fresh offset
+    (refreshed at the next step)."""
     try:
-        state, path = read_bpmod_state(checkpoint)
+        bound = state_size_bound(aux_heads, block_params)
+        state, path = read_bpmod_state(checkpoint, max_tensor_bytes=bound, period_steps=period_steps)
         check_block_split(state, args)
         check_against_model(state, path, aux_heads, block_params)
     except BPModStateError as e:

@@ -130,19 +130,26 @@ def tensor_parallel_size(trainer: Trainer) -> int:
     return trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
 
 
+#: Delete when: transformers >= 4.56 is the floor. The name of ``from_pretrained``'s dtype argument (``torch_dtype``
+#: before 4.56; since, ``dtype``, ``torch_dtype`` deprecated).
+DTYPE_ARGUMENT = "dtype" if tuple(map(int, transformers.__version__.split(".")[:2])) >= (4, 56) else "torch_dtype"
+
+
 def reload_full_model(checkpoint: str, model: nn.Module) -> bool:
     """No release fixes this yet (reload a ViT's best checkpoint under ``load_best_model_at_end`` to see it).
 
     transformers 5.24 saves ViT checkpoints under the legacy key names (``vit.encoder.layer...``) but its
     ``Trainer`` reloads them, to resume and for ``load_best_model_at_end``, with a plain ``load_state_dict``, which
     silently drops every encoder weight. A full model is therefore reloaded with ``from_pretrained`` (which converts
-    the keys) and copied in, strictly. Returns False, leaving it to the ``Trainer``'s own path, for peft models
+    the keys), in the model's dtype whatever dtype the checkpoint's config.json names (as the ``Trainer`` loads its
+    weights), and copied in, strictly. Returns False, leaving it to the ``Trainer``'s own path, for peft models
     (their adapters) and where the folder holds no saved model (the ``Trainer`` then raises, or for the best model on
     another node's disk, warns)."""
     if hasattr(model, "peft_config") or not os.path.isfile(os.path.join(checkpoint, "config.json")):
         return False
     target = unwrap_model(model)
-    reloaded = type(target).from_pretrained(checkpoint)
+    # in the model's own dtype, as the Trainer's load_state_dict keeps it, not the one config.json names
+    reloaded = type(target).from_pretrained(checkpoint, **{DTYPE_ARGUMENT: target.dtype})
     target.load_state_dict(reloaded.state_dict(), strict=True)
     del reloaded
     return True

@@ -1,21 +1,24 @@
 """Non-finite values never reach the weights: a step whose losses or gradients are not finite is skipped.
 
-Once per optimizer step, after the gradients are averaged across processes and before the offset is applied,
-:meth:`NonFiniteGuard.finish_step` checks that every local loss of the step (each head's, summed over the step's
-micro-batches) and every gradient (each block's, each head's, the auxiliary heads' included) is finite: the sum of
-each gradient tensor in float32 (NaN and Inf propagate; a sum of finite values overflows only past ``3.4e38``, which
-then counts as non-finite) and the losses go into one small vector, summed across processes (so that every process
-reaches the same verdict), and one synchronisation reads whether it is finite. (A max-norm would be exact as well
+Once per optimizer step, after the gradients are averaged across processes and the offset is applied (so that an
+offset that makes a finite gradient overflow is caught as well), :meth:`NonFiniteGuard.finish_step` checks that
+every local loss of the step (each head's, summed over the step's micro-batches) and every gradient (each block's,
+each head's, the auxiliary heads' included) is finite: the sum of each gradient tensor in float32 (NaN and Inf
+propagate; a sum of finite values overflows only past ``3.4e38``, which then counts as non-finite) and the losses go
+into one small vector, summed across processes (so that every process reaches the same verdict), and one
+synchronisation reads whether it is finite. (A max-norm would be exact as well
 but is several times slower on CPU; a 2-norm overflows for gradients of ``1e19``.)
 
 A non-finite step is skipped: the gradients are dropped, the next ``optimizer.step()`` does nothing (weights,
 optimizer state and the auxiliary heads stay as they were, step counts included), the floating-point buffers
 (BatchNorm running statistics) of the model and the heads are put back to what they were before the step's first
-micro-batch, and a warning names the step and the first non-finite loss or gradient. The learning-rate schedule
-and the global step advance as for any step. After ``max_nonfinite_steps`` skipped steps in a row the next
-non-finite one raises :class:`NonFiniteTrainingError` (``0``: the first one does), the model being left at the last
-finite step. Offset refreshes with non-finite statistics (the previous offset is kept) are counted the same way,
-in a run of their own: after ``max_nonfinite_steps`` failed refreshes in a row the next failure raises.
+micro-batch, and a warning names the step and the first non-finite loss or gradient. The learning-rate schedule,
+the global step and the offset's refresh schedule advance as for any step (a refresh due at that step has run).
+After ``max_nonfinite_steps`` skipped steps in a row the next non-finite one raises :class:`NonFiniteTrainingError`
+(``0``: the first one does), the model being left at the last finite step. Offset refreshes with non-finite
+statistics (the previous offset is kept) are counted the same way, in a run of their own: after
+``max_nonfinite_steps`` failed refreshes in a row the next failure raises. Both counts travel with checkpoints
+(:meth:`NonFiniteGuard.state_dict`), so that a resumed run stops where the uninterrupted one would.
 
 Under fp16 with an enabled gradient scaler, non-finite gradients are the scaler's normal overflow: the scaler
 skips that step itself and lowers its scale, so the guard neither drops the gradients (the scaler must see them)
@@ -26,7 +29,7 @@ running statistics. Knows nothing of the Trainer.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -124,17 +127,19 @@ class NonFiniteGuard:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.reduce_sum = reduce_sum
         self.params: list[nn.Parameter] = []
-        self.owners: list[str] = []
+        self.owners: list[tuple[str, int | None]] = []  # the name of a parameter's owner, and its block if one
         seen: set[int] = set()
-        named = [(f"block {t}", ps) for t, ps in enumerate(chain.block_params)]
+        named = [(f"block {t}", t, ps) for t, ps in enumerate(chain.block_params)]
         self.num_blocks = T = chain.num_blocks
-        named += [(f"head {s}" if s < T else "the model's head", ps) for s, ps in enumerate(chain.head_params, 1)]
-        for name, params in named:
+        named += [
+            (f"head {s}" if s < T else "the model's head", None, ps) for s, ps in enumerate(chain.head_params, 1)
+        ]
+        for name, block, params in named:
             for p in params:
                 if id(p) not in seen:
                     seen.add(id(p))
                     self.params.append(p)
-                    self.owners.append(name)
+                    self.owners.append((name, block))
         self._skipped = _InARow(max_nonfinite_steps)
         self._failed_refreshes = _InARow(max_nonfinite_steps)
         self._losses: list[tuple[list[int], torch.Tensor]] = []
@@ -151,6 +156,18 @@ class NonFiniteGuard:
     def failed_refreshes_in_a_row(self) -> int:
         """Offset refreshes with non-finite statistics in a row, up to the last one."""
         return self._failed_refreshes.count
+
+    def state_dict(self) -> dict[str, int]:
+        """The counts in a row, for a checkpoint."""
+        return {
+            "skipped_steps_in_a_row": self._skipped.count,
+            "failed_refreshes_in_a_row": self._failed_refreshes.count,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The counts of a checkpoint (missing ones: 0)."""
+        self._skipped.count = int(state.get("skipped_steps_in_a_row", 0))
+        self._failed_refreshes.count = int(state.get("failed_refreshes_in_a_row", 0))
 
     # ------------------------------------------------------------------ during the step
     def start_step(self) -> None:
@@ -177,10 +194,13 @@ class NonFiniteGuard:
             self._losses.append((keys, torch.stack([head_losses[s].detach().float() for s in keys])))
 
     # ------------------------------------------------------------------ the verdict
-    def finish_step(self, global_step: int, optimizer: Any, scaler_enabled: bool = False) -> bool:
-        """Once per optimizer step, after the gradients are averaged: whether the step may go on (the offset, the
-        optimizer). A non-finite step is skipped (see the module's docstring) and ``False`` returned; raises
-        :class:`NonFiniteTrainingError` when one more non-finite step than allowed comes in a row."""
+    def finish_step(
+        self, global_step: int, optimizer: Any, scaler_enabled: bool = False, offset_blocks: Collection[int] = ()
+    ) -> bool:
+        """Once per optimizer step, after the gradients are averaged and the offset applied (to the blocks
+        ``offset_blocks``): whether the optimizer may step. A non-finite step is skipped (see the module's
+        docstring) and ``False`` returned; raises :class:`NonFiniteTrainingError` when one more non-finite step than
+        allowed comes in a row."""
         index = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = [self.params[i].grad for i in index]
         sums = [g.sum(dtype=torch.float32) for g in grads]
@@ -206,8 +226,8 @@ class NonFiniteGuard:
             s = loss_keys[first]
             what = "the loss of the model's head" if s == self.num_blocks else f"the loss of head {s}"
         else:
-            i = index[first - num_losses]
-            what = f"the gradient of {self.owners[i]}"
+            name, block = self.owners[index[first - num_losses]]
+            what = f"the gradient of {name}{' (with its offset)' if block in offset_blocks else ''}"
         for p in self.params:
             p.grad = None
         self._optimizer = optimizer

@@ -25,7 +25,14 @@ from . import block_metrics, compat, distributed, head_clipping, losses, precisi
 from ._files import refuse_symlink
 from ._unwrap import unwrap_model
 from .adapters import get_adapter
-from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
+from .checkpoint import (
+    check_block_split,
+    forget_optimizer_state,
+    last_complete_checkpoint,
+    load_bpmod_state,
+    save_bpmod_state,
+    saved_method,
+)
 from .config import BPModifiedTrainingArguments
 from .guard import NonFiniteGuard
 from .local_grad import local_gradients
@@ -172,10 +179,17 @@ class BPModifiedTrainer(Trainer):
         return self.block_metrics.evaluation_loop(super().evaluation_loop, *args, **kwargs)
 
     # ------------------------------------------------------------------ training
-    def train(self, *args, **kwargs):
-        """The Trainer's ``train``, holding the ``output_dir`` for this run alone (:mod:`hf_bpmod.run_lock`)."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """The Trainer's ``train``, holding the ``output_dir`` for this run alone (:mod:`hf_bpmod.run_lock`).
+        ``resume_from_checkpoint=True`` resumes from the newest complete checkpoint in ``output_dir``, skipping with
+        a warning any newer one that a kill during its save left incomplete
+        (:func:`~hf_bpmod.checkpoint.last_complete_checkpoint`)."""
         with run_lock.training_lock(self.args):
-            return super().train(*args, **kwargs)
+            if resume_from_checkpoint is True:
+                warn = logger.warning if self.args.should_log else logger.info
+                found = last_complete_checkpoint(self.args.output_dir, "resume_from_checkpoint=True", warn)
+                resume_from_checkpoint = True if found is None else found  # None: the Trainer's own error
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Local gradients of one micro-batch into ``.grad`` (eq. 4); on the last micro-batch of an optimizer step,
@@ -218,9 +232,9 @@ class BPModifiedTrainer(Trainer):
         return precision.loss_scale(self.accelerator, self.args.device)
 
     def _finish_optimizer_step_gradients(self) -> None:
-        """Once per optimizer step: average the gradients (and BatchNorm statistics) across processes, skip the step
-        if a loss or gradient is not finite (:mod:`hf_bpmod.guard`), then ``g^ = a g_h + lambda Delta`` (eq. 5),
-        refreshing the offset first when a period starts."""
+        """Once per optimizer step: average the gradients (and BatchNorm statistics) across processes, then
+        ``g^ = a g_h + lambda Delta`` (eq. 5), refreshing the offset first when a period starts, then skip the step
+        if a loss or gradient is not finite (:mod:`hf_bpmod.guard`)."""
         self._zero_aux_grads = True
         num_processes = self.accelerator.num_processes
         if num_processes > 1:
@@ -228,12 +242,18 @@ class BPModifiedTrainer(Trainer):
             distributed.average_gradients(params, num_processes)
             if self.args.ddp_broadcast_buffers is not False:
                 distributed.average_buffers((unwrap_model(self.model), self.aux_heads), num_processes)
+        offset_blocks: list[int] = []
+        if self.uses_offset:
+            if self.offset.due(self.state.global_step):
+                self._refresh_offset()
+            self.offset.apply(self._grad_scale())
+            offset_blocks = [
+                t
+                for t, b in enumerate(self.offset.state.blocks)
+                if b.scale != 1.0 or (b.delta is not None and b.weight != 0.0)
+            ]
         scaler_on = precision.scaler_enabled(self.accelerator)
-        if not self.guard.finish_step(self.state.global_step, self.optimizer, scaler_on) or not self.uses_offset:
-            return
-        if self.offset.due(self.state.global_step):
-            self._refresh_offset()
-        self.offset.apply(self._grad_scale())
+        self.guard.finish_step(self.state.global_step, self.optimizer, scaler_on, offset_blocks)
 
     # ------------------------------------------------------------------ the offset's data
     def _refresh_offset(self) -> None:
@@ -256,12 +276,14 @@ class BPModifiedTrainer(Trainer):
             pixel_values, labels = losses.split_inputs(self._prepare_inputs(collator([dataset[i] for i in indices])))
             return pixel_values, lambda logits: self.training_loss(logits, labels)
 
+        return OffsetData(size=len(dataset), fetch=fetch, steps_per_epoch=self._steps_per_epoch(len(dataset)))
+
+    def _steps_per_epoch(self, n: int) -> int:
+        """Optimizer steps of an epoch over ``n`` training examples."""
         args = self.args
         per_step = args.per_device_train_batch_size * args.world_size
-        n = len(dataset)
         batches = n // per_step if args.dataloader_drop_last else -(-n // per_step)
-        steps_per_epoch = max(1, -(-batches // args.gradient_accumulation_steps))
-        return OffsetData(size=n, fetch=fetch, steps_per_epoch=steps_per_epoch)
+        return max(1, -(-batches // args.gradient_accumulation_steps))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
@@ -277,12 +299,14 @@ class BPModifiedTrainer(Trainer):
             "local_horizon": self.args.local_horizon,
             "block_granularity": self.args.block_granularity,
             "bp_modified": self.uses_offset,
+            "nonfinite": self.guard.state_dict(),
         }
 
     def load_bpmod_state_dict(self, state: dict) -> None:
         check_block_split(state, self.args)
         self.aux_heads.load_state_dict(state["aux_heads"])
         self.offset.state = OffsetState.from_state_dict(state["offset"])
+        self.guard.load_state_dict(state.get("nonfinite") or {})
         self._resume_method(saved_method(state))
 
     def _resume_method(self, saved: bool) -> None:
@@ -311,13 +335,24 @@ class BPModifiedTrainer(Trainer):
             super()._load_optimizer_and_scheduler(checkpoint)
             return
         # checked against this model before the optimizer's state; None: rebuild_bpmod_state with a fresh state
-        state = load_bpmod_state(checkpoint, self.aux_heads, self.block_chain.block_params, self.args)
+        state = load_bpmod_state(
+            checkpoint, self.aux_heads, self.block_chain.block_params, self.args, self._offset_period_steps()
+        )
         super()._load_optimizer_and_scheduler(checkpoint)
         if state is not None:
             self.load_bpmod_state_dict(state)
             return
         self.offset.state = OffsetState()  # refreshed at the next step
+        self.guard.load_state_dict({})
         forget_optimizer_state(self.optimizer, self.aux_heads.parameters())  # the heads start afresh
+
+    def _offset_period_steps(self) -> int | None:
+        """This run's offset period in optimizer steps (``K``); ``None`` without a training set of known size."""
+        try:
+            n = len(self.train_dataset)
+        except TypeError:  # none, or streamed
+            return None
+        return self.args.offset_settings().period_steps(self._steps_per_epoch(n))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the model weights of a checkpoint to resume from (see `_reload_full_model`)."""

@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import struct
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -107,9 +108,20 @@ def _refused(checkpoint, tmp_path, file, match):
     assert not trainer.optimizer.state and trainer.state.global_step in (0, 3)
 
 
-def _rewrite_json(checkpoint, change):
+def _digest(desc) -> str:
+    """The SHA-256 a state file records of its own content: its canonical JSON (sorted keys, no spaces) without the
+    ``sha256`` field."""
+    content = {k: v for k, v in desc.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _rewrite_json(checkpoint, change, resign=True):
+    """Change the JSON; with ``resign``, record the changed content's SHA-256, as a forger would (so that the
+    content is what gets checked)."""
     desc = json.loads((checkpoint / JSON).read_text())
     change(desc)
+    if resign and "sha256" in desc:
+        desc["sha256"] = _digest(desc)
     (checkpoint / JSON).write_text(json.dumps(desc))
 
 
@@ -264,6 +276,195 @@ def test_the_state_of_another_model_is_refused(checkpoint, saved, tmp_path):
         shutil.copy(saved[1] / name, checkpoint / name)
     want = r"auxiliary head `.*` is torch.float32 \(16,\), this model's is torch.float32 \(32,\): another model"
     _refused(checkpoint, tmp_path, JSON, want)
+
+
+# ------------------------------------------------------------------------------------------------ values
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        ('"scale": 1.0', '"scale": 2.0'),
+        ('"next_refresh_step": 4', '"next_refresh_step": 5'),
+        ('"bias": 4', '"bias": 5'),
+    ],
+)
+def test_one_changed_digit_in_the_json_is_refused(checkpoint, tmp_path, before, after):
+    text = (checkpoint / JSON).read_text()
+    assert before in text
+    (checkpoint / JSON).write_text(text.replace(before, after, 1))
+    _refused(
+        checkpoint, tmp_path, JSON, r"its content's SHA-256 is not the one recorded in it .* the file was changed"
+    )
+
+
+def _block0(**values):
+    return lambda state: state["offset"]["blocks"][0].update(values)
+
+
+def _offset(**values):
+    return lambda state: state["offset"].update(values)
+
+
+def _counters(**values):
+    return lambda state: state.setdefault("nonfinite", {}).update(values)
+
+
+#: Values training cannot produce, each written with a valid checksum (block 0 holds scale = a = c = 1, lam = weight
+#: = 0, delta_factor = 1; the checkpoint is of step 3, one refresh done, the next due at step 4).
+IMPOSSIBLE = {
+    "scale 1e308": (
+        _block0(scale=1e308),
+        r"offset block 0's `scale` is 1e\+308, beyond what a float32 gradient holds",
+    ),
+    "scale -1": (_block0(scale=-1.0), r"offset block 0's `scale` is -1.0, not `c \* a` = 1.0"),
+    "weight 1e300": (_block0(weight=1e300), r"`weight` is 1e\+300, beyond what a float32 gradient holds"),
+    "weight without lambda": (_block0(weight=0.5), r"`weight` is 0.5, not `c \* lam` = 0.0"),
+    "lambda above 1": (_block0(lam=1.5, weight=1.5), r"`lam` is 1.5, outside \[0, 1\]"),
+    "negative c": (_block0(c=-1.0, scale=-1.0, weight=-0.0), r"`c` is -1.0, below 0"),
+    "delta_factor 0": (_block0(delta_factor=0.0), r"`delta_factor` is 0.0, neither 1.0 nor `weight / \(1 - scale\)`"),
+    "reliability 2": (_block0(reliability=2.0), r"`reliability` is 2.0, outside \[0, 1\]"),
+    "negative bias": (_block0(bias=-1.0), r"`bias` is -1.0, below 0"),
+    "cosine 3": (_block0(cosine=3.0), r"`cosine` is 3.0, outside \[-1, 1\]"),
+    "refresh far ahead": (
+        _offset(next_refresh_step=10**18),
+        r"`offset.next_refresh_step` is 1000000000000000000, more than one offset period \(at most \d+ steps\) "
+        r"after the checkpoint's step 3",
+    ),
+    "refresh before the last": (
+        _offset(period_index=2, next_refresh_step=1),
+        r"`offset.next_refresh_step` is 1, but after 2 refreshes the next is due at step 2 or later",
+    ),
+    "more refreshes than steps": (
+        _offset(period_index=99),
+        r"`offset.period_index` is 99, more refreshes than the checkpoint's 3 steps",
+    ),
+    "offsets before any refresh": (
+        _offset(period_index=0),
+        r"`offset.period_index` is 0 \(no refresh yet\), but `offset.next_refresh_step` is 4 and 4 blocks hold "
+        "offsets",
+    ),
+    "more skipped steps than steps": (
+        _counters(skipped_steps_in_a_row=4),
+        r"`nonfinite.skipped_steps_in_a_row` is 4, more than the checkpoint's 3 steps",
+    ),
+    "more failed refreshes than refreshes": (
+        _counters(failed_refreshes_in_a_row=2),
+        r"`nonfinite.failed_refreshes_in_a_row` is 2, more than the 1 refreshes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPOSSIBLE))
+def test_values_training_cannot_produce_are_refused(checkpoint, tmp_path, case):
+    change, match = IMPOSSIBLE[case]
+    _rewrite_state(checkpoint, change)
+    _refused(checkpoint, tmp_path, JSON, match)
+
+
+@pytest.mark.parametrize("scaling", ["aligned", "optimal", "bias_only", "fixed"])
+def test_every_state_training_writes_passes_the_checks(tmp_path, scaling):
+    """Offsets refreshed at steps 0 and 2 (the second with a non-zero weight, its vector prepared for the lerp
+    path, ``delta_factor = weight / (1 - scale)``): the checkpoint of step 3 is read as written."""
+    kw = dict(offset_period="2", offset_scaling=scaling, offset_fixed_a=0.8, offset_fixed_lambda=0.3)
+    if scaling != "fixed":
+        kw = dict(offset_period="2", offset_scaling=scaling)
+    trainer = _train(tmp_path / "run", **kw)
+    state, _ = read_bpmod_state(str(tmp_path / "run" / "checkpoint-3"))
+    assert (state["offset"]["period_index"], state["offset"]["next_refresh_step"]) == (2, 4)
+    blocks = state["offset"]["blocks"]
+    assert any(b["weight"] != 0 and b["delta_factor"] not in (0.0, 1.0) for b in blocks) or scaling == "bias_only"
+    for block, live in zip(blocks, trainer.offset.state.blocks, strict=True):
+        assert {k: v for k, v in block.items() if k != "delta"} == {
+            k: v for k, v in vars(live).items() if k != "delta"
+        }
+
+
+def _to_format_1(desc):
+    """The JSON as the first format wrote it: no checksum of its own, no non-finite counters."""
+    desc.pop("sha256", None)
+    desc.pop("nonfinite", None)
+    desc["version"] = 1
+
+
+def test_a_format_1_state_resumes_and_its_values_are_still_checked(checkpoint, saved, tmp_path):
+    _rewrite_json(checkpoint, _to_format_1)
+    _, seen = _resume(checkpoint, tmp_path)
+    state, _ = read_bpmod_state(str(saved[0]))
+    for key, value in state["aux_heads"].items():
+        torch.testing.assert_close(seen["heads"][key], value, rtol=0, atol=0)
+    assert seen["offset"] == (1, 4, 4) and seen["head_moments"]
+    # its content has no checksum: a changed digit is caught by the range checks
+    _rewrite_json(checkpoint, lambda d: d["offset"]["blocks"][0].update(scale=2.0))
+    _refused(checkpoint, tmp_path, JSON, r"offset block 0's `scale` is 2.0, not `c \* a` = 1.0")
+
+
+# ------------------------------------------------------------------------------------------------ special files
+def _finishes(fn, seconds=60.0):
+    """What ``fn()`` raised (``None`` if it returned); fails unless it is done within ``seconds``."""
+    outcome = {}
+
+    def target():
+        try:
+            fn()
+            outcome["error"] = None
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still reading after {seconds:g} s"
+    return outcome["error"]
+
+
+def _release(path):
+    """Let a reader blocked on the named pipe ``path`` go (a writer opens it and closes it at once)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # nobody reading
+        pass
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes and /dev/zero are POSIX")
+@pytest.mark.parametrize("kind", ["named pipe", "link to /dev/zero"])
+@pytest.mark.parametrize("file", [JSON, TENSORS, LEGACY])
+def test_a_special_file_as_a_state_file_is_refused_without_reading_it(checkpoint, file, kind):
+    if file == LEGACY:
+        _to_legacy(checkpoint)
+    path = checkpoint / file
+    os.remove(path)
+    if kind == "named pipe":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/zero", path)
+    try:
+        error = _finishes(lambda: read_bpmod_state(str(checkpoint)), seconds=20)
+    finally:
+        if kind == "named pipe":
+            _release(path)
+    assert isinstance(error, BPModStateError), error
+    assert str(error).startswith(f"{path}: not a regular file (")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_resuming_from_a_named_pipe_is_refused_at_once(checkpoint, tmp_path):
+    os.remove(checkpoint / TENSORS)
+    os.mkfifo(checkpoint / TENSORS)
+    try:
+        assert (
+            _finishes(lambda: _refused(checkpoint, tmp_path, TENSORS, r"not a regular file \(a named pipe\)")) is None
+        )
+    finally:
+        _release(checkpoint / TENSORS)
+
+
+@pytest.mark.parametrize("file", [JSON, TENSORS])
+def test_a_state_file_larger_than_the_state_can_be_is_refused_before_it_is_read(checkpoint, tmp_path, file):
+    """The JSON of a state is at most 8 MiB; the tensors at most twice what this model's heads and offsets take
+    (plus the file's header): a larger file is not read."""
+    with open(checkpoint / file, "ab") as f:
+        f.truncate((checkpoint / file).stat().st_size + 9 * 2**20)
+    bound = r"8388608" if file == JSON else r"\d+"
+    _refused(checkpoint, tmp_path, file, rf"the file is \d+ bytes, more than the {bound} bytes")
 
 
 # ------------------------------------------------------------------------------------------------ going on

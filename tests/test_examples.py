@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -159,6 +161,29 @@ def test_eval_strategy_alone_still_trains(script, tmp_path, capsys, logging_rest
     ]  # fmt: skip
     run(script, argv, capsys)
     assert (tmp_path / "out" / "train_results.json").exists()
+
+
+def test_resume_from_checkpoint_last_skips_a_checkpoint_a_kill_tore(
+    script, tmp_path, capsys, caplog, logging_restored
+):
+    """`--resume_from_checkpoint last` with the save of checkpoint-4 cut short (no trainer_state.json) resumes from
+    checkpoint-2, warning which one it skipped; with none complete it fails naming the flag and each folder."""
+    out = tmp_path / "out"
+    argv = [
+        *script_args(out), *TINY_VIT, "--dataset_name", str(make_shape_folder(tmp_path / "images", per_class=10)),
+        "--do_train", "--max_steps", "4", "--bp_modified", "false", "--save_strategy", "steps", "--save_steps", "2",
+    ]  # fmt: skip
+    run(script, argv, capsys)
+    os.remove(out / "checkpoint-4" / "trainer_state.json")
+    with caplog.at_level(logging.WARNING, logger="hf_bpmod"):
+        run(script, [*argv, "--resume_from_checkpoint", "last", "--save_strategy", "no"], capsys)
+    assert f"{out / 'checkpoint-4'} is not a complete checkpoint (it lacks trainer_state.json" in caplog.text
+    assert f"resuming from {out / 'checkpoint-2'}, the newest complete one" in caplog.text
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]  # 1, 2 from the checkpoint
+    os.remove(out / "checkpoint-2" / "trainer_state.json")
+    with pytest.raises(FileNotFoundError, match=rf"--resume_from_checkpoint last: {re.escape(str(out))} holds no "):
+        script.main([*argv, "--resume_from_checkpoint", "last"])
 
 
 def test_every_heads_accuracy_per_epoch_is_reported_and_plotted(script, tmp_path, capsys, logging_restored):

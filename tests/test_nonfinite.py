@@ -116,7 +116,12 @@ def test_a_non_finite_image_skips_its_step_and_training_goes_on(tmp_path, arch, 
         RuntimeWarning, match=r"Step 2: the loss of head 1 is not finite; the optimizer step is skipped"
     ):
         trainer.train()
-    assert _equal(rec.before[2], rec.after[2])  # weights, buffers, heads, optimizer moments and step counts
+    for part in ("model", "heads", "optimizer"):  # weights, buffers, heads, optimizer moments and step counts
+        assert _equal(rec.before[2][part], rec.after[2][part])
+    # the refresh due at step 2 ran as scheduled (on its own sample): the next is due at step 4
+    before, after = rec.before[2]["offset"], rec.after[2]["offset"]
+    assert (before["period_index"], before["next_refresh_step"]) == (1, 2)
+    assert (after["period_index"], after["next_refresh_step"]) == (2, 4)
     for step in (1, 3):  # the steps around it train
         assert not _equal(rec.before[step]["model"], rec.after[step]["model"])
         assert not _equal(rec.before[step]["optimizer"], rec.after[step]["optimizer"])
@@ -173,7 +178,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught_and_named(tmp_path):
     trainer, rec = _train(tmp_path, "vit", Poison(lambda b: None, which=set()))
     block = trainer.block_chain.block_params[1][0]
     block.register_hook(lambda g: g if trainer.state.global_step != 3 else torch.full_like(g, math.inf))
-    with pytest.warns(RuntimeWarning, match=r"Step 3: the gradient of block 1 is not finite"):
+    with pytest.warns(RuntimeWarning, match=r"Step 3: the gradient of block 1 \(with its offset\) is not finite"):
         trainer.train()
     assert _equal(rec.before[3], rec.after[3])
     assert _finite(trainer)
@@ -193,6 +198,64 @@ def test_non_finite_refreshes_keep_the_offset_and_count_in_a_row(tmp_path):
     trainer, _ = _train(tmp_path, "resnet", Poison(nan_pixel, which=set(), refresh=True), max_nonfinite_steps=2)
     with pytest.raises(NonFiniteTrainingError, match=r"Step 4: the offset refresh .* the 3rd refresh in a row"):
         trainer.train()  # two failures in a row are allowed, the third stops
+
+
+def test_a_gradient_the_offset_makes_non_finite_skips_its_step(tmp_path):
+    """The largest `offset_fixed_a` allowed (1e6) on a finite gradient of 1e33 gives 1e39, past float32: the step is
+    skipped like any non-finite step, naming the block, and training goes on."""
+    trainer, rec = _train(
+        tmp_path, "vit", Poison(lambda b: None, which=set()), offset_scaling="fixed", offset_fixed_a=1e6
+    )
+    bias = trainer.block_chain.block_params[0][-1]
+    assert bias.dim() == 1 and bias.numel() * 1e33 < 3e38  # the gradient's sum stays finite
+    bias.register_hook(lambda g: g if trainer.state.global_step != 3 else torch.full_like(g, 1e33))
+    with pytest.warns(RuntimeWarning, match=r"Step 3: the gradient of block 0 \(with its offset\) is not finite"):
+        trainer.train()
+    assert _equal(rec.before[3], rec.after[3])
+    assert not _equal(rec.before[4]["model"], rec.after[4]["model"])
+    assert trainer.state.global_step == 5 and _finite(trainer) and trainer.guard.skipped_in_a_row == 0
+
+
+class _CountersAtTrainBegin(TrainerCallback):
+    def __init__(self, trainer) -> None:
+        self.trainer, self.seen = trainer, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen = (self.trainer.guard.skipped_in_a_row, self.trainer.guard.failed_refreshes_in_a_row)
+
+
+@pytest.mark.compat  # resumes through the Trainer's own loading
+@pytest.mark.parametrize("what", ["steps", "refreshes"])
+def test_a_resumed_run_stops_where_the_uninterrupted_run_stops(tmp_path, what):
+    """Non-finite gradients from step 2 on, 3 allowed in a row, stop a run without the offset at step 5; refreshes
+    that all fail, 2 allowed in a row, stop it at the refresh of step 4. Resumed from the checkpoint of step 4 or 3,
+    whose counters say how many failed in a row before it, the run stops at the same step with the same error."""
+    if what == "steps":
+        collator = Poison(lambda b: None, which=set())
+        kw = dict(max_nonfinite_steps=3, save_steps=4, bp_modified=False)
+    else:
+        collator, kw = Poison(nan_pixel, which=set(), refresh=True), dict(max_nonfinite_steps=2, save_steps=3)
+    errors, counters = [], []
+    for resume in (None, str(tmp_path / "out" / f"checkpoint-{kw['save_steps']}")):
+        trainer, _ = _train(tmp_path, "vit", collator, max_steps=12, save_strategy="steps", **kw)
+        if what == "steps":
+            param = trainer.block_chain.block_params[1][0]
+            param.register_hook(lambda g, t=trainer: g if t.state.global_step < 2 else torch.full_like(g, math.inf))
+        probe = _CountersAtTrainBegin(trainer)
+        trainer.add_callback(probe)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with pytest.raises(NonFiniteTrainingError) as error:
+                trainer.train(resume_from_checkpoint=resume)
+        errors.append(str(error.value))
+        counters.append(probe.seen)
+    if what == "steps":
+        assert "Step 5: the gradient of block 1" in errors[0] and "the 4th step in a row" in errors[0]
+        assert counters == [(0, 0), (2, 0)]  # steps 2 and 3 skipped before the checkpoint of step 4
+    else:
+        assert "Step 4: the offset refresh gave non-finite statistics, the 3rd refresh in a row" in errors[0]
+        assert counters == [(0, 0), (0, 2)]  # the refreshes of steps 0 and 2 failed
+    assert errors[1] == errors[0]
 
 
 def _small_chain():

@@ -4,14 +4,17 @@ import json
 import logging
 import math
 import os
+import re
 
 import pytest
 import torch
 from helpers import lokr_resnet, lora_vit, max_param_diff, training_args
+from safetensors.torch import load_file
 from transformers import (
     HfArgumentParser,
     ResNetForImageClassification,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     ViTForImageClassification,
 )
@@ -468,6 +471,133 @@ def test_resuming_from_a_checkpoint_without_our_state_fails_clearly(tmp_path, wr
     trainer = BPModifiedTrainer(model=tiny_vit(num_layers=4), args=args, train_dataset=data)
     with pytest.raises(FileNotFoundError, match=message):
         trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+class _ModelAtTrainBegin(TrainerCallback):
+    """The model's state once a checkpoint is loaded, before the first step."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer, self.state = trainer, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.state = {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_resume_loads_the_saved_weights_whatever_dtype_the_config_names(tmp_path, dtype):
+    """A checkpoint's `config.json` edited to name another dtype (`torch_dtype` before transformers 5, `dtype`
+    since): the resumed model gets the saved weights bit for bit, in its own dtype, as the plain Trainer loads them."""
+    data = SyntheticImages(96)
+    kw = dict(max_steps=3, save_strategy="steps", save_steps=3)
+    args = _args(tmp_path, offset_batch_size=32, **kw)
+    BPModifiedTrainer(model=tiny_resnet(depths=(2, 2)), args=args, train_dataset=data).train()
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    config = json.loads((checkpoint / "config.json").read_text())
+    edited = [key for key in ("torch_dtype", "dtype") if key in config]
+    assert edited and all(config[key] == "float32" for key in edited)
+    (checkpoint / "config.json").write_text(json.dumps({**config, **dict.fromkeys(edited, dtype)}))
+    saved = load_file(checkpoint / "model.safetensors")
+
+    plain = Trainer(model=tiny_resnet(depths=(2, 2), seed=123), args=_args(tmp_path / "plain", TrainingArguments))
+    plain._load_from_checkpoint(str(checkpoint))  # the Trainer's own loading of the model's weights
+    model = tiny_resnet(depths=(2, 2), seed=123)
+    trainer = BPModifiedTrainer(
+        model=model, args=_args(tmp_path / "again", offset_batch_size=32, **kw), train_dataset=data
+    )
+    probe = _ModelAtTrainBegin(trainer)
+    trainer.add_callback(probe)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert next(model.parameters()).dtype == torch.float32
+    loaded = {"Trainer": plain.model.state_dict(), "BPModifiedTrainer": probe.state}
+    for name, state in loaded.items():
+        assert state.keys() == saved.keys(), name
+        different = [k for k, v in saved.items() if v.dtype != state[k].dtype or not torch.equal(v, state[k])]
+        assert not different, f"{name}: {different[:3]}"
+
+
+def _without(*names):
+    return lambda checkpoint: [os.remove(checkpoint / name) for name in names]
+
+
+def _truncated(name):
+    def tear(checkpoint):
+        path = checkpoint / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    return tear
+
+
+#: What a kill during the save of a checkpoint leaves (the Trainer writes the model, the optimizer, our state, the
+#: RNG state and, last, trainer_state.json), and what the warning says of it.
+TORN = {
+    "no trainer_state.json": (_without("trainer_state.json"), r"lacks trainer_state.json"),
+    "half a trainer_state.json": (
+        _truncated("trainer_state.json"),
+        r"lacks a trainer_state.json that is readable JSON with a `global_step`",
+    ),
+    "no bpmod_state.json": (
+        _without("bpmod_state.json", "rng_state.pth", "trainer_state.json"),
+        r"lacks bpmod_state.json, trainer_state.json",
+    ),
+    "no optimizer state": (
+        _without(
+            "optimizer.pt",
+            "scheduler.pt",
+            "bpmod_state.safetensors",
+            "bpmod_state.json",
+            "rng_state.pth",
+            "trainer_state.json",
+        ),
+        r"lacks optimizer.pt, bpmod_state.json, trainer_state.json",
+    ),  # fmt: skip
+    "only the config": (
+        lambda c: [os.remove(p) for p in c.iterdir() if p.name != "config.json"],
+        r"lacks the model's weights, optimizer.pt, bpmod_state.json, trainer_state.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("torn", list(TORN))
+def test_resume_from_the_last_checkpoint_skips_one_a_kill_tore(tmp_path, torn, caplog):
+    """`resume_from_checkpoint=True` with the save of checkpoint-6 cut short: the run resumes from checkpoint-3, with
+    a warning naming checkpoint-6 and what it lacks, and ends as the uninterrupted run; checkpoint-6 is left as it
+    was."""
+    data = SyntheticImages(96)
+    kw = dict(max_steps=6, offset_batch_size=32, offset_period="4", bp_modified=True)
+    full = tiny_vit(num_layers=4)
+    BPModifiedTrainer(
+        model=full, args=_args(tmp_path, save_strategy="steps", save_steps=3, **kw), train_dataset=data
+    ).train()
+    tear, lacks = TORN[torn]
+    newest = tmp_path / "out" / "checkpoint-6"
+    tear(newest)
+    left = {p.name: p.read_bytes() for p in newest.iterdir()}
+
+    resumed = tiny_vit(num_layers=4, seed=123)
+    trainer = BPModifiedTrainer(model=resumed, args=_args(tmp_path, **kw), train_dataset=data)
+    with caplog.at_level(logging.WARNING, logger="hf_bpmod"):
+        trainer.train(resume_from_checkpoint=True)
+    assert max_param_diff(resumed, full) <= 1e-6
+    assert re.search(rf"{re.escape(str(newest))} is not a complete checkpoint \(it {lacks}", caplog.text), caplog.text
+    assert f"resuming from {tmp_path / 'out' / 'checkpoint-3'}, the newest complete one" in caplog.text
+    assert {p.name: p.read_bytes() for p in newest.iterdir()} == left
+
+
+def test_resume_from_the_last_checkpoint_when_none_is_complete_names_each_and_what_it_lacks(tmp_path):
+    data = SyntheticImages(96)
+    kw = dict(max_steps=4, offset_batch_size=32, save_strategy="steps", save_steps=2)
+    BPModifiedTrainer(model=tiny_vit(num_layers=4), args=_args(tmp_path, **kw), train_dataset=data).train()
+    os.remove(tmp_path / "out" / "checkpoint-2" / "trainer_state.json")
+    os.remove(tmp_path / "out" / "checkpoint-4" / "bpmod_state.json")
+    trainer = BPModifiedTrainer(model=tiny_vit(num_layers=4), args=_args(tmp_path, **kw), train_dataset=data)
+    with pytest.raises(FileNotFoundError) as error:
+        trainer.train(resume_from_checkpoint=True)
+    message = str(error.value)
+    assert message.startswith(f"resume_from_checkpoint=True: {tmp_path / 'out'} holds no complete checkpoint")
+    assert f"{tmp_path / 'out' / 'checkpoint-4'} lacks bpmod_state.json" in message
+    assert f"{tmp_path / 'out' / 'checkpoint-2'} lacks trainer_state.json" in message
+    assert trainer.state.global_step == 0 and not trainer.optimizer
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path):
