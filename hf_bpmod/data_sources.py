@@ -5,7 +5,8 @@ sub-folder per class, or a ``metadata.csv``/``metadata.jsonl`` naming each image
 ``save_to_disk`` dataset or dataset dict, or parquet, arrow, csv and json(l) files or folders of them. It returns the
 ``train``/``validation``/``test`` splits with the image column as ``datasets.Image`` and the label column as one
 ``datasets.ClassLabel`` shared by every split, the label names, and where the data came from (for the model card).
-Every problem (a missing file, an unknown format, a missing column, a label of the validation data that the training
+Every image is checked to decode before anything trains. Every problem (a missing or unreadable image, an unknown
+format, a missing column, a label out of its ``ClassLabel``'s range, a label of the validation data that the training
 data lacks) raises an error naming the argument or file, before any model is built. Nothing loaded can run code and
 nothing is written next to the user's data (``datasets`` caches what it converts in ``cache_dir``).
 
@@ -108,6 +109,7 @@ def load_image_dataset(
     label_column_name: str | None = None,
     cache_dir: str | None = None,
     token: str | bool | None = None,
+    skip_unreadable_images: bool = False,
 ) -> ImageData:
     """Load image-classification data from a name or a folder (``dataset_name``) or from one path per split.
 
@@ -130,6 +132,9 @@ def load_image_dataset(
             the training data, and a validation or test label the training data lacks is an error.
         cache_dir: Where ``datasets`` keeps what it downloads and converts.
         token: Hub token for private datasets.
+        skip_unreadable_images: Every image is opened and verified first (a JPEG without its end marker decoded
+            at 1/8 scale); an image that is missing or cannot be decoded is an error naming it. ``True`` leaves
+            such images out instead, with a warning naming each and the count.
 
     Returns:
         An :class:`ImageData`.
@@ -160,7 +165,9 @@ def load_image_dataset(
     else:
         pieces = _pieces_of(_load_hub(dataset_name, dataset_config_name, cache_dir, token), dataset_name, os.getcwd())
         sources, hub_name = [dataset_name], dataset_name
-    splits, image_column, label_column, label_names = assemble(pieces, image_column_name, label_column_name)
+    splits, image_column, label_column, label_names = assemble(
+        pieces, image_column_name, label_column_name, skip_unreadable_images
+    )
     logger.info(
         f"Data from {', '.join(sources)}: { ({split: len(ds) for split, ds in splits.items()}) } images, "
         f"{len(label_names)} classes, columns {image_column!r} (images) and {label_column!r} (labels)."
@@ -239,6 +246,7 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
         return [Piece("train", datasets.load_from_disk(full), path, full)]
 
     data_files, image_files, metadata_files, others = [], 0, [], []
+    folders_with_images: set[str] = set()
     for root, dirs, files in os.walk(full):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
         for name in sorted(files):
@@ -251,6 +259,7 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
                 data_files.append(file)
             elif os.path.splitext(name)[1].lower() in _IMAGE_EXTENSIONS:
                 image_files += 1
+                folders_with_images.add(root)
             elif len(others) < 5:
                 others.append(os.path.relpath(file, full))
     # An image folder's metadata is read as a table of image paths, as an image folder's builder reads it.
@@ -271,6 +280,7 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
             for (split, folder, _), files in groups.items()
         ]
     if image_files:
+        _warn_of_empty_class_folders(folders_with_images, full, argument, path)
         if infer_splits:
             loaded = datasets.load_dataset("imagefolder", data_dir=full, cache_dir=cache_dir)
         else:
@@ -281,6 +291,25 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
         f"`{argument}` {path!r} holds nothing readable: no images, no {', '.join(sorted(_DATA_FORMATS))} files and "
         f"no save_to_disk dataset (found: {others or 'no files'}). Point it at the folder of your data."
     )
+
+
+def _warn_of_empty_class_folders(folders_with_images: set[str], full: str, argument: str, path: str) -> None:
+    """Warn of each class folder with no image in it (a sibling of a folder that has images), whose class the image
+    folder's labels leave out."""
+    holding = {os.path.dirname(folder) for folder in folders_with_images}  # where the class folders are
+    empty = []
+    for parent in sorted(holding):
+        for name in sorted(os.listdir(parent)):
+            folder = os.path.join(parent, name)
+            if name.startswith((".", "__")) or not os.path.isdir(folder):
+                continue
+            if not any(f == folder or f.startswith(folder + os.sep) for f in folders_with_images):
+                empty.append(os.path.relpath(folder, full))
+    if empty:
+        logger.warning(
+            f"`{argument}` {path!r}: the class folders {empty} hold no images, so their classes are left out of the "
+            "labels; put images in them, or remove them."
+        )
 
 
 def _extension(file: str) -> str:

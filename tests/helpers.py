@@ -182,6 +182,27 @@ def identity(loaded: Image.Image) -> int:
     return loaded.convert("RGB").getpixel((0, 0))[0]
 
 
+#: Ways an image file is found broken in real data: a PNG cut off, a JPEG cut off in its pixel data (its header, and
+#: so ``PIL.Image.open`` and ``verify()``, still fine), a file of something else under an image's name.
+BROKEN_KINDS = ("cut_png", "cut_jpeg", "not_an_image")
+
+
+def broken_image(kind: str, i: int) -> bytes:
+    """The bytes of image ``i`` broken as ``kind`` (one of :data:`BROKEN_KINDS`)."""
+    if kind == "cut_png":
+        whole = png(i)
+        return whole[: len(whole) // 2]
+    if kind == "cut_jpeg":  # noise, so that the pixel data is most of the file
+        noise = Image.frombytes("RGB", (64, 64), random.Random(i).randbytes(64 * 64 * 3))
+        buffer = io.BytesIO()
+        noise.save(buffer, format="JPEG", quality=90)
+        whole = buffer.getvalue()
+        return whole[: len(whole) * 2 // 3]
+    if kind == "not_an_image":
+        return b"<html>404 Not Found</html>\n"
+    raise KeyError(kind)
+
+
 def write_pngs(folder: Path, ids: Sequence[int]) -> list[str]:
     """``folder/<i>.png`` for each id; return the file names."""
     folder.mkdir(parents=True, exist_ok=True)
