@@ -37,6 +37,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         label_column_name=data_args.label_column_name,
         cache_dir=model_args.cache_dir,
         token=model_args.token,
+        skip_unreadable_images=data_args.skip_unreadable_images,
     )
     splits, fraction = data.splits, data_args.train_val_split
     labelled_test = "test" in splits and data.has_labels("test")

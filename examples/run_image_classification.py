@@ -302,6 +302,13 @@ class DataTrainingArguments:
             "--do_predict then keeps to itself); 0 never splits."
         },
     )
+    skip_unreadable_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Every image is opened and verified before training; one that is missing or cannot be decoded "
+            "stops the run, naming it. Set this to leave such images out instead, each named in a warning."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Truncate the training set to this many examples (for quick runs)."}
     )

@@ -21,6 +21,7 @@ from helpers import (
     CLASSES,
     INT_CLASSES,
     TINY_VIT,
+    broken_image,
     check_outputs,
     cifar_style,
     image,
@@ -264,3 +265,36 @@ def test_missing_split_fails_before_the_model(script, tmp_path, monkeypatch, log
     argv = ["--dataset_name", str(tmp_path / "saved"), *flags, "--output_dir", str(tmp_path / "out")]
     with pytest.raises(ValueError, match=message):
         script.main([*argv, "--report_to", "none"])
+
+
+def test_unreadable_images_stop_the_run_before_the_model_or_are_skipped_with_the_flag(
+    script, tmp_path, monkeypatch, capsys, caplog, logging_restored
+):
+    write_pngs(tmp_path / "images", [*TRAIN, *VAL])
+    broken = {TRAIN[3]: "cut_jpeg", TRAIN[8]: "not_an_image"}
+    for i, kind in broken.items():
+        (tmp_path / "images" / f"{i}.png").write_bytes(broken_image(kind, i))
+    train, val = write_csv(tmp_path / "train.csv", TRAIN, "images/"), write_csv(tmp_path / "val.csv", VAL, "images/")
+    argv = [
+        *script_args(tmp_path / "out", tmp_path / "cache"), *TINY_VIT, "--train_file", str(train),
+        "--validation_file", str(val), "--max_steps", "2",
+    ]  # fmt: skip
+    build_model = script.build_model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the images were checked")
+
+    monkeypatch.setattr(script, "build_model", no_model)
+    with pytest.raises(ValueError) as error:
+        script.main(argv)
+    message = str(error.value)
+    assert message.startswith(f"{train}: 2 of 18 images of column 'image' cannot be read: ")
+    assert all(str(tmp_path / "images" / f"{i}.png") in message for i in broken)
+    assert "`--skip_unreadable_images` on the command line" in message
+    assert not (tmp_path / "out").exists()
+
+    monkeypatch.setattr(script, "build_model", build_model)
+    with caplog.at_level(logging.WARNING):
+        script.main([*argv, "--skip_unreadable_images", "true"])
+    check_outputs(capsys.readouterr().out, tmp_path / "out", n_eval=len(VAL), n_train=len(TRAIN) - len(broken))
+    assert "left out 2 of 18 images of column 'image' that cannot be read" in caplog.text
