@@ -39,13 +39,15 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         token=model_args.token,
         skip_unreadable_images=data_args.skip_unreadable_images,
     )
-    splits, fraction = data.splits, data_args.train_val_split
+    splits, fraction, sources = data.splits, data_args.train_val_split, data.split_sources
     labelled_test = "test" in splits and data.has_labels("test")
     result = datasets.DatasetDict()
+    data.split_sources = {split: sources[split] for split in ("train", "test") if split in sources}
     if "train" in splits:
         result["train"] = splits["train"]
     if "validation" in splits:
         result["eval"] = splits["validation"]
+        data.split_sources["eval"] = sources["validation"]
         if fraction:
             logger.warning("--train_val_split is not used: the data has a validation split, which evaluation uses.")
     elif "train" in splits and (fraction or (fraction is None and not labelled_test)):
@@ -58,9 +60,11 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
             logger.warning(f"Splitting train without stratification ({error}).")
             split = splits["train"].train_test_split(test_size=fraction, seed=seed)
         result["train"], result["eval"] = split["train"], split["test"]
+        data.split_sources["eval"] = [f"held out of the training data ({fraction:.0%}, seed {seed})"]
         logger.info(f"No validation split: {fraction:.0%} of train is held out for evaluation.")
     elif labelled_test:
         result["eval"] = splits["test"]
+        data.split_sources["eval"] = sources["test"]
         logger.warning(
             "No validation split: evaluation uses the test split. Pass --validation_file, or --train_val_split to "
             "hold out part of train instead."

@@ -514,10 +514,13 @@ def main(args: list[str] | None = None) -> None:
             write_predictions(path, output.predictions, output.label_ids, label_names)
             logger.info(f"Wrote the predictions of {len(predict_dataset)} test images to {path}.")
 
+    used = {"train": train_dataset, "eval": eval_dataset, "test": predict_dataset}
     kwargs = {
         "finetuned_from": model_args.model_name_or_path,
         "tasks": "image-classification",
-        **data.card_kwargs(),  # the data actually used: its Hub name or its local paths
+        **data.card_kwargs(),  # the training data: its Hub name or its local paths
+        # each split used, its size and source, and the classes
+        "data_description": data.card_data_description({k: len(v) for k, v in used.items() if v is not None}),
         "tags": ["image-classification", "vision", "hf_bpmod"],
     }
     if training_args.push_to_hub:

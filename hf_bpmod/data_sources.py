@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import compat
@@ -57,6 +58,13 @@ _DATA_FORMATS = {
 _METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 _IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 _FILE_ARGUMENTS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
+#: What each split is to the model card (the example names its evaluation split ``eval``).
+_CARD_ROLES = {
+    "train": "Training data",
+    "validation": "Evaluation data",
+    "eval": "Evaluation data",
+    "test": "Test data",
+}
 
 
 @dataclass
@@ -73,6 +81,8 @@ class ImageData:
         sources (`list[str]`): Where the data came from: the Hub name, the embedded data's name, or local paths.
         hub_name (`str`, *optional*): The Hub dataset, when the data came from the Hub.
         hub_config (`str`, *optional*): Its configuration, if one was named.
+        split_sources (`dict[str, list[str]]`, *optional*): Where each split of ``splits`` came from (a path as
+            given, or a file or split of ``sources``), for the model card.
     """
 
     splits: datasets.DatasetDict
@@ -82,20 +92,36 @@ class ImageData:
     sources: list[str]
     hub_name: str | None = None
     hub_config: str | None = None
+    split_sources: dict[str, list[str]] = field(default_factory=dict)
 
     def has_labels(self, split: str) -> bool:
         """Whether ``split`` has the label column (a test split may be unlabelled)."""
         return self.label_column in self.splits[split].column_names
 
     def card_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``Trainer.create_model_card``/``push_to_hub`` naming this data: a Hub dataset is
-        also linked in the card's metadata; local data is named by its paths and given no Hub tag."""
+        """Keyword arguments of ``Trainer.create_model_card``/``push_to_hub`` naming the training data, which the
+        card says the model was trained on: a Hub dataset, also listed in the card's ``datasets:`` metadata; or the
+        local paths of the training split only, with no Hub tag. :meth:`card_data_description` names the others."""
         if self.hub_name is not None:
             kwargs: dict[str, Any] = {"dataset": self.hub_name, "dataset_tags": [self.hub_name]}
             if self.hub_config:
                 kwargs["dataset_args"] = [self.hub_config]
             return kwargs
-        return {"dataset": self.sources[0] if len(self.sources) == 1 else list(self.sources), "dataset_tags": []}
+        training = self.split_sources.get("train", []) if self.split_sources else self.sources
+        return {"dataset": training[0] if len(training) == 1 else list(training), "dataset_tags": []}
+
+    def card_data_description(self, counts: Mapping[str, int]) -> str:
+        """Markdown for the model card's "Training and evaluation data" section (the ``data_description`` argument
+        of ``BPModifiedTrainer.create_model_card``/``push_to_hub``): for each split of ``counts`` (a split of
+        ``splits``, and how many of its images were used), its role, count and source; then the classes."""
+        lines = []
+        for split, count in counts.items():
+            role = _CARD_ROLES.get(split, f"Split {split!r}")
+            where = "; ".join(self.split_sources.get(split) or self.sources)
+            lines.append(f"- {role} ({count:,} images): {where}")
+        shown = ", ".join(self.label_names[:50]) + (", ..." if len(self.label_names) > 50 else "")
+        lines.append(f"- Classes ({len(self.label_names)}): {shown}")
+        return "\n".join(lines)
 
 
 def load_image_dataset(
@@ -173,7 +199,10 @@ def load_image_dataset(
         f"{len(label_names)} classes, columns {image_column!r} (images) and {label_column!r} (labels)."
     )
     config = dataset_config_name if hub_name else None
-    return ImageData(splits, image_column, label_column, label_names, sources, hub_name, config)
+    split_sources: dict[str, list[str]] = {split: [path] for split, path in given.items()}
+    for piece in pieces if not given else []:
+        split_sources.setdefault(piece.split, []).append(piece.where)
+    return ImageData(splits, image_column, label_column, label_names, sources, hub_name, config, split_sources)
 
 
 # --------------------------------------------------------------------------------------------------- loading

@@ -397,6 +397,27 @@ def save_pretrained_vit(folder: Path, num_labels: int = 3, image_size: int = 16)
     return folder
 
 
+# ---------------------------------------------------------------------------------------------- model cards
+def read_card(path: Path) -> tuple[dict[str, Any], str]:
+    """A model card's YAML metadata and its text."""
+    import yaml
+
+    content = path.read_text()
+    assert content.startswith("---\n"), "the card has no metadata block"
+    metadata, text = content[len("---\n") :].split("\n---\n", 1)
+    return yaml.safe_load(metadata), text
+
+
+def card_links(text: str) -> list[str]:
+    """The targets of a card's markdown links."""
+    return re.findall(r"\]\(([^)]*)\)", text)
+
+
+def card_section(text: str, heading: str) -> str:
+    """The body of the card's ``## heading`` section, up to the next heading."""
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n#", 1)[0].strip()
+
+
 # ---------------------------------------------------------------------------------------------- the Hub
 def closed_port_endpoint() -> str:
     """An http address on this machine where nothing listens: a connection to it is refused at once."""

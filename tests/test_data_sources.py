@@ -73,7 +73,12 @@ def test_csv_image_paths_are_relative_to_the_csv(tmp_path, monkeypatch):
     for split, ids in (("train", TRAIN), ("validation", VAL), ("test", TEST)):
         assert_rows(data, split, ids)
     assert data.sources == [str(train), str(val), str(test)]
-    assert data.card_kwargs() == {"dataset": [str(train), str(val), str(test)], "dataset_tags": []}
+    # the card says the model was trained on the training file; the others are evaluation and test data
+    assert data.card_kwargs() == {"dataset": str(train), "dataset_tags": []}
+    assert data.card_data_description({"train": 12, "validation": 6, "test": 6}) == (
+        f"- Training data (12 images): {train}\n- Evaluation data (6 images): {val}\n"
+        f"- Test data (6 images): {test}\n- Classes (3): cat, dog, owl"
+    )
 
 
 def test_json_with_integer_labels_without_classlabel(tmp_path):
@@ -97,7 +102,10 @@ def test_parquet_folder_split_by_file_names(tmp_path):
     assert set(data.splits) == {"train", "validation", "test"} and data.label_names == list(CLASSES)
     for split, ids in (("train", TRAIN), ("validation", VAL), ("test", TEST)):
         assert_rows(data, split, ids)
-    assert data.card_kwargs() == {"dataset": str(folder), "dataset_tags": []}
+    assert data.card_kwargs() == {
+        "dataset": f"{folder} (data/train-00000-of-00002.parquet, data/train-00001-of-00002.parquet)",
+        "dataset_tags": [],
+    }
 
 
 def test_arrow_files(tmp_path):
@@ -205,7 +213,7 @@ def test_embedded_data_by_name(monkeypatch):
     data = load(dataset_name=EMBEDDED_DATASET_NAME)
     assert data.splits["train"] is embedded["train"] and data.label_names == list(CLASSES)
     assert data.sources == [EMBEDDED_DATASET_NAME]
-    assert data.card_kwargs() == {"dataset": EMBEDDED_DATASET_NAME, "dataset_tags": []}
+    assert data.card_kwargs() == {"dataset": f"{EMBEDDED_DATASET_NAME} [train]", "dataset_tags": []}
 
 
 def test_columns_found_by_type_then_by_usual_name(tmp_path):
