@@ -75,13 +75,17 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     return data
 
 
-def write_predictions(path: str, predictions: Any, label_ids: Any, label_names: list[str]) -> None:
+def write_predictions(
+    path: str, predictions: Any, label_ids: Any, label_names: list[str], rows: list[int] | None = None
+) -> None:
     """Write ``index,prediction,label`` rows (test row, predicted class, true class or empty) to ``path`` as one
-    file, whole or not at all."""
+    file, whole or not at all. ``rows``: each prediction's row in the test data as read (default ``0, 1, ...``),
+    which differs once unreadable images were left out."""
     logits = predictions[0] if isinstance(predictions, tuple) else predictions
-    rows = io.StringIO()
-    writer = csv.writer(rows, lineterminator="\n")
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["index", "prediction", "label"])
     for index, predicted in enumerate(np.asarray(logits).argmax(-1)):
-        writer.writerow([index, label_names[predicted], "" if label_ids is None else label_names[label_ids[index]]])
-    write_atomically(path, rows.getvalue().encode("utf-8"))
+        row = index if rows is None else rows[index]
+        writer.writerow([row, label_names[predicted], "" if label_ids is None else label_names[label_ids[index]]])
+    write_atomically(path, text.getvalue().encode("utf-8"))

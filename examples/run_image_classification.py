@@ -511,7 +511,8 @@ def main(args: list[str] | None = None) -> None:
         trainer.save_metrics("predict", predict_metrics)
         if trainer.is_world_process_zero():
             path = os.path.join(training_args.output_dir, "predictions.csv")
-            write_predictions(path, output.predictions, output.label_ids, label_names)
+            rows = data.rows_as_read("test")[: len(predict_dataset)]  # its first rows, as prepare() took them
+            write_predictions(path, output.predictions, output.label_ids, label_names, rows)
             logger.info(f"Wrote the predictions of {len(predict_dataset)} test images to {path}.")
 
     used = {"train": train_dataset, "eval": eval_dataset, "test": predict_dataset}

@@ -47,12 +47,13 @@ class Piece:
 
 def assemble(
     pieces: list[Piece], image_column_name: str | None, label_column_name: str | None, skip_unreadable: bool = False
-) -> tuple[datasets.DatasetDict, str, str, list[str]]:
+) -> tuple[datasets.DatasetDict, str, str, list[str], dict[str, list[int]]]:
     """Check and convert the columns of every piece, give all one set of classes, and join the pieces of each split.
     Images that are missing or cannot be decoded are an error, or with ``skip_unreadable`` left out with a warning.
 
     Returns:
-        ``(splits, image_column, label_column, label_names)``.
+        ``(splits, image_column, label_column, label_names, left_out)``: ``left_out`` holds, per split, the numbers
+        of the rows left out, counted in the split as read.
     """
     pieces = sorted(pieces, key=lambda piece: SPLITS.index(piece.split))
     reference = pieces[0]
@@ -63,6 +64,8 @@ def assemble(
     if label_column == image_column:
         raise ValueError(f"`image_column_name` and `label_column_name` both name {image_column!r}; name two columns.")
     labels: list[list[str | None] | None] = []
+    left_out: dict[str, list[int]] = {}
+    read: dict[str, int] = {}  # rows of each split read so far, its pieces joined in this order
     for piece in pieces:
         columns = piece.dataset.column_names
         if image_column not in columns:
@@ -71,7 +74,11 @@ def assemble(
                 f"{'check' if image_column_name else 'name it with'} `image_column_name`."
             )
         images = _as_images(piece, image_column, keep_missing=skip_unreadable)
-        piece.dataset = _readable(images, piece.where, image_column, skip_unreadable)
+        piece.dataset, dropped = _readable(images, piece.where, image_column, skip_unreadable)
+        offset = read.get(piece.split, 0)
+        read[piece.split] = offset + len(images)
+        if dropped:
+            left_out.setdefault(piece.split, []).extend(offset + row for row in dropped)
         labels.append(_label_strings(piece, label_column) if label_column in columns else None)
         if labels[-1] is None and label_column in columns:  # a test file whose label column is empty
             piece.dataset = piece.dataset.remove_columns(label_column)
@@ -116,7 +123,7 @@ def assemble(
         except ValueError as error:
             wheres = [piece.where for piece in pieces if piece.split == split]
             raise ValueError(f"The {split} files {wheres} cannot be joined: {error}") from error
-    return splits, image_column, label_column, label_names
+    return splits, image_column, label_column, label_names, left_out
 
 
 def _values(dataset: datasets.Dataset, column: str) -> list[Any]:
@@ -183,12 +190,12 @@ def _as_images(piece: Piece, column: str, keep_missing: bool = False) -> dataset
     )
 
 
-def _readable(dataset: datasets.Dataset, where: str, column: str, skip: bool) -> datasets.Dataset:
-    """``dataset`` once every image of ``column`` is known to decode: an unreadable one is an error naming the first
-    few and the count, or with ``skip`` a row left out, each named in a warning."""
+def _readable(dataset: datasets.Dataset, where: str, column: str, skip: bool) -> tuple[datasets.Dataset, list[int]]:
+    """``dataset`` once every image of ``column`` is known to decode, and the rows left out: an unreadable image is
+    an error naming the first few and the count, or with ``skip`` its row is left out, each named in a warning."""
     bad = unreadable_images(dataset, column)
     if not bad:
-        return dataset
+        return dataset, []
     total = len(dataset)
     named = "; ".join(map(str, bad[:_NAMED])) + (f"; and {len(bad) - _NAMED} more" if len(bad) > _NAMED else "")
     if not skip:
@@ -203,7 +210,7 @@ def _readable(dataset: datasets.Dataset, where: str, column: str, skip: bool) ->
         + "; ".join(map(str, bad))
     )
     dropped = {item.row for item in bad}
-    return dataset.select([row for row in range(total) if row not in dropped])
+    return dataset.select([row for row in range(total) if row not in dropped]), sorted(dropped)
 
 
 def _label_strings(piece: Piece, column: str) -> list[str | None] | None:

@@ -83,6 +83,8 @@ class ImageData:
         hub_config (`str`, *optional*): Its configuration, if one was named.
         split_sources (`dict[str, list[str]]`, *optional*): Where each split of ``splits`` came from (a path as
             given, or a file or split of ``sources``), for the model card.
+        left_out (`dict[str, list[int]]`, *optional*): Per split, the rows left out as unreadable
+            (``skip_unreadable_images=True``), numbered as in the split as read.
     """
 
     splits: datasets.DatasetDict
@@ -93,10 +95,17 @@ class ImageData:
     hub_name: str | None = None
     hub_config: str | None = None
     split_sources: dict[str, list[str]] = field(default_factory=dict)
+    left_out: dict[str, list[int]] = field(default_factory=dict)
 
     def has_labels(self, split: str) -> bool:
         """Whether ``split`` has the label column (a test split may be unlabelled)."""
         return self.label_column in self.splits[split].column_names
+
+    def rows_as_read(self, split: str) -> list[int]:
+        """For each row of ``splits[split]``, its number in the split as read (before unreadable images were left
+        out): what ties a prediction to its row of the test file."""
+        dropped = set(self.left_out.get(split, []))
+        return [row for row in range(len(self.splits[split]) + len(dropped)) if row not in dropped]
 
     def card_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``Trainer.create_model_card``/``push_to_hub`` naming the training data, which the
@@ -191,7 +200,7 @@ def load_image_dataset(
     else:
         pieces = _pieces_of(_load_hub(dataset_name, dataset_config_name, cache_dir, token), dataset_name, os.getcwd())
         sources, hub_name = [dataset_name], dataset_name
-    splits, image_column, label_column, label_names = assemble(
+    splits, image_column, label_column, label_names, left_out = assemble(
         pieces, image_column_name, label_column_name, skip_unreadable_images
     )
     logger.info(
@@ -202,7 +211,9 @@ def load_image_dataset(
     split_sources: dict[str, list[str]] = {split: [path] for split, path in given.items()}
     for piece in pieces if not given else []:
         split_sources.setdefault(piece.split, []).append(piece.where)
-    return ImageData(splits, image_column, label_column, label_names, sources, hub_name, config, split_sources)
+    return ImageData(
+        splits, image_column, label_column, label_names, sources, hub_name, config, split_sources, left_out
+    )
 
 
 # --------------------------------------------------------------------------------------------------- loading

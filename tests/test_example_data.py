@@ -183,15 +183,18 @@ def test_every_form_trains_and_evaluates(script, tmp_path, monkeypatch, capsys, 
         check_predictions(out, model, names, labelled=form == "save_to_disk_dict")
 
 
-def check_predictions(out: Path, model: torch.nn.Module, names: list[str], labelled: bool) -> None:
-    """``predictions.csv`` holds, for each test image in order, what the saved model predicts and its true class;
-    ``predict_results.json`` the accuracy of those rows."""
+def check_predictions(
+    out: Path, model: torch.nn.Module, names: list[str], labelled: bool, ids=TEST, indices=None
+) -> None:
+    """``predictions.csv`` holds, for each test image ``ids`` in order, its row in the test file (``indices``,
+    default ``0, 1, ...``), what the saved model predicts and its true class; ``predict_results.json`` the accuracy
+    of those rows."""
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(row["index"]) for row in rows] == list(range(len(TEST)))
+    assert [int(row["index"]) for row in rows] == (list(range(len(ids))) if indices is None else indices)
     processor = AutoImageProcessor.from_pretrained(out)
     test = datasets.Dataset.from_dict(
-        {"image": [image(i) for i in TEST]}, features=datasets.Features({"image": datasets.Image()})
+        {"image": [image(i) for i in ids]}, features=datasets.Features({"image": datasets.Image()})
     )
     test = with_pixel_values(
         test, model.config.image_size, list(processor.image_mean), list(processor.image_std), label_column=None
@@ -200,9 +203,9 @@ def check_predictions(out: Path, model: torch.nn.Module, names: list[str], label
         logits = model.eval()(pixel_values=collate_fn([test[i] for i in range(len(test))])["pixel_values"]).logits
     assert [row["prediction"] for row in rows] == [names[k] for k in logits.argmax(-1).tolist()]
     metrics = json.loads((out / "predict_results.json").read_text())
-    assert metrics["predict_samples"] == len(TEST)
+    assert metrics["predict_samples"] == len(ids)
     if labelled:
-        assert [row["label"] for row in rows] == [label(i) for i in TEST]
+        assert [row["label"] for row in rows] == [label(i) for i in ids]
         accuracy = sum(row["prediction"] == row["label"] for row in rows) / len(rows)
         assert metrics["predict_accuracy"] == pytest.approx(accuracy, abs=1e-9)
     else:
@@ -319,6 +322,25 @@ def test_unreadable_images_stop_the_run_before_the_model_or_are_skipped_with_the
         script.main([*argv, "--skip_unreadable_images", "true"])
     check_outputs(capsys.readouterr().out, tmp_path / "out", n_eval=len(VAL), n_train=len(TRAIN) - len(broken))
     assert "left out 2 of 18 images of column 'image' that cannot be read" in caplog.text
+
+
+def test_predictions_of_a_test_file_with_skipped_images_keep_each_rows_number(
+    script, tmp_path, capsys, logging_restored
+):
+    write_pngs(tmp_path / "images", [*TRAIN, *VAL, *TEST])
+    (tmp_path / "images" / f"{TEST[2]}.png").write_bytes(broken_image("cut_png", TEST[2]))
+    files = [write_csv(tmp_path / f"{name}.csv", ids, "images/") for name, ids in (("train", TRAIN), ("val", VAL))]
+    test = write_csv(tmp_path / "test.csv", TEST, "images/")
+    script.main(
+        [
+            *script_args(tmp_path / "out", tmp_path / "cache"), *TINY_VIT, "--train_file", str(files[0]),
+            "--validation_file", str(files[1]), "--test_file", str(test), "--do_train", "--do_eval", "--do_predict",
+            "--max_steps", "1", "--skip_unreadable_images", "true",
+        ]
+    )  # fmt: skip
+    out = tmp_path / "out"
+    kept = [i for i in TEST if i != TEST[2]]
+    check_predictions(out, reload_full_model(out), list(CLASSES), labelled=True, ids=kept, indices=[0, 1, 3, 4, 5])
 
 
 # --- the model card of a peft run ------------------------------------------------------------------------------------
