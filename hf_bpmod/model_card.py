@@ -125,7 +125,10 @@ def _split(content: str) -> tuple[dict[str, Any] | None, str]:
     """A card's YAML metadata (``None`` without a metadata block) and its text."""
     if content.startswith("---\n") and "\n---\n" in content[3:]:
         block, text = content[4:].split("\n---\n", 1)
-        metadata = yaml.safe_load(block)
+        try:
+            metadata = yaml.safe_load(block)
+        except yaml.YAMLError:  # e.g. a python object tag: the block is kept as it is, untouched
+            return None, content
         if isinstance(metadata, dict):
             return metadata, text
     return None, content
