@@ -37,14 +37,17 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
         label_column_name=data_args.label_column_name,
         cache_dir=model_args.cache_dir,
         token=model_args.token,
+        skip_unreadable_images=data_args.skip_unreadable_images,
     )
-    splits, fraction = data.splits, data_args.train_val_split
+    splits, fraction, sources = data.splits, data_args.train_val_split, data.split_sources
     labelled_test = "test" in splits and data.has_labels("test")
     result = datasets.DatasetDict()
+    data.split_sources = {split: sources[split] for split in ("train", "test") if split in sources}
     if "train" in splits:
         result["train"] = splits["train"]
     if "validation" in splits:
         result["eval"] = splits["validation"]
+        data.split_sources["eval"] = sources["validation"]
         if fraction:
             logger.warning("--train_val_split is not used: the data has a validation split, which evaluation uses.")
     elif "train" in splits and (fraction or (fraction is None and not labelled_test)):
@@ -57,9 +60,11 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
             logger.warning(f"Splitting train without stratification ({error}).")
             split = splits["train"].train_test_split(test_size=fraction, seed=seed)
         result["train"], result["eval"] = split["train"], split["test"]
+        data.split_sources["eval"] = [f"held out of the training data ({fraction:.0%}, seed {seed})"]
         logger.info(f"No validation split: {fraction:.0%} of train is held out for evaluation.")
     elif labelled_test:
         result["eval"] = splits["test"]
+        data.split_sources["eval"] = sources["test"]
         logger.warning(
             "No validation split: evaluation uses the test split. Pass --validation_file, or --train_val_split to "
             "hold out part of train instead."
@@ -70,13 +75,17 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     return data
 
 
-def write_predictions(path: str, predictions: Any, label_ids: Any, label_names: list[str]) -> None:
+def write_predictions(
+    path: str, predictions: Any, label_ids: Any, label_names: list[str], rows: list[int] | None = None
+) -> None:
     """Write ``index,prediction,label`` rows (test row, predicted class, true class or empty) to ``path`` as one
-    file, whole or not at all."""
+    file, whole or not at all. ``rows``: each prediction's row in the test data as read (default ``0, 1, ...``),
+    which differs once unreadable images were left out."""
     logits = predictions[0] if isinstance(predictions, tuple) else predictions
-    rows = io.StringIO()
-    writer = csv.writer(rows, lineterminator="\n")
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["index", "prediction", "label"])
     for index, predicted in enumerate(np.asarray(logits).argmax(-1)):
-        writer.writerow([index, label_names[predicted], "" if label_ids is None else label_names[label_ids[index]]])
-    write_atomically(path, rows.getvalue().encode("utf-8"))
+        row = index if rows is None else rows[index]
+        writer.writerow([row, label_names[predicted], "" if label_ids is None else label_names[label_ids[index]]])
+    write_atomically(path, text.getvalue().encode("utf-8"))

@@ -303,6 +303,13 @@ class DataTrainingArguments:
             "--do_predict then keeps to itself); 0 never splits."
         },
     )
+    skip_unreadable_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Every image is opened and verified before training; one that is missing or cannot be decoded "
+            "stops the run, naming it. Set this to leave such images out instead, each named in a warning."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Truncate the training set to this many examples (for quick runs)."}
     )
@@ -508,13 +515,17 @@ def main(args: list[str] | None = None) -> None:
         trainer.save_metrics("predict", predict_metrics)
         if trainer.is_world_process_zero():
             path = os.path.join(training_args.output_dir, "predictions.csv")
-            write_predictions(path, output.predictions, output.label_ids, label_names)
+            rows = data.rows_as_read("test")[: len(predict_dataset)]  # its first rows, as prepare() took them
+            write_predictions(path, output.predictions, output.label_ids, label_names, rows)
             logger.info(f"Wrote the predictions of {len(predict_dataset)} test images to {path}.")
 
+    used = {"train": train_dataset, "eval": eval_dataset, "test": predict_dataset}
     kwargs = {
         "finetuned_from": model_args.model_name_or_path,
         "tasks": "image-classification",
-        **data.card_kwargs(),  # the data actually used: its Hub name or its local paths
+        **data.card_kwargs(),  # the training data: its Hub name or its local paths
+        # each split used, its size and source, and the classes
+        "data_description": data.card_data_description({k: len(v) for k, v in used.items() if v is not None}),
         "tags": ["image-classification", "vision", "hf_bpmod"],
     }
     if training_args.push_to_hub:

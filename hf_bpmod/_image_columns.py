@@ -1,21 +1,25 @@
 """The columns of image-classification data: found, checked and converted for :mod:`hf_bpmod.data_sources`.
 
 The image column becomes a decoding ``datasets.Image`` (paths are read relative to the file that lists them, encoded
-bytes are decoded when read); the label column one ``datasets.ClassLabel`` shared by every split, whose classes are
-those of the training data.
+bytes are decoded when read) whose every image is checked to decode (:mod:`hf_bpmod._image_check`); the label column
+one ``datasets.ClassLabel`` shared by every split, whose classes are those of the training data.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from ._extras import require_extra
+from ._image_check import unreadable_images
 
 with require_extra("hf_bpmod.data"):
     import datasets
+
+logger = logging.getLogger(__name__)
 
 #: Column names taken for the images, in this order, when no ``image_column_name`` is given and no single column is
 #: a ``datasets.Image``.
@@ -24,6 +28,10 @@ IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "file_name", "image_path", 
 #: a ``datasets.ClassLabel``.
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label", "class", "category", "target")
 SPLITS = ("train", "validation", "test")
+#: How to get past unreadable images, in the words of the API and of the example's command line.
+SKIP_HINT = "pass `skip_unreadable_images=True` (`--skip_unreadable_images` on the command line) to leave them out"
+#: Unreadable images an error names (a warning names them all).
+_NAMED = 5
 
 
 @dataclass
@@ -38,12 +46,14 @@ class Piece:
 
 
 def assemble(
-    pieces: list[Piece], image_column_name: str | None, label_column_name: str | None
-) -> tuple[datasets.DatasetDict, str, str, list[str]]:
+    pieces: list[Piece], image_column_name: str | None, label_column_name: str | None, skip_unreadable: bool = False
+) -> tuple[datasets.DatasetDict, str, str, list[str], dict[str, list[int]]]:
     """Check and convert the columns of every piece, give all one set of classes, and join the pieces of each split.
+    Images that are missing or cannot be decoded are an error, or with ``skip_unreadable`` left out with a warning.
 
     Returns:
-        ``(splits, image_column, label_column, label_names)``.
+        ``(splits, image_column, label_column, label_names, left_out)``: ``left_out`` holds, per split, the numbers
+        of the rows left out, counted in the split as read.
     """
     pieces = sorted(pieces, key=lambda piece: SPLITS.index(piece.split))
     reference = pieces[0]
@@ -54,6 +64,8 @@ def assemble(
     if label_column == image_column:
         raise ValueError(f"`image_column_name` and `label_column_name` both name {image_column!r}; name two columns.")
     labels: list[list[str | None] | None] = []
+    left_out: dict[str, list[int]] = {}
+    read: dict[str, int] = {}  # rows of each split read so far, its pieces joined in this order
     for piece in pieces:
         columns = piece.dataset.column_names
         if image_column not in columns:
@@ -61,7 +73,12 @@ def assemble(
                 f"{piece.where} has no image column {image_column!r} (columns: {columns}); "
                 f"{'check' if image_column_name else 'name it with'} `image_column_name`."
             )
-        piece.dataset = _as_images(piece, image_column)
+        images = _as_images(piece, image_column, keep_missing=skip_unreadable)
+        piece.dataset, dropped = _readable(images, piece.where, image_column, skip_unreadable)
+        offset = read.get(piece.split, 0)
+        read[piece.split] = offset + len(images)
+        if dropped:
+            left_out.setdefault(piece.split, []).extend(offset + row for row in dropped)
         labels.append(_label_strings(piece, label_column) if label_column in columns else None)
         if labels[-1] is None and label_column in columns:  # a test file whose label column is empty
             piece.dataset = piece.dataset.remove_columns(label_column)
@@ -106,7 +123,7 @@ def assemble(
         except ValueError as error:
             wheres = [piece.where for piece in pieces if piece.split == split]
             raise ValueError(f"The {split} files {wheres} cannot be joined: {error}") from error
-    return splits, image_column, label_column, label_names
+    return splits, image_column, label_column, label_names, left_out
 
 
 def _values(dataset: datasets.Dataset, column: str) -> list[Any]:
@@ -140,9 +157,9 @@ def _find_column(
     return found
 
 
-def _as_images(piece: Piece, column: str) -> datasets.Dataset:
+def _as_images(piece: Piece, column: str, keep_missing: bool = False) -> datasets.Dataset:
     """``piece``'s dataset with ``column`` a decoding ``datasets.Image``: paths (relative to ``piece.base_dir``)
-    are checked to exist, encoded bytes are decoded when read."""
+    are checked to exist (a missing one is an error unless ``keep_missing``), encoded bytes are decoded when read."""
     dataset, feature = piece.dataset, piece.dataset.features[column]
     if isinstance(feature, datasets.Image):
         return dataset if feature.decode else dataset.cast_column(column, datasets.Image())
@@ -154,12 +171,12 @@ def _as_images(piece: Piece, column: str) -> datasets.Dataset:
             if full is None or not os.path.isfile(full):
                 missing.append((row, path, full))
             resolved.append(full)
-        if missing:
+        if missing and not keep_missing:
             row, path, full = missing[0]
             raise FileNotFoundError(
                 f"{piece.where}: {len(missing)} of {len(resolved)} images of column {column!r} were not found, e.g. "
                 f"row {row}: {path!r} (looked for {full}). Paths are read relative to the folder of the file that "
-                f"lists them ({piece.base_dir}); fix them or pass absolute paths."
+                f"lists them ({piece.base_dir}); fix them or pass absolute paths, or {SKIP_HINT}."
             )
         # Added before the old column goes: a table left with no column would have no rows either.
         dataset = dataset.add_column(f"{column}__resolved", resolved).remove_columns(column)
@@ -173,6 +190,29 @@ def _as_images(piece: Piece, column: str) -> datasets.Dataset:
     )
 
 
+def _readable(dataset: datasets.Dataset, where: str, column: str, skip: bool) -> tuple[datasets.Dataset, list[int]]:
+    """``dataset`` once every image of ``column`` is known to decode, and the rows left out: an unreadable image is
+    an error naming the first few and the count, or with ``skip`` its row is left out, each named in a warning."""
+    bad = unreadable_images(dataset, column)
+    if not bad:
+        return dataset, []
+    total = len(dataset)
+    named = "; ".join(map(str, bad[:_NAMED])) + (f"; and {len(bad) - _NAMED} more" if len(bad) > _NAMED else "")
+    if not skip:
+        raise ValueError(
+            f"{where}: {len(bad)} of {total} images of column {column!r} cannot be read: {named}. Training would stop "
+            f"at the first of them: remove or replace them, or {SKIP_HINT}."
+        )
+    if len(bad) == total:
+        raise ValueError(f"{where}: none of the {total} images of column {column!r} can be read: {named}.")
+    logger.warning(
+        f"{where}: left out {len(bad)} of {total} images of column {column!r} that cannot be read: "
+        + "; ".join(map(str, bad))
+    )
+    dropped = {item.row for item in bad}
+    return dataset.select([row for row in range(total) if row not in dropped]), sorted(dropped)
+
+
 def _label_strings(piece: Piece, column: str) -> list[str | None] | None:
     """The labels of ``piece`` as class names (``None`` for a missing label), or ``None`` if it has none at all.
 
@@ -180,6 +220,7 @@ def _label_strings(piece: Piece, column: str) -> list[str | None] | None:
     """
     feature, values = piece.dataset.features[column], _values(piece.dataset, column)
     if isinstance(feature, datasets.ClassLabel):
+        _check_range(piece, column, feature, values)
         names = [None if value is None or value < 0 else feature.int2str(value) for value in values]
     else:
         names = []
@@ -204,6 +245,19 @@ def _label_strings(piece: Piece, column: str) -> list[str | None] | None:
         f"{piece.where}: {len(missing)} of {len(names)} rows have no label (e.g. row {missing[0]}); label every row"
         f"{' (a test file may also be wholly unlabelled)' if piece.split == 'test' else ''}."
     )
+
+
+def _check_range(piece: Piece, column: str, feature: datasets.ClassLabel, values: list[int | None]) -> None:
+    """Every code of a ``ClassLabel`` column is one of its classes, or -1 (missing)."""
+    wrong = [(row, v) for row, v in enumerate(values) if v is not None and not -1 <= v < feature.num_classes]
+    if wrong:
+        shown = ", ".join(f"{value} in row {row}" for row, value in wrong[:10]) + (" ..." if len(wrong) > 10 else "")
+        names = feature.names[:20] + (["..."] if feature.num_classes > 20 else [])
+        raise ValueError(
+            f"{piece.where}: {len(wrong)} labels of column {column!r} are outside its ClassLabel's range "
+            f"0-{feature.num_classes - 1} ({names}; -1 marks a missing label): {shown}. Fix those labels, or give "
+            "the ClassLabel every class name."
+        )
 
 
 def _label_names(pieces: list[Piece], labels: list[list[str | None] | None], column: str) -> list[str]:

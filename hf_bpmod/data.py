@@ -158,7 +158,9 @@ def with_pixel_values(
     """Return ``dataset`` with an on-the-fly transform yielding ``pixel_values`` and ``labels``.
 
     The input dataset is left untouched (``with_transform`` returns a new view); see :func:`make_transform` for
-    the preprocessing. Use ``remove_unused_columns=False`` when the result goes to a ``transformers.Trainer``.
+    the preprocessing. Use ``remove_unused_columns=False`` when the result goes to a ``transformers.Trainer``. A
+    ``datasets.Image`` column is decoded in the transform, with the column's own settings, so that an image that
+    cannot be decoded stops training with an error naming it (its path) and the fix.
     """
     if image_column not in dataset.column_names:
         raise KeyError(
@@ -177,7 +179,40 @@ def with_pixel_values(
         label_column=label_column,
         num_channels=num_channels,
     )
+    feature = dataset.features.get(image_column) if dataset.features is not None else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        tokens = getattr(dataset, "_token_per_repo_id", None)  # what datasets itself decodes private Hub files with
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        transform = _decoding_first(transform, feature, image_column, tokens)
     return dataset.with_transform(transform)
+
+
+def _decoding_first(
+    transform: Callable[[dict[str, list[Any]]], dict[str, list[Any]]],
+    feature: datasets.Image,
+    image_column: str,
+    tokens: dict[str, Any] | None,
+) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
+    """``transform`` behind the decoding of the stored images of ``image_column`` by ``feature``."""
+
+    def decode(value: Any) -> Any:
+        try:
+            return feature.decode_example(value, token_per_repo_id=tokens)
+        except Exception as error:  # PIL and the file system raise many types; each is this image's fault
+            path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (value, None)
+            name = f"Image {path}" if path else f"An image of {len(data or b'')} bytes (no path)"
+            raise ValueError(
+                f"{name} of column {image_column!r} cannot be read ({type(error).__name__}: {error}): remove or "
+                "replace it. hf_bpmod.data.load_image_dataset checks every image before training, and leaves those "
+                "it cannot read out with `skip_unreadable_images=True`."
+            ) from error
+
+    def decoded(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if image_column in batch:
+            batch = {**batch, image_column: [decode(value) for value in batch[image_column]]}
+        return transform(batch)
+
+    return decoded
 
 
 def collate_fn(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

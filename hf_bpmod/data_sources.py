@@ -5,7 +5,8 @@ sub-folder per class, or a ``metadata.csv``/``metadata.jsonl`` naming each image
 ``save_to_disk`` dataset or dataset dict, or parquet, arrow, csv and json(l) files or folders of them. It returns the
 ``train``/``validation``/``test`` splits with the image column as ``datasets.Image`` and the label column as one
 ``datasets.ClassLabel`` shared by every split, the label names, and where the data came from (for the model card).
-Every problem (a missing file, an unknown format, a missing column, a label of the validation data that the training
+Every image is checked to decode before anything trains. Every problem (a missing or unreadable image, an unknown
+format, a missing column, a label out of its ``ClassLabel``'s range, a label of the validation data that the training
 data lacks) raises an error naming the argument or file, before any model is built. Nothing loaded can run code and
 nothing is written next to the user's data (``datasets`` caches what it converts in ``cache_dir``).
 
@@ -22,7 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import compat
@@ -56,6 +58,13 @@ _DATA_FORMATS = {
 _METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 _IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 _FILE_ARGUMENTS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
+#: What each split is to the model card (the example names its evaluation split ``eval``).
+_CARD_ROLES = {
+    "train": "Training data",
+    "validation": "Evaluation data",
+    "eval": "Evaluation data",
+    "test": "Test data",
+}
 
 
 @dataclass
@@ -72,6 +81,10 @@ class ImageData:
         sources (`list[str]`): Where the data came from: the Hub name, the embedded data's name, or local paths.
         hub_name (`str`, *optional*): The Hub dataset, when the data came from the Hub.
         hub_config (`str`, *optional*): Its configuration, if one was named.
+        split_sources (`dict[str, list[str]]`, *optional*): Where each split of ``splits`` came from (a path as
+            given, or a file or split of ``sources``), for the model card.
+        left_out (`dict[str, list[int]]`, *optional*): Per split, the rows left out as unreadable
+            (``skip_unreadable_images=True``), numbered as in the split as read.
     """
 
     splits: datasets.DatasetDict
@@ -81,20 +94,43 @@ class ImageData:
     sources: list[str]
     hub_name: str | None = None
     hub_config: str | None = None
+    split_sources: dict[str, list[str]] = field(default_factory=dict)
+    left_out: dict[str, list[int]] = field(default_factory=dict)
 
     def has_labels(self, split: str) -> bool:
         """Whether ``split`` has the label column (a test split may be unlabelled)."""
         return self.label_column in self.splits[split].column_names
 
+    def rows_as_read(self, split: str) -> list[int]:
+        """For each row of ``splits[split]``, its number in the split as read (before unreadable images were left
+        out): what ties a prediction to its row of the test file."""
+        dropped = set(self.left_out.get(split, []))
+        return [row for row in range(len(self.splits[split]) + len(dropped)) if row not in dropped]
+
     def card_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``Trainer.create_model_card``/``push_to_hub`` naming this data: a Hub dataset is
-        also linked in the card's metadata; local data is named by its paths and given no Hub tag."""
+        """Keyword arguments of ``Trainer.create_model_card``/``push_to_hub`` naming the training data, which the
+        card says the model was trained on: a Hub dataset, also listed in the card's ``datasets:`` metadata; or the
+        local paths of the training split only, with no Hub tag. :meth:`card_data_description` names the others."""
         if self.hub_name is not None:
             kwargs: dict[str, Any] = {"dataset": self.hub_name, "dataset_tags": [self.hub_name]}
             if self.hub_config:
                 kwargs["dataset_args"] = [self.hub_config]
             return kwargs
-        return {"dataset": self.sources[0] if len(self.sources) == 1 else list(self.sources), "dataset_tags": []}
+        training = self.split_sources.get("train", []) if self.split_sources else self.sources
+        return {"dataset": training[0] if len(training) == 1 else list(training), "dataset_tags": []}
+
+    def card_data_description(self, counts: Mapping[str, int]) -> str:
+        """Markdown for the model card's "Training and evaluation data" section (the ``data_description`` argument
+        of ``BPModifiedTrainer.create_model_card``/``push_to_hub``): for each split of ``counts`` (a split of
+        ``splits``, and how many of its images were used), its role, count and source; then the classes."""
+        lines = []
+        for split, count in counts.items():
+            role = _CARD_ROLES.get(split, f"Split {split!r}")
+            where = "; ".join(self.split_sources.get(split) or self.sources)
+            lines.append(f"- {role} ({count:,} images): {where}")
+        shown = ", ".join(self.label_names[:50]) + (", ..." if len(self.label_names) > 50 else "")
+        lines.append(f"- Classes ({len(self.label_names)}): {shown}")
+        return "\n".join(lines)
 
 
 def load_image_dataset(
@@ -108,6 +144,7 @@ def load_image_dataset(
     label_column_name: str | None = None,
     cache_dir: str | None = None,
     token: str | bool | None = None,
+    skip_unreadable_images: bool = False,
 ) -> ImageData:
     """Load image-classification data from a name or a folder (``dataset_name``) or from one path per split.
 
@@ -130,6 +167,9 @@ def load_image_dataset(
             the training data, and a validation or test label the training data lacks is an error.
         cache_dir: Where ``datasets`` keeps what it downloads and converts.
         token: Hub token for private datasets.
+        skip_unreadable_images: Every image is opened and verified first (a JPEG without its end marker decoded
+            at 1/8 scale); an image that is missing or cannot be decoded is an error naming it. ``True`` leaves
+            such images out instead, with a warning naming each and the count.
 
     Returns:
         An :class:`ImageData`.
@@ -160,13 +200,20 @@ def load_image_dataset(
     else:
         pieces = _pieces_of(_load_hub(dataset_name, dataset_config_name, cache_dir, token), dataset_name, os.getcwd())
         sources, hub_name = [dataset_name], dataset_name
-    splits, image_column, label_column, label_names = assemble(pieces, image_column_name, label_column_name)
+    splits, image_column, label_column, label_names, left_out = assemble(
+        pieces, image_column_name, label_column_name, skip_unreadable_images
+    )
     logger.info(
         f"Data from {', '.join(sources)}: { ({split: len(ds) for split, ds in splits.items()}) } images, "
         f"{len(label_names)} classes, columns {image_column!r} (images) and {label_column!r} (labels)."
     )
     config = dataset_config_name if hub_name else None
-    return ImageData(splits, image_column, label_column, label_names, sources, hub_name, config)
+    split_sources: dict[str, list[str]] = {split: [path] for split, path in given.items()}
+    for piece in pieces if not given else []:
+        split_sources.setdefault(piece.split, []).append(piece.where)
+    return ImageData(
+        splits, image_column, label_column, label_names, sources, hub_name, config, split_sources, left_out
+    )
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -239,6 +286,7 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
         return [Piece("train", datasets.load_from_disk(full), path, full)]
 
     data_files, image_files, metadata_files, others = [], 0, [], []
+    folders_with_images: set[str] = set()
     for root, dirs, files in os.walk(full):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
         for name in sorted(files):
@@ -251,6 +299,7 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
                 data_files.append(file)
             elif os.path.splitext(name)[1].lower() in _IMAGE_EXTENSIONS:
                 image_files += 1
+                folders_with_images.add(root)
             elif len(others) < 5:
                 others.append(os.path.relpath(file, full))
     # An image folder's metadata is read as a table of image paths, as an image folder's builder reads it.
@@ -271,6 +320,7 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
             for (split, folder, _), files in groups.items()
         ]
     if image_files:
+        _warn_of_empty_class_folders(folders_with_images, full, argument, path)
         if infer_splits:
             loaded = datasets.load_dataset("imagefolder", data_dir=full, cache_dir=cache_dir)
         else:
@@ -281,6 +331,25 @@ def _load_path(path: str, argument: str, infer_splits: bool = False, cache_dir: 
         f"`{argument}` {path!r} holds nothing readable: no images, no {', '.join(sorted(_DATA_FORMATS))} files and "
         f"no save_to_disk dataset (found: {others or 'no files'}). Point it at the folder of your data."
     )
+
+
+def _warn_of_empty_class_folders(folders_with_images: set[str], full: str, argument: str, path: str) -> None:
+    """Warn of each class folder with no image in it (a sibling of a folder that has images), whose class the image
+    folder's labels leave out."""
+    holding = {os.path.dirname(folder) for folder in folders_with_images}  # where the class folders are
+    empty = []
+    for parent in sorted(holding):
+        for name in sorted(os.listdir(parent)):
+            folder = os.path.join(parent, name)
+            if name.startswith((".", "__")) or not os.path.isdir(folder):
+                continue
+            if not any(f == folder or f.startswith(folder + os.sep) for f in folders_with_images):
+                empty.append(os.path.relpath(folder, full))
+    if empty:
+        logger.warning(
+            f"`{argument}` {path!r}: the class folders {empty} hold no images, so their classes are left out of the "
+            "labels; put images in them, or remove them."
+        )
 
 
 def _extension(file: str) -> str:

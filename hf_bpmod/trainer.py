@@ -36,7 +36,7 @@ from .checkpoint import (
 from .config import BPModifiedTrainingArguments
 from .guard import NonFiniteGuard
 from .local_grad import local_gradients
-from .model_card import CARD_TAGS, add_method_section, method_description
+from .model_card import CARD_TAGS, add_method_section, complete_card, method_description, training_description
 from .offset_controller import OffsetController, OffsetData
 from .offset_pass import OffsetState, Processes
 
@@ -379,7 +379,10 @@ class BPModifiedTrainer(Trainer):
             refuse_symlink(os.path.join(self.args.output_dir, "README.md"))
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         tags += [t for t in CARD_TAGS if t not in tags]
+        data_description = kwargs.pop("data_description", None)  # markdown for the card's data section
         super().create_model_card(*args, tags=tags, **kwargs)
         if self.is_world_process_zero():
             description = method_description(self.args, self.block_chain.num_blocks, self.uses_offset)
             add_method_section(os.path.join(self.args.output_dir, "README.md"), description)
+            trained = training_description(self.model, self.aux_heads)
+            complete_card(os.path.join(self.args.output_dir, "README.md"), trained, tags, data_description)

@@ -182,6 +182,27 @@ def identity(loaded: Image.Image) -> int:
     return loaded.convert("RGB").getpixel((0, 0))[0]
 
 
+#: Ways an image file is found broken in real data: a PNG cut off, a JPEG cut off in its pixel data (its header, and
+#: so ``PIL.Image.open`` and ``verify()``, still fine), a file of something else under an image's name.
+BROKEN_KINDS = ("cut_png", "cut_jpeg", "not_an_image")
+
+
+def broken_image(kind: str, i: int) -> bytes:
+    """The bytes of image ``i`` broken as ``kind`` (one of :data:`BROKEN_KINDS`)."""
+    if kind == "cut_png":
+        whole = png(i)
+        return whole[: len(whole) // 2]
+    if kind == "cut_jpeg":  # noise, so that the pixel data is most of the file
+        noise = Image.frombytes("RGB", (64, 64), random.Random(i).randbytes(64 * 64 * 3))
+        buffer = io.BytesIO()
+        noise.save(buffer, format="JPEG", quality=90)
+        whole = buffer.getvalue()
+        return whole[: len(whole) * 2 // 3]
+    if kind == "not_an_image":
+        return b"<html>404 Not Found</html>\n"
+    raise KeyError(kind)
+
+
 def write_pngs(folder: Path, ids: Sequence[int]) -> list[str]:
     """``folder/<i>.png`` for each id; return the file names."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -374,6 +395,27 @@ def save_pretrained_vit(folder: Path, num_labels: int = 3, image_size: int = 16)
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     ).save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- model cards
+def read_card(path: Path) -> tuple[dict[str, Any], str]:
+    """A model card's YAML metadata and its text."""
+    import yaml
+
+    content = path.read_text()
+    assert content.startswith("---\n"), "the card has no metadata block"
+    metadata, text = content[len("---\n") :].split("\n---\n", 1)
+    return yaml.safe_load(metadata), text
+
+
+def card_links(text: str) -> list[str]:
+    """The targets of a card's markdown links."""
+    return re.findall(r"\]\(([^)]*)\)", text)
+
+
+def card_section(text: str, heading: str) -> str:
+    """The body of the card's ``## heading`` section, up to the next heading."""
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n#", 1)[0].strip()
 
 
 # ---------------------------------------------------------------------------------------------- the Hub

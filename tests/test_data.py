@@ -163,6 +163,30 @@ def test_with_pixel_values_checks_columns(animal: datasets.DatasetDict) -> None:
         with_pixel_values(animal["test"], 28, label_column="fine_label")
 
 
+def test_an_image_that_cannot_be_decoded_in_training_is_named_with_the_fix(tmp_path: Path) -> None:
+    """Data that did not come through ``load_image_dataset``'s check: the transform names the image that fails."""
+    from helpers import broken_image, png
+
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(broken_image("cut_jpeg", 1))
+    (tmp_path / "good.png").write_bytes(png(40))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = [str(tmp_path / "good.png"), str(cut), {"bytes": broken_image("not_an_image", 2), "path": None}]
+    dataset = datasets.Dataset.from_dict({"image": rows, "label": [0, 1, 1]}, features=features)
+    train = with_pixel_values(dataset, image_size=8, image_mean=0.0, image_std=1.0)
+    assert dataset.features["image"].decode  # the given dataset is left as it was
+    good = train[0]["pixel_values"]
+    assert good.shape == (3, 8, 8) and round(good[0, 0, 0].item() * 255) == 40  # the red value of image 40
+    with pytest.raises(ValueError) as error:
+        train[1]
+    assert str(error.value).startswith(
+        f"Image {cut} of column 'image' cannot be read (OSError: image file is truncated"
+    )
+    assert "remove or replace it" in str(error.value) and "skip_unreadable_images=True" in str(error.value)
+    with pytest.raises(ValueError, match=r"^An image of 27 bytes \(no path\) of column 'image' cannot be read \("):
+        train[2]
+
+
 def test_collate_fn(animal: datasets.DatasetDict) -> None:
     train = with_pixel_values(animal["train"], image_size=28)
     batch = collate_fn([train[i] for i in range(4)])

@@ -12,13 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from helpers import (
     CLASSES,
     INT_CLASSES,
+    broken_image,
     cifar_style,
     identity,
     label,
+    png,
     write_arrow,
     write_class_folders,
     write_csv,
@@ -69,7 +73,12 @@ def test_csv_image_paths_are_relative_to_the_csv(tmp_path, monkeypatch):
     for split, ids in (("train", TRAIN), ("validation", VAL), ("test", TEST)):
         assert_rows(data, split, ids)
     assert data.sources == [str(train), str(val), str(test)]
-    assert data.card_kwargs() == {"dataset": [str(train), str(val), str(test)], "dataset_tags": []}
+    # the card says the model was trained on the training file; the others are evaluation and test data
+    assert data.card_kwargs() == {"dataset": str(train), "dataset_tags": []}
+    assert data.card_data_description({"train": 12, "validation": 6, "test": 6}) == (
+        f"- Training data (12 images): {train}\n- Evaluation data (6 images): {val}\n"
+        f"- Test data (6 images): {test}\n- Classes (3): cat, dog, owl"
+    )
 
 
 def test_json_with_integer_labels_without_classlabel(tmp_path):
@@ -93,7 +102,10 @@ def test_parquet_folder_split_by_file_names(tmp_path):
     assert set(data.splits) == {"train", "validation", "test"} and data.label_names == list(CLASSES)
     for split, ids in (("train", TRAIN), ("validation", VAL), ("test", TEST)):
         assert_rows(data, split, ids)
-    assert data.card_kwargs() == {"dataset": str(folder), "dataset_tags": []}
+    assert data.card_kwargs() == {
+        "dataset": f"{folder} (data/train-00000-of-00002.parquet, data/train-00001-of-00002.parquet)",
+        "dataset_tags": [],
+    }
 
 
 def test_arrow_files(tmp_path):
@@ -201,7 +213,7 @@ def test_embedded_data_by_name(monkeypatch):
     data = load(dataset_name=EMBEDDED_DATASET_NAME)
     assert data.splits["train"] is embedded["train"] and data.label_names == list(CLASSES)
     assert data.sources == [EMBEDDED_DATASET_NAME]
-    assert data.card_kwargs() == {"dataset": EMBEDDED_DATASET_NAME, "dataset_tags": []}
+    assert data.card_kwargs() == {"dataset": f"{EMBEDDED_DATASET_NAME} [train]", "dataset_tags": []}
 
 
 def test_columns_found_by_type_then_by_usual_name(tmp_path):
@@ -314,3 +326,138 @@ def test_errors_name_the_argument_or_file(tmp_path, case):
     kwargs = make_kwargs(_csv_setup(tmp_path))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load(cache_dir=str(tmp_path / "c"), **kwargs)
+
+
+# --- unreadable images, empty class folders, labels out of range ----------------------------------------------------
+
+BROKEN = {2: "cut_png", 5: "cut_jpeg", 7: "not_an_image"}  # images of TRAIN broken as the helpers break them
+BROKEN_FORMS = ("csv_paths", "class_folders", "parquet_bytes", "saved_image_column")
+
+
+def _broken_data(form: str, root: Path, broken: dict[int, str]) -> tuple[dict, str, dict[int, str]]:
+    """Training data of ``form`` with the images ``broken``: the loader's arguments, the image column and the name
+    an error must give each broken image (its path, or its row when it has none)."""
+
+    def content(i):
+        return broken_image(broken[i], i) if i in broken else png(i)
+
+    rows = {i: f"row {TRAIN.index(i)}" for i in broken}
+    if form == "csv_paths":
+        write_pngs(root / "images", TRAIN)
+        for i in broken:
+            (root / "images" / f"{i}.png").write_bytes(content(i))
+        paths = {i: str(root / "images" / f"{i}.png") for i in broken}
+        return {"train_file": str(write_csv(root / "train.csv", TRAIN, "images/"))}, "image", paths
+    if form == "class_folders":
+        write_class_folders(root / "train", TRAIN)
+        for i in broken:
+            (root / "train" / label(i) / f"{i}.png").write_bytes(content(i))
+        paths = {i: str(root / "train" / label(i) / f"{i}.png") for i in broken}
+        return {"train_file": str(root / "train")}, "image", paths
+    if form == "parquet_bytes":
+        root.mkdir(parents=True, exist_ok=True)
+        table = pa.table({"image": [content(i) for i in TRAIN], "label": [label(i) for i in TRAIN]})
+        pq.write_table(table, root / "train.parquet")
+        return {"train_file": str(root / "train.parquet")}, "image", rows
+    if form == "saved_image_column":  # a datasets.Image column, its bytes embedded in the arrow file
+        features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))})
+        values = {"img": [{"bytes": content(i), "path": None} for i in TRAIN]}
+        values["label"] = [CLASSES.index(label(i)) for i in TRAIN]
+        datasets.Dataset.from_dict(values, features=features).save_to_disk(str(root / "saved"))
+        return {"dataset_name": str(root / "saved")}, "img", rows
+    raise KeyError(form)
+
+
+@pytest.mark.parametrize("form", BROKEN_FORMS)
+def test_unreadable_images_are_refused_before_training_naming_each_and_the_fix(tmp_path, form):
+    kwargs, column, names = _broken_data(form, tmp_path / "data", BROKEN)
+    with pytest.raises(ValueError) as error:
+        load(cache_dir=str(tmp_path / "c"), **kwargs)
+    message = str(error.value)
+    assert f"3 of 12 images of column {column!r} cannot be read: " in message
+    for i in BROKEN:
+        assert f"{names[i]} (" in message, f"image {i} is not named"
+    assert "image file is truncated" in message  # the cut JPEG, which opens and verifies
+    assert "remove or replace them" in message
+    assert "`skip_unreadable_images=True` (`--skip_unreadable_images` on the command line)" in message
+
+
+@pytest.mark.parametrize("form", BROKEN_FORMS)
+def test_skip_unreadable_images_leaves_them_out_naming_each_and_the_count(tmp_path, caplog, form):
+    kwargs, column, names = _broken_data(form, tmp_path / "data", BROKEN)
+    with caplog.at_level(logging.WARNING):
+        data = load(cache_dir=str(tmp_path / "c"), skip_unreadable_images=True, **kwargs)
+    assert_rows(data, "train", [i for i in TRAIN if i not in BROKEN])
+    if form != "class_folders":  # rows in the order of the file (an image folder has its own)
+        dropped = sorted(TRAIN.index(i) for i in BROKEN)
+        assert data.left_out == {"train": dropped}
+        assert data.rows_as_read("train") == [row for row in range(len(TRAIN)) if row not in dropped]
+    (record,) = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert f"left out 3 of 12 images of column {column!r} that cannot be read: " in record.getMessage()
+    assert all(f"{names[i]} (" in record.getMessage() for i in BROKEN)
+
+
+def test_an_error_names_the_first_five_unreadable_images_and_the_count(tmp_path):
+    broken = dict.fromkeys(TRAIN[:7], "not_an_image")
+    kwargs, _, names = _broken_data("csv_paths", tmp_path / "data", broken)
+    with pytest.raises(ValueError, match=r"7 of 12 images .* cannot be read: .*; and 2 more\. ") as error:
+        load(cache_dir=str(tmp_path / "c"), **kwargs)
+    assert [i for i in broken if f"{names[i]} (" in str(error.value)] == list(TRAIN[:5])
+
+
+def test_skipping_every_image_is_an_error(tmp_path):
+    kwargs, _, _ = _broken_data("parquet_bytes", tmp_path / "data", dict.fromkeys(TRAIN, "cut_png"))
+    with pytest.raises(ValueError, match=r"train\.parquet: none of the 12 images of column 'image' can be read"):
+        load(cache_dir=str(tmp_path / "c"), skip_unreadable_images=True, **kwargs)
+
+
+def test_skip_unreadable_images_also_leaves_out_missing_files(tmp_path, caplog):
+    paths = _csv_setup(tmp_path)
+    paths["train"].write_text(paths["train"].read_text() + "images/missing.png,cat\n")
+    with pytest.raises(FileNotFoundError, match=r"1 of 13 images .* not found.*`skip_unreadable_images=True`"):
+        load(train_file=str(paths["train"]), cache_dir=str(tmp_path / "c"))
+    with caplog.at_level(logging.WARNING):
+        data = load(train_file=str(paths["train"]), cache_dir=str(tmp_path / "c"), skip_unreadable_images=True)
+    assert_rows(data, "train", TRAIN)
+    missing = tmp_path / "images" / "missing.png"
+    assert f"left out 1 of 13 images of column 'image' that cannot be read: {missing} (no such file)" in caplog.text
+
+
+def test_an_empty_class_folder_is_warned_about(tmp_path, caplog):
+    folder = tmp_path / "photos"
+    write_class_folders(folder / "train", TRAIN)
+    write_class_folders(folder / "val", VAL)
+    (folder / "train" / "emu").mkdir()
+    (folder / "val" / "yak" / ".cache").mkdir(parents=True)  # nothing but a hidden folder: empty too
+    with caplog.at_level(logging.WARNING):
+        data = load(dataset_name=str(folder), cache_dir=str(tmp_path / "c"))
+    assert data.label_names == list(CLASSES)
+    assert_rows(data, "train", TRAIN)
+    (warning,) = [r.getMessage() for r in caplog.records if "no images" in r.getMessage()]
+    assert f"`dataset_name` {str(folder)!r}: the class folders ['train/emu', 'val/yak'] hold no images" in warning
+    assert "their classes are left out" in warning
+
+
+@pytest.mark.parametrize("form", ["save_to_disk", "parquet"])
+def test_a_classlabel_value_out_of_range_names_the_file_the_column_and_the_range(tmp_path, form):
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))})
+    codes = [CLASSES.index(label(i)) for i in TRAIN]
+    codes[4], codes[9] = 5, -3  # -1 would be a missing label
+    images = pa.array([{"bytes": png(i), "path": None} for i in TRAIN], type=features.arrow_schema.field("img").type)
+    table = pa.table({"img": images, "label": pa.array(codes, pa.int64())}, schema=features.arrow_schema)
+    # as a tool other than datasets writes it, the ClassLabel in the schema's metadata (datasets checks its own writes)
+    dataset = datasets.Dataset(table)
+    assert dataset.features == features
+    if form == "save_to_disk":
+        dataset.save_to_disk(str(tmp_path / "saved"))
+        kwargs, where = {"dataset_name": str(tmp_path / "saved")}, str(tmp_path / "saved")
+    else:
+        pq.write_table(table, tmp_path / "train.parquet")
+        kwargs, where = {"train_file": str(tmp_path / "train.parquet")}, str(tmp_path / "train.parquet")
+    with pytest.raises(ValueError) as error:
+        load(cache_dir=str(tmp_path / "c"), **kwargs)
+    assert str(error.value).startswith(
+        f"{where}: 2 labels of column 'label' are outside its ClassLabel's range 0-2 ({list(CLASSES)}; -1 marks a "
+        "missing label): 5 in row 4, -3 in row 9."
+    )

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from helpers import lokr_resnet, lora_vit, max_param_diff, training_args
+from helpers import card_links, lokr_resnet, lora_vit, max_param_diff, read_card, training_args
 from safetensors.torch import load_file
 from transformers import (
     HfArgumentParser,
@@ -19,6 +19,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+import hf_bpmod
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments
 from hf_bpmod.adapters.base import ArchitectureAdapter
 from hf_bpmod.adapters.vit import find_layer_list
@@ -237,6 +238,36 @@ def test_save_model_is_plain_transformers_model(tmp_path):
     assert "hf_bpmod" in card and "local_horizon: 1" in card and "offset_scaling" in card
     # built from a config: no base model to link (transformers would write "a fine-tuned version of []()")
     assert "This model was trained from scratch on " in card and "[](https://huggingface.co/)" not in card
+    n = sum(p.numel() for p in model.parameters())
+    assert f"- trained_parameters: {n:,} of {n:,} (100.00%)\n" in card and "peft" not in card
+    assert card_links(read_card(out / "README.md")[1]) == []  # nothing of this run is on the Hub or an index
+
+
+def test_the_model_card_says_which_adapters_and_how_many_parameters_were_trained_and_links_nothing_missing(tmp_path):
+    model = lora_vit()
+    trainer = BPModifiedTrainer(
+        model=model, args=_args(tmp_path, max_steps=1, bp_modified=False), train_dataset=SyntheticImages(32)
+    )
+    trainer.train()
+    trainer.save_model()  # peft writes its own card first, which create_model_card then updates
+    trainer.create_model_card(tags="mine")
+    metadata, text = read_card(tmp_path / "out" / "README.md")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    targets = ", ".join(sorted(model.peft_config["default"].target_modules))
+    heads = sum(p.numel() for p in trainer.aux_heads.parameters())
+    assert 0 < trained < total and heads > 0
+    assert (
+        "- peft: LoRA\n- peft_r: 2\n- peft_alpha: 4\n"
+        f"- peft_target_modules: {targets}\n- peft_modules_to_save: classifier\n"
+        f"- trained_parameters: {trained:,} of {total:,} ({trained / total:.2%})\n"
+        f"- auxiliary_head_parameters: {heads:,} (trained with the model, not saved with it)\n"
+    ) in text
+    assert f"Trained with hf_bpmod {hf_bpmod.__version__}: each block learns" in text and "pypi" not in text
+    assert card_links(text) == []  # the model was built from a config: nothing of it is on the Hub or an index
+    assert metadata["library_name"] == "peft"
+    # the tags asked for survive peft's update of the card, which rewrites the tags
+    assert {"mine", "hf_bpmod", "local-learning", "generated_from_trainer"} <= set(metadata["tags"])
 
 
 class _FakeHub:
