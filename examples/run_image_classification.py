@@ -114,6 +114,7 @@ from hf_bpmod.peft_from_config import BASE_MODEL_DIR
 EXAMPLES_DIR = os.path.dirname(os.path.abspath(__file__))
 if EXAMPLES_DIR not in sys.path:
     sys.path.insert(0, EXAMPLES_DIR)
+from image_classification_cli import flags_in_messages  # noqa: E402
 from image_classification_data import load_data, write_predictions  # noqa: E402
 from image_classification_model import (  # noqa: E402
     build_model,
@@ -124,8 +125,14 @@ from image_classification_model import (  # noqa: E402
 from image_classification_peft import PEFT_METHODS, ExampleTrainer, apply_peft, peft_base_plan, reload_instructions  # noqa: E402
 
 logger = logging.getLogger(__name__)
-#: The sibling modules' loggers, set to the process's log level with the script's own.
-SIBLING_MODULES = ("image_classification_data", "image_classification_model", "image_classification_peft")
+#: The loggers of the sibling modules and of hf_bpmod, set to the process's log level with the script's own.
+SIBLING_MODULES = (
+    "image_classification_cli",
+    "image_classification_data",
+    "image_classification_model",
+    "image_classification_peft",
+    "hf_bpmod",
+)
 
 
 @dataclass
@@ -344,6 +351,7 @@ def _modes_given(args: list[str]) -> bool:
     return any(arg.lstrip("-").split("=")[0] in modes for arg in args if arg.startswith("--"))
 
 
+@flags_in_messages((ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments))
 def main(args: list[str] | None = None) -> None:
     """Train, evaluate and predict as the command line ``args`` (default: ``sys.argv[1:]``) says."""
     args = sys.argv[1:] if args is None else list(args)

@@ -114,10 +114,27 @@ def _block_granularity(name: str, value: Any, args: BPModifiedTrainingArguments)
     return value
 
 
+def _offset_batch_size(name: str, value: Any, args: BPModifiedTrainingArguments) -> int | None:
+    """``B'``; unset (``None``): chosen from the data when the trainer meets the training set
+    (:func:`hf_bpmod.offset_controller.default_sample_size`)."""
+    if value is None:
+        return None
+    return parse_int(
+        name,
+        value,
+        2,
+        MAX_COUNT,
+        "B' is the number of examples per offset refresh, e.g. 320, or leave it unset to have it chosen from the data",
+    )
+
+
 def _offset_micro_batch_size(name: str, value: Any, args: BPModifiedTrainingArguments) -> int:
-    """``b'``, which must split ``offset_batch_size`` (checked before it) into at least two micro-batches."""
+    """``b'``, which must split ``offset_batch_size`` (checked before it), when given, into at least two
+    micro-batches."""
     micro = parse_int(name, value, 1, MAX_COUNT, "b' is the micro-batch size of the offset pass, e.g. 8")
     size = args.offset_batch_size
+    if size is None:  # chosen from the data in whole micro-batches, at least two
+        return micro
     if size % micro:
         raise ValueError(
             f"`offset_micro_batch_size` ({micro}) must divide `offset_batch_size` ({size}); e.g. use "
@@ -202,7 +219,7 @@ ARGUMENT_CHECKS: dict[str, Check] = {
     "max_nonfinite_steps": _count(0, "the non-finite steps allowed in a row, e.g. 10"),
     "rebuild_bpmod_state": _boolean(),
     "eval_block_accuracy": _boolean(),
-    "offset_batch_size": _count(2, "B' is the number of examples per offset refresh, e.g. 320"),
+    "offset_batch_size": _offset_batch_size,
     "offset_micro_batch_size": _offset_micro_batch_size,
     "offset_period": _offset_period,
     "offset_scaling": _offset_scaling,
@@ -240,8 +257,11 @@ class BPModifiedTrainingArguments(TrainingArguments):
             convolutional nets and Swin, off for the other transformer encoders (ViT, DeiT, BEiT, DINOv2), where the
             offset did not improve accuracy in the package's measurements; on for an adapter registered by a user (the paper's method). The trainer logs the choice and records it in
             checkpoints and the model card.
-        offset_batch_size (`int`, *optional*, defaults to `320`):
-            ``B'``: training examples drawn for each offset refresh.
+        offset_batch_size (`int`, *optional*):
+            ``B'``: training examples drawn for each offset refresh. Unset: chosen from the data when the trainer
+            meets the training set, as the paper advises, about 1% of the examples of a refresh period (``K`` steps
+            x the effective batch ``B``), in whole micro-batches of `offset_micro_batch_size`: at least two, at most
+            the training set and at most the paper's 320. The value chosen is logged.
         offset_micro_batch_size (`int`, *optional*, defaults to `8`):
             ``b'``: the offset pass runs ``B'/b'`` micro-batches of this size; its memory depends on ``b'`` only.
         offset_period (`str`, *optional*, defaults to `"epoch"`):
@@ -311,7 +331,14 @@ class BPModifiedTrainingArguments(TrainingArguments):
             "made by measurement (on for ResNets, off for ViTs)."
         },
     )
-    offset_batch_size: int = field(default=320, metadata={"help": "B': examples drawn per offset refresh."})
+    offset_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "B': examples drawn per offset refresh. Default: chosen from the data, about 1% of the examples "
+            "of a refresh period (K steps x batch), in whole micro-batches: at least 2, at most 320 and the training "
+            "set (logged)."
+        },
+    )
     offset_micro_batch_size: int = field(
         default=8, metadata={"help": "b': micro-batch size of the offset pass (must divide offset_batch_size)."}
     )
@@ -404,7 +431,8 @@ class BPModifiedTrainingArguments(TrainingArguments):
                 sync_activation_checkpointing_kwargs(self)
 
     def offset_settings(self) -> OffsetSettings:
-        """The offset's settings for the offset pass (validated in ``__post_init__``)."""
+        """The offset's settings for the offset pass (validated in ``__post_init__``); ``sample_size`` is ``None``
+        where ``offset_batch_size`` is left to be chosen from the data."""
         return OffsetSettings(
             horizon=self.local_horizon,
             batch_size=self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size,

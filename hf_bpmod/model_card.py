@@ -10,8 +10,11 @@ from .compat import UNNAMED_BASE_MODEL_SENTENCE
 CARD_TAGS = ("hf_bpmod", "local-learning")
 
 
-def method_description(args: Any, num_blocks: int, uses_offset: bool) -> dict[str, Any]:
-    """The method and its settings, as recorded in the model card."""
+def method_description(
+    args: Any, num_blocks: int, uses_offset: bool, offset_batch_size: int | None = None
+) -> dict[str, Any]:
+    """The method and its settings, as recorded in the model card; ``offset_batch_size``: the ``B'`` used, where it
+    was chosen from the data (default: the argument's)."""
     info: dict[str, Any] = {
         "method": "BP-modified local loss" if uses_offset else "local loss",
         "local_horizon": args.local_horizon,
@@ -21,7 +24,7 @@ def method_description(args: Any, num_blocks: int, uses_offset: bool) -> dict[st
     }
     if uses_offset:
         info.update(
-            offset_batch_size=args.offset_batch_size,
+            offset_batch_size=offset_batch_size or args.offset_batch_size or "chosen from the training data",
             offset_micro_batch_size=args.offset_micro_batch_size,
             offset_period=args.offset_period,
             offset_scaling=args.offset_scaling,

@@ -9,6 +9,7 @@ processes), the trainer refreshes the offset when a period of ``K`` steps starts
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,19 @@ logger = logging.getLogger(__name__)
 
 #: The per-block values of a refresh that are logged (``offset/block_<t>/<key>``).
 LOGGED_KEYS = ("a", "lam", "bias", "var", "cosine", "offset_norm", "reliability", "capped")
+#: The paper's ``B'`` (Section 5): the largest ``B'`` chosen from the data.
+PAPER_SAMPLE_SIZE = 320
+#: ``B'`` chosen from the data as a share of the examples of one refresh period, ``K B`` (the paper's guidance).
+SAMPLE_SHARE = 0.01
+
+
+def default_sample_size(period_examples: int, dataset_size: int, micro_batch_size: int) -> int:
+    """``B'`` when ``offset_batch_size`` is unset: about :data:`SAMPLE_SHARE` of the ``period_examples`` (``K B``),
+    in whole micro-batches of ``micro_batch_size`` (``b'``), at least two, at most :data:`PAPER_SAMPLE_SIZE` and at
+    most the ``dataset_size`` examples of the training set (which must hold two micro-batches)."""
+    b = micro_batch_size
+    most = max(2, min(PAPER_SAMPLE_SIZE // b, dataset_size // b))
+    return b * max(2, min(round(SAMPLE_SHARE * period_examples / b), most))
 
 
 @dataclass
@@ -57,6 +71,7 @@ class OffsetController:
         forward_context: the context of every forward computation (autocast).
         log_path: the JSON-lines refresh log, written by this process (``None``: not written here); its rules are
             those of :mod:`hf_bpmod.refresh_log`.
+        announce: log the ``B'`` chosen from the data and the first refresh (the main process).
     """
 
     def __init__(
@@ -68,9 +83,14 @@ class OffsetController:
         preserve: Sequence[nn.Module] = (),
         forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         log_path: str | None = None,
+        announce: bool = True,
     ) -> None:
         self.chain = chain
         self.settings = settings
+        self.requested_sample_size = settings.sample_size  # None: chosen from the data
+        self.announce = announce
+        self._chosen_for: tuple[int, int] | None = None  # (training set size, K B) that B' was chosen for
+        self._refreshed = False
         self.processes = processes
         self.preserve = list(preserve)
         self.forward_context = forward_context
@@ -87,28 +107,73 @@ class OffsetController:
         if self.state.blocks:
             apply_block_offsets(self.chain, self.state.blocks, loss_scale)
 
-    def check_dataset(self, dataset: Any) -> None:
+    def check_dataset(self, dataset: Any, steps_per_epoch: int) -> None:
         """The sampler draws ``B'`` examples at random (Algorithm 1, line 4): it needs a map-style training set
-        (``len`` and indexing) of at least ``B'`` examples."""
+        (``len`` and indexing) that holds ``B'`` examples, in at least two micro-batches. With ``offset_batch_size``
+        unset, ``B'`` is chosen here from the training set and the ``steps_per_epoch`` optimizer steps of an epoch
+        (:func:`default_sample_size`), and logged."""
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise ValueError(
                 f"The BP offset draws `offset_batch_size` examples at random from the training set, which needs a "
                 f"map-style dataset (with `len` and indexing); got {type(dataset).__name__}. Load the data without "
                 "streaming (a `datasets.Dataset`, not an `IterableDataset`), or set `bp_modified=False`."
             )
-        n, wanted = len(dataset), self.settings.sample_size
-        if wanted > n:
+        n, b, wanted = len(dataset), self.settings.micro_batch_size, self.requested_sample_size
+        if n < 2 * b:
+            fix = f"lower it (e.g. `offset_micro_batch_size={n // 2}`) or " if n >= 2 else ""
             raise ValueError(
-                f"`offset_batch_size` ({wanted}) is larger than the training set ({n} examples); lower it (e.g. "
-                f"`offset_batch_size={max(2 * self.settings.micro_batch_size, n // 10)}`) or set `bp_modified=False`."
+                f"The training set ({n} examples) cannot hold the two micro-batches of `offset_micro_batch_size` ({b}) "
+                f"that the BP offset needs to estimate the gradient's variance; {fix}set `bp_modified=False`."
             )
+        period = self.settings.period_steps(steps_per_epoch)
+        examples = period * self.settings.batch_size
+        chosen = default_sample_size(examples, n, b)
+        if wanted is not None:
+            if wanted > n:
+                raise ValueError(
+                    f"`offset_batch_size` ({wanted}) is larger than the training set ({n} examples); lower it (e.g. "
+                    f"`offset_batch_size={chosen}`, the value chosen from the data when it is left unset) or set "
+                    "`bp_modified=False`."
+                )
+            return
+        if self._chosen_for == (n, examples):
+            return
+        self._chosen_for = (n, examples)
+        self.settings = dataclasses.replace(self.settings, sample_size=chosen)
+        if self.announce:
+            logger.info(
+                f"`offset_batch_size` unset: the BP offset draws {chosen} examples ({chosen // b} micro-batches of "
+                f"`offset_micro_batch_size={b}`) per refresh: {self._why(examples, n)}. Set "
+                "`offset_batch_size` to choose another."
+            )
+
+    def _why(self, examples: int, n: int) -> str:
+        """Which bound of :func:`default_sample_size` chose ``B'`` for ``examples`` = ``K B`` and ``n`` examples."""
+        b = self.settings.micro_batch_size
+        share = f"{SAMPLE_SHARE:.0%} of the {examples} examples of a refresh period (K steps x batch B)"
+        wanted = round(SAMPLE_SHARE * examples / b)
+        if wanted < 2:
+            return f"at least two micro-batches, more than {share}"
+        if wanted > min(PAPER_SAMPLE_SIZE // b, n // b):
+            bound = (
+                f"the paper's {PAPER_SAMPLE_SIZE}" if PAPER_SAMPLE_SIZE // b <= n // b else f"the training set of {n}"
+            )
+            return f"at most {bound}, less than {share}"
+        return f"about {share}, the paper's guidance"
 
     def refresh(self, global_step: int, data: OffsetData, loss_scale: float = 1.0) -> bool:
         """Algorithm 1, lines 4-9, at the start of a period: a fresh sample of ``B'`` examples, the statistics,
         and the new offset. Whether the statistics were finite (if not, the previous offset is kept)."""
         state = self.state
         period = self.settings.period_steps(data.steps_per_epoch)
-        indices = offset_sample(data.size, self.settings.sample_size, self.settings.seed, state.period_index)
+        size, micro = self.settings.sample_size, self.settings.micro_batch_size
+        if self.announce and not self._refreshed:  # the first refresh holds step 0 (or the resumed step) back
+            logger.info(
+                f"Refreshing the BP offset on {size} examples in {-(-size // micro)} micro-batches before step "
+                f"{global_step} (a backprop and a local pass over each; then every {period} steps)."
+            )
+        self._refreshed = True
+        indices = offset_sample(data.size, size, self.settings.seed, state.period_index)
         # fp16: the pass runs at the loss scale of training and unscales before any statistic; if that overflowed,
         # it is run once more unscaled rather than leaving the whole period without an offset.
         for scale in [loss_scale, 1.0] if loss_scale != 1.0 else [1.0]:

@@ -113,9 +113,10 @@ class BPModifiedTrainer(Trainer):
             preserve=[self.model, self.aux_heads],
             forward_context=self._forward_context,
             log_path=os.path.join(args.output_dir, args.offset_log_file) if args.should_save else None,
+            announce=args.should_log,
         )
         if self.uses_offset and self.train_dataset is not None:
-            self.offset.check_dataset(self.train_dataset)
+            self._check_offset_dataset(self.train_dataset)
         self.guard = NonFiniteGuard(
             self.block_chain, [base, self.aux_heads], args.max_nonfinite_steps, reduce_sum=reduce_sum
         )
@@ -242,7 +243,7 @@ class BPModifiedTrainer(Trainer):
         """The training set as the offset pass reads it: the training collator and column filtering, the loss of
         training (as a micro-batch mean), and the optimizer steps of an epoch."""
         dataset = self.train_dataset
-        self.offset.check_dataset(dataset)  # it may have been replaced since __init__
+        self._check_offset_dataset(dataset)  # it may have been replaced since __init__
         collator = self.data_collator
         datasets = sys.modules.get("datasets")  # a `datasets.Dataset` can only come from an imported `datasets`
         if datasets is not None and isinstance(dataset, datasets.Dataset):
@@ -254,12 +255,18 @@ class BPModifiedTrainer(Trainer):
             pixel_values, labels = losses.split_inputs(self._prepare_inputs(collator([dataset[i] for i in indices])))
             return pixel_values, lambda logits: self.training_loss(logits, labels)
 
+        return OffsetData(size=len(dataset), fetch=fetch, steps_per_epoch=self._steps_per_epoch(len(dataset)))
+
+    def _steps_per_epoch(self, n: int) -> int:
+        """The optimizer steps of an epoch over ``n`` training examples."""
         args = self.args
         per_step = args.per_device_train_batch_size * args.world_size
-        n = len(dataset)
         batches = n // per_step if args.dataloader_drop_last else -(-n // per_step)
-        steps_per_epoch = max(1, -(-batches // args.gradient_accumulation_steps))
-        return OffsetData(size=n, fetch=fetch, steps_per_epoch=steps_per_epoch)
+        return max(1, -(-batches // args.gradient_accumulation_steps))
+
+    def _check_offset_dataset(self, dataset: Any) -> None:
+        """The offset's checks of the training set; ``B'`` chosen from it where ``offset_batch_size`` is unset."""
+        self.offset.check_dataset(dataset, self._steps_per_epoch(len(dataset)) if hasattr(dataset, "__len__") else 1)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
@@ -296,7 +303,7 @@ class BPModifiedTrainer(Trainer):
             f"{'off' if saved else 'on'}. Pass `bp_modified` to choose."
         )
         if saved and self.train_dataset is not None:
-            self.offset.check_dataset(self.train_dataset)
+            self._check_offset_dataset(self.train_dataset)
         self.bp_modified = saved
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -340,5 +347,7 @@ class BPModifiedTrainer(Trainer):
         tags += [t for t in CARD_TAGS if t not in tags]
         super().create_model_card(*args, tags=tags, **kwargs)
         if self.is_world_process_zero():
-            description = method_description(self.args, self.block_chain.num_blocks, self.uses_offset)
+            description = method_description(
+                self.args, self.block_chain.num_blocks, self.uses_offset, self.offset.settings.sample_size
+            )
             add_method_section(os.path.join(self.args.output_dir, "README.md"), description)

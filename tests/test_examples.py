@@ -9,6 +9,7 @@ reported evaluation accuracy and loss from it on the same data.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -207,3 +208,36 @@ def test_two_processes_report_once(tmp_path):
         assert output.count(line) == 1, f"{line!r} {output.count(line)} times:\n{output[-5000:]}"
     assert not (tmp_path / "out" / "adapter_config.json").exists()
     assert (tmp_path / "out" / "model.safetensors").exists()  # the merged model, written once by the main process
+
+
+def test_a_resnet_on_66_images_trains_with_the_default_offset_and_its_messages_name_the_flags(
+    script, tmp_path, capsys, caplog, logging_restored
+):
+    """A ResNet gets the offset by default; on a set under 320 images its B' is chosen from the data and logged,
+    and a B' the training set cannot hold is refused naming the command-line flags, not Python arguments."""
+    train = make_shape_folder(tmp_path / "train", per_class=22)
+    val = make_shape_folder(tmp_path / "val", per_class=2, seed=1)
+    argv = [
+        *script_args(tmp_path / "out"), "--model_type", "resnet", "--train_dir", str(train),
+        "--validation_dir", str(val), "--num_train_epochs", "1",
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        check_outputs(run(script, argv, capsys), tmp_path / "out", n_eval=6, n_train=66)
+    records = [json.loads(line) for line in (tmp_path / "out" / "bpmod_offsets.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["offset_batch_size"]) for r in records] == [(0, 16)]  # 2 micro-batches of 8
+    assert (
+        "`--offset_batch_size` unset: the BP offset draws 16 examples (2 micro-batches of "
+        "`--offset_micro_batch_size 8`) per refresh: at least two micro-batches, more than 1% of the 72 examples of "
+        "a refresh period (K steps x batch B). Set `--offset_batch_size` to choose another."
+    ) in caplog.messages
+    assert "Refreshing the BP offset on 16 examples in 2 micro-batches before step 0" in caplog.text
+    assert "- offset_batch_size: 16\n" in (tmp_path / "out" / "README.md").read_text()
+
+    argv[1] = str(tmp_path / "out2")
+    with pytest.raises(ValueError) as error:
+        script.main([*argv, "--offset_batch_size", "320"])
+    assert str(error.value) == (
+        "`--offset_batch_size` (320) is larger than the training set (66 examples); lower it (e.g. "
+        "`--offset_batch_size 16`, the value chosen from the data when it is left unset) or set `--bp_modified false`."
+    )
+    assert not (tmp_path / "out2" / "bpmod_offsets.jsonl").exists()

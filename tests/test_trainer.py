@@ -571,9 +571,14 @@ def test_trainer_level_errors(tmp_path):
     with pytest.raises(TypeError, match="must be a BPModifiedTrainingArguments"):
         BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path, TrainingArguments))
     with pytest.raises(ValueError, match=r"`offset_batch_size` \(320\) is larger than the training set \(64"):
-        BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path, bp_modified=True), train_dataset=SyntheticImages(64))
-    with pytest.raises(ValueError, match=r"`offset_batch_size` \(320\) is larger than the training set \(64"):
-        BPModifiedTrainer(model=tiny_resnet(), args=_args(tmp_path), train_dataset=SyntheticImages(64))  # by default
+        BPModifiedTrainer(
+            model=tiny_vit(),
+            args=_args(tmp_path, bp_modified=True, offset_batch_size=320),
+            train_dataset=SyntheticImages(64),
+        )
+    # by default B' follows the data: a ResNet (offset on) on 64 images is built
+    trainer = BPModifiedTrainer(model=tiny_resnet(), args=_args(tmp_path), train_dataset=SyntheticImages(64))
+    assert trainer.uses_offset and trainer.offset.settings.sample_size == 16
 
 
 def test_a_streamed_training_set_is_rejected_for_the_offset_only(tmp_path):
