@@ -501,7 +501,8 @@ def main(args: list[str] | None = None) -> None:
     per_epoch = training_args.eval_strategy == "epoch"
     if training_args.eval_block_accuracy and per_epoch and trainer.is_world_process_zero():
         plot = os.path.join(training_args.output_dir, "block_accuracy.png")
-        if plot_block_accuracy(trainer.state.log_history, plot):  # accuracy of every head, one line per epoch
+        title = training_args.run_name or training_args.output_dir
+        if plot_block_accuracy(trainer.state.log_history, plot, title=title):  # every head, one line per epoch
             logger.info(f"Accuracy per block and epoch: {plot}")
 
     if training_args.do_predict:

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from . import block_metrics, compat, distributed, head_clipping, losses, precision, run_lock, setup_checks
+from . import block_metrics, compat, console, distributed, head_clipping, losses, precision, run_lock, setup_checks
 from ._unwrap import unwrap_model
 from .adapters import get_adapter
 from .checkpoint import check_block_split, forget_optimizer_state, load_bpmod_state, save_bpmod_state, saved_method
@@ -78,6 +78,7 @@ class BPModifiedTrainer(Trainer):
                 stacklevel=2,
             )
         super().__init__(model=model, args=args, **kwargs)
+        console.shorten_console(self.callback_handler.callbacks)  # per-block details: logged, not printed
         self.forward_takes_labels = losses.forward_takes_labels(self.model)
         if args.label_names is None and not self.forward_takes_labels:
             self.label_names = ["labels"]  # keep the column that the trainer's own loss reads

@@ -181,7 +181,7 @@ def test_every_heads_accuracy_per_epoch_is_reported_and_plotted(script, tmp_path
     plot = out / "block_accuracy.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(plot) as image:
-        assert image.size == (600, 400) and len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 10
+        assert image.size == (750, 420) and len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 10
 
 
 @pytest.mark.slow
