@@ -1,5 +1,6 @@
 """What the command line of ``run_image_classification.py`` adds to ``hf_bpmod``'s API: messages that name the
-command-line flags (``--offset_batch_size 16``) where the package names its arguments (``offset_batch_size=16``)."""
+command-line flags (``--offset_batch_size 16``) where the package names its arguments (``offset_batch_size=16``), the
+defaults the script chooses where a flag was not given, and a run refused before it does something useless."""
 
 from __future__ import annotations
 
@@ -8,9 +9,22 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the argument dataclasses live in the script, where HfArgumentParser parses them
+    from run_image_classification import ModelArguments
+
+    from hf_bpmod import BPModifiedTrainingArguments
 
 logger = logging.getLogger(__name__)
+
+#: ``--learning_rate`` for a model built from a config when the flag is not given, per optimizer family (the first
+#: prefix of ``--optim`` that matches): ``TrainingArguments``' 5e-5 is a fine-tuning rate, at which a model with
+#: random weights stays near chance (measured: docs/example.md).
+SCRATCH_LEARNING_RATES = (("adam", 1e-3),)
+#: ``--logging_steps`` when the flag is not given: a fraction of the run's steps (the Trainer's reading of a float in
+#: (0, 1)), so that every run logs about 20 times.
+LOGGING_FRACTION = 0.05
 
 # ---------------------------------------------------------------------------------------------- flags in messages
 _NAMED = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")
@@ -82,3 +96,47 @@ def flags_in_messages(dataclass_types: Iterable[type]) -> Callable:
         return run
 
     return decorate
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+def scratch_learning_rate(optim: str) -> float | None:
+    """The learning rate of :data:`SCRATCH_LEARNING_RATES` for the optimizer ``optim`` (``None``: none measured)."""
+    return next((rate for prefix, rate in SCRATCH_LEARNING_RATES if optim.startswith(prefix)), None)
+
+
+def choose_defaults(given: set[str], model_args: ModelArguments, training_args: BPModifiedTrainingArguments) -> None:
+    """The script's own defaults, for the flags the user did not give (``given``: the flags given), each logged:
+    ``--learning_rate`` for a model built from a config (:data:`SCRATCH_LEARNING_RATES`; a warning where none was
+    measured for the optimizer) and ``--logging_steps`` (:data:`LOGGING_FRACTION` of the run)."""
+    if "learning_rate" not in given and model_args.from_config and training_args.do_train:
+        optim = str(getattr(training_args.optim, "value", training_args.optim))
+        rate = scratch_learning_rate(optim)
+        if rate is not None:
+            training_args.learning_rate = rate
+            logger.info(
+                f"--learning_rate not given: {rate:g}, the script's default for a model built from a config with "
+                f"--optim {optim} (the Trainer's {5e-5:g} is a fine-tuning rate). Pass --learning_rate to choose."
+            )
+        else:
+            logger.warning(
+                f"--learning_rate not given: the Trainer's {training_args.learning_rate:g} is a fine-tuning rate, and a "
+                f"model built from a config may stay near chance at it with --optim {optim}. Pass --learning_rate "
+                "(e.g. 1e-3 with AdamW)."
+            )
+    if "logging_steps" not in given:
+        training_args.logging_steps = LOGGING_FRACTION
+        logger.info(
+            f"--logging_steps not given: the training loss is logged every {LOGGING_FRACTION:.0%} of the run's steps "
+            "(about 20 times). Pass --logging_steps to choose."
+        )
+
+
+def refuse_untrained_predictions(model_args: ModelArguments, training_args: BPModifiedTrainingArguments) -> None:
+    """``--do_predict`` without ``--do_train`` on a model built from a config would predict with random weights."""
+    if training_args.do_predict and not training_args.do_train and model_args.from_config:
+        built = f"--model_type {model_args.model_type}" if model_args.model_type else "--config_name"
+        raise ValueError(
+            f"--do_predict without --do_train would predict with the random weights of a model built from a config "
+            f"({built}). Add --do_train to train it first, or pass --model_name_or_path with the --output_dir of a "
+            "trained run to predict with its weights."
+        )

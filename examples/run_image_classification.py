@@ -114,7 +114,7 @@ from hf_bpmod.peft_from_config import BASE_MODEL_DIR
 EXAMPLES_DIR = os.path.dirname(os.path.abspath(__file__))
 if EXAMPLES_DIR not in sys.path:
     sys.path.insert(0, EXAMPLES_DIR)
-from image_classification_cli import flags_in_messages  # noqa: E402
+from image_classification_cli import choose_defaults, flags_in_messages, refuse_untrained_predictions  # noqa: E402
 from image_classification_data import load_data, write_predictions  # noqa: E402
 from image_classification_model import (  # noqa: E402
     build_model,
@@ -351,6 +351,16 @@ def _modes_given(args: list[str]) -> bool:
     return any(arg.lstrip("-").split("=")[0] in modes for arg in args if arg.startswith("--"))
 
 
+def _flags_given(args: list[str]) -> set[str]:
+    """The argument names the command line (or its one JSON/YAML file) gives: the flags the user did not give get
+    the script's defaults (``image_classification_cli.choose_defaults``)."""
+    if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
+        with open(args[0]) as f:
+            config = json.load(f) if args[0].endswith(".json") else yaml.safe_load(f)
+        return set(config or {})
+    return {arg.lstrip("-").split("=")[0] for arg in args if arg.startswith("--")}
+
+
 @flags_in_messages((ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments))
 def main(args: list[str] | None = None) -> None:
     """Train, evaluate and predict as the command line ``args`` (default: ``sys.argv[1:]``) says."""
@@ -381,6 +391,8 @@ def main(args: list[str] | None = None) -> None:
 
     if not _modes_given(args):  # `eval_strategy` turns `do_eval` on by itself: look at what the user wrote
         training_args.do_train = training_args.do_eval = True
+    refuse_untrained_predictions(model_args, training_args)
+    choose_defaults(_flags_given(args), model_args, training_args)
     # The transform reads the raw image/label columns, which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False
     if training_args.label_names is None:
@@ -416,7 +428,7 @@ def main(args: list[str] | None = None) -> None:
 
     # Data.
     with training_args.main_process_first(desc="loading the data"):  # one process fills the datasets cache
-        data = load_data(data_args, model_args, training_args.seed)
+        data = load_data(data_args, model_args, training_args.seed, evaluate=training_args.do_eval)
     dataset, image_column, label_column = data.splits, data.image_column, data.label_column
     label_names = data.label_names
     source = ", ".join(data.sources)
