@@ -128,12 +128,17 @@ def _offset_batch_size(name: str, value: Any, args: BPModifiedTrainingArguments)
     )
 
 
-def _offset_micro_batch_size(name: str, value: Any, args: BPModifiedTrainingArguments) -> int:
+def _offset_micro_batch_size(name: str, value: Any, args: BPModifiedTrainingArguments) -> int | None:
     """``b'``, which must split ``offset_batch_size`` (checked before it), when given, into at least two
-    micro-batches."""
-    micro = parse_int(name, value, 1, MAX_COUNT, "b' is the micro-batch size of the offset pass, e.g. 8")
+    micro-batches; unset (``None``): the paper's 8 where ``offset_batch_size`` is given, else chosen with it."""
     size = args.offset_batch_size
-    if size is None:  # chosen from the data in whole micro-batches, at least two
+    if value is None and size is None:
+        return None
+    given = value is not None
+    micro = (
+        parse_int(name, value, 1, MAX_COUNT, "b' is the micro-batch size of the offset pass, e.g. 8") if given else 8
+    )
+    if size is None:  # B' chosen from the data in whole micro-batches, at least two
         return micro
     if size % micro:
         raise ValueError(
@@ -145,7 +150,7 @@ def _offset_micro_batch_size(name: str, value: Any, args: BPModifiedTrainingArgu
             f"`offset_batch_size` ({size}) must hold at least two micro-batches of `offset_micro_batch_size` "
             f"({micro}) to estimate the gradient variance; e.g. use {divisor_hint(size, micro)}."
         )
-    return micro
+    return micro if given else None
 
 
 def _offset_period(name: str, value: Any, args: BPModifiedTrainingArguments) -> str | int | float:
@@ -260,10 +265,13 @@ class BPModifiedTrainingArguments(TrainingArguments):
         offset_batch_size (`int`, *optional*):
             ``B'``: training examples drawn for each offset refresh. Unset: chosen from the data when the trainer
             meets the training set, as the paper advises, about 1% of the examples of a refresh period (``K`` steps
-            x the effective batch ``B``), in whole micro-batches of `offset_micro_batch_size`: at least two, at most
-            the training set and at most the paper's 320. The value chosen is logged.
-        offset_micro_batch_size (`int`, *optional*, defaults to `8`):
+            x the effective batch ``B``), in whole micro-batches of `offset_micro_batch_size` (8 where it is
+            unset): at least two, at most the training set and at most the paper's 320. The value chosen is logged.
+        offset_micro_batch_size (`int`, *optional*):
             ``b'``: the offset pass runs ``B'/b'`` micro-batches of this size; its memory depends on ``b'`` only.
+            Unset: the paper's 8 where `offset_batch_size` is given; where both are unset, chosen with ``B'``: 8 on
+            an accelerator (memory), and on the CPU, where a micro-batch costs about a training step whatever its
+            size, the fewest micro-batches (at least two) of at most `per_device_train_batch_size` examples.
         offset_period (`str`, *optional*, defaults to `"epoch"`):
             ``K``: how often the offset is refreshed: `"200"` or `"200steps"` (optimizer steps), `"epoch"`,
             `"1epoch"`, `"0.25epoch"` (fractions of an epoch, rounded to at least one step).
@@ -334,13 +342,18 @@ class BPModifiedTrainingArguments(TrainingArguments):
     offset_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "B': examples drawn per offset refresh. Default: chosen from the data, about 1% of the examples "
+            "help": "B': examples drawn per offset refresh. Default: chosen from the data, about 1%% of the examples "
             "of a refresh period (K steps x batch), in whole micro-batches: at least 2, at most 320 and the training "
             "set (logged)."
         },
     )
-    offset_micro_batch_size: int = field(
-        default=8, metadata={"help": "b': micro-batch size of the offset pass (must divide offset_batch_size)."}
+    offset_micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "b': micro-batch size of the offset pass (must divide offset_batch_size). Default: 8 where "
+            "offset_batch_size is given; where both are unset, chosen with it: 8 on an accelerator, on the CPU the "
+            "fewest micro-batches (at least 2) of at most the training batch (logged)."
+        },
     )
     offset_period: str = field(
         default="epoch",
@@ -437,7 +450,8 @@ class BPModifiedTrainingArguments(TrainingArguments):
             horizon=self.local_horizon,
             batch_size=self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size,
             sample_size=self.offset_batch_size,
-            micro_batch_size=self.offset_micro_batch_size,
+            micro_batch_size=self.offset_micro_batch_size or (None if self.offset_batch_size is None else 8),
+            device_batch_size=self.per_device_train_batch_size,
             period=self._parsed_offset_period(),
             scaling=self.offset_scaling,
             fixed_a=self.offset_fixed_a,

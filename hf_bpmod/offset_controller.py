@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 
 #: The per-block values of a refresh that are logged (``offset/block_<t>/<key>``).
 LOGGED_KEYS = ("a", "lam", "bias", "var", "cosine", "offset_norm", "reliability", "capped")
-#: The paper's ``B'`` (Section 5): the largest ``B'`` chosen from the data.
+#: The paper's ``B'`` and ``b'`` (Section 6): the largest ``B'`` chosen from the data, and the micro-batch it is
+#: counted in.
 PAPER_SAMPLE_SIZE = 320
+PAPER_MICRO_BATCH_SIZE = 8
 #: ``B'`` chosen from the data as a share of the examples of one refresh period, ``K B`` (the paper's guidance).
 SAMPLE_SHARE = 0.01
 
@@ -48,6 +50,16 @@ def default_sample_size(period_examples: int, dataset_size: int, micro_batch_siz
     b = micro_batch_size
     most = max(2, min(PAPER_SAMPLE_SIZE // b, dataset_size // b))
     return b * max(2, min(round(SAMPLE_SHARE * period_examples / b), most))
+
+
+def default_micro_batch_size(sample_size: int, device_batch_size: int, on_cpu: bool) -> int:
+    """``b'`` chosen with ``B'`` (``sample_size``) where both are unset: the largest divisor of ``B'`` that leaves
+    at least two micro-batches and is at most :data:`PAPER_MICRO_BATCH_SIZE` on an accelerator (the pass holds
+    ``b'`` examples through every block: its memory), or, ``on_cpu`` (where a micro-batch costs about as much as a
+    training step whatever its size: benchmarks/results/offset_share.md), at most ``device_batch_size`` (the pass
+    then holds no more activations than one backprop step on a training batch)."""
+    limit = min(device_batch_size if on_cpu else PAPER_MICRO_BATCH_SIZE, sample_size // 2)
+    return max(d for d in range(1, max(1, limit) + 1) if sample_size % d == 0)
 
 
 @dataclass
@@ -87,7 +99,7 @@ class OffsetController:
     ) -> None:
         self.chain = chain
         self.settings = settings
-        self.requested_sample_size = settings.sample_size  # None: chosen from the data
+        self.requested = (settings.sample_size, settings.micro_batch_size)  # None: chosen from the data
         self.announce = announce
         self._chosen_for: tuple[int, int] | None = None  # (training set size, K B) that B' was chosen for
         self._refreshed = False
@@ -109,57 +121,68 @@ class OffsetController:
 
     def check_dataset(self, dataset: Any, steps_per_epoch: int) -> None:
         """The sampler draws ``B'`` examples at random (Algorithm 1, line 4): it needs a map-style training set
-        (``len`` and indexing) that holds ``B'`` examples, in at least two micro-batches. With ``offset_batch_size``
-        unset, ``B'`` is chosen here from the training set and the ``steps_per_epoch`` optimizer steps of an epoch
-        (:func:`default_sample_size`), and logged."""
+        (``len`` and indexing) that holds ``B'`` examples, in at least two micro-batches. ``B'`` and ``b'`` left
+        unset are chosen here from the training set and the ``steps_per_epoch`` optimizer steps of an epoch
+        (:func:`default_sample_size`, :func:`default_micro_batch_size`), and logged."""
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise ValueError(
                 f"The BP offset draws `offset_batch_size` examples at random from the training set, which needs a "
                 f"map-style dataset (with `len` and indexing); got {type(dataset).__name__}. Load the data without "
                 "streaming (a `datasets.Dataset`, not an `IterableDataset`), or set `bp_modified=False`."
             )
-        n, b, wanted = len(dataset), self.settings.micro_batch_size, self.requested_sample_size
-        if n < 2 * b:
-            fix = f"lower it (e.g. `offset_micro_batch_size={n // 2}`) or " if n >= 2 else ""
+        n, (wanted, micro) = len(dataset), self.requested
+        unit = micro or min(PAPER_MICRO_BATCH_SIZE, n // 2)  # what B' is counted in
+        if n < 2 * max(unit, 1):
+            fix = f"lower it (e.g. `offset_micro_batch_size={n // 2}`) or " if micro and n >= 2 else ""
             raise ValueError(
-                f"The training set ({n} examples) cannot hold the two micro-batches of `offset_micro_batch_size` ({b}) "
-                f"that the BP offset needs to estimate the gradient's variance; {fix}set `bp_modified=False`."
+                f"The training set ({n} examples) cannot hold the two micro-batches of `offset_micro_batch_size` "
+                f"({unit or 1}) that the BP offset needs to estimate the gradient's variance; {fix}set "
+                "`bp_modified=False`."
             )
-        period = self.settings.period_steps(steps_per_epoch)
-        examples = period * self.settings.batch_size
-        chosen = default_sample_size(examples, n, b)
-        if wanted is not None:
-            if wanted > n:
-                raise ValueError(
-                    f"`offset_batch_size` ({wanted}) is larger than the training set ({n} examples); lower it (e.g. "
-                    f"`offset_batch_size={chosen}`, the value chosen from the data when it is left unset) or set "
-                    "`bp_modified=False`."
-                )
-            return
-        if self._chosen_for == (n, examples):
+        examples = self.settings.period_steps(steps_per_epoch) * self.settings.batch_size
+        chosen = default_sample_size(examples, n, unit)
+        if wanted is not None and wanted > n:
+            raise ValueError(
+                f"`offset_batch_size` ({wanted}) is larger than the training set ({n} examples); lower it (e.g. "
+                f"`offset_batch_size={chosen}`, the value chosen from the data when it is left unset) or set "
+                "`bp_modified=False`."
+            )
+        if wanted is not None and micro is not None or self._chosen_for == (n, examples):
             return
         self._chosen_for = (n, examples)
-        self.settings = dataclasses.replace(self.settings, sample_size=chosen)
+        size = wanted or chosen
+        on_cpu = not any(p.device.type != "cpu" for ps in self.chain.block_params for p in ps[:1])
+        micro = micro or default_micro_batch_size(size, self.settings.device_batch_size, on_cpu)
+        self.settings = dataclasses.replace(self.settings, sample_size=size, micro_batch_size=micro)
         if self.announce:
             logger.info(
-                f"`offset_batch_size` unset: the BP offset draws {chosen} examples ({chosen // b} micro-batches of "
-                f"`offset_micro_batch_size={b}`) per refresh: {self._why(examples, n)}. Set "
-                "`offset_batch_size` to choose another."
+                f"`offset_batch_size` unset: the BP offset draws {size} examples per refresh, {self._why(examples, n)}; "
+                f"in {size // micro} micro-batches of {micro}"
+                + (f" ({self._why_micro(on_cpu)})" if self.requested[1] is None else "")
+                + ". Set `offset_batch_size` and `offset_micro_batch_size` to choose others."
             )
 
     def _why(self, examples: int, n: int) -> str:
         """Which bound of :func:`default_sample_size` chose ``B'`` for ``examples`` = ``K B`` and ``n`` examples."""
-        b = self.settings.micro_batch_size
+        unit = self.requested[1] or min(PAPER_MICRO_BATCH_SIZE, n // 2)
         share = f"{SAMPLE_SHARE:.0%} of the {examples} examples of a refresh period (K steps x batch B)"
-        wanted = round(SAMPLE_SHARE * examples / b)
+        wanted = round(SAMPLE_SHARE * examples / unit)
         if wanted < 2:
-            return f"at least two micro-batches, more than {share}"
-        if wanted > min(PAPER_SAMPLE_SIZE // b, n // b):
-            bound = (
-                f"the paper's {PAPER_SAMPLE_SIZE}" if PAPER_SAMPLE_SIZE // b <= n // b else f"the training set of {n}"
-            )
+            return f"at least two micro-batches of {unit}, more than {share}"
+        if wanted > min(PAPER_SAMPLE_SIZE // unit, n // unit):
+            paper = PAPER_SAMPLE_SIZE // unit <= n // unit
+            bound = f"the paper's {PAPER_SAMPLE_SIZE}" if paper else f"the training set of {n}"
             return f"at most {bound}, less than {share}"
         return f"about {share}, the paper's guidance"
+
+    def _why_micro(self, on_cpu: bool) -> str:
+        """Why :func:`default_micro_batch_size` chose ``b'``."""
+        if on_cpu:
+            return (
+                "on the CPU a micro-batch costs about a training step whatever its size: the fewest, at least two, "
+                f"of at most `per_device_train_batch_size` ({self.settings.device_batch_size})"
+            )
+        return f"the paper's {PAPER_MICRO_BATCH_SIZE} at most: the pass's memory grows with it"
 
     def refresh(self, global_step: int, data: OffsetData, loss_scale: float = 1.0) -> bool:
         """Algorithm 1, lines 4-9, at the start of a period: a fresh sample of ``B'`` examples, the statistics,

@@ -348,7 +348,12 @@ class BPModifiedTrainer(Trainer):
         tags += [t for t in CARD_TAGS if t not in tags]
         super().create_model_card(*args, tags=tags, **kwargs)
         if self.is_world_process_zero():
+            settings = self.offset.settings
             description = method_description(
-                self.args, self.block_chain.num_blocks, self.uses_offset, self.offset.settings.sample_size
+                self.args,
+                self.block_chain.num_blocks,
+                self.uses_offset,
+                settings.sample_size,
+                settings.micro_batch_size,
             )
             add_method_section(os.path.join(self.args.output_dir, "README.md"), description)

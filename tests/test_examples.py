@@ -226,9 +226,11 @@ def test_a_resnet_on_66_images_trains_with_the_default_offset_and_its_messages_n
     records = [json.loads(line) for line in (tmp_path / "out" / "bpmod_offsets.jsonl").read_text().splitlines()]
     assert [(r["step"], r["offset_batch_size"]) for r in records] == [(0, 16)]  # 2 micro-batches of 8
     assert (
-        "`--offset_batch_size` unset: the BP offset draws 16 examples (2 micro-batches of "
-        "`--offset_micro_batch_size 8`) per refresh: at least two micro-batches, more than 1% of the 72 examples of "
-        "a refresh period (K steps x batch B). Set `--offset_batch_size` to choose another."
+        "`--offset_batch_size` unset: the BP offset draws 16 examples per refresh, at least two micro-batches of 8, "
+        "more than 1% of the 72 examples of a refresh period (K steps x batch B); in 2 micro-batches of 8 (on the CPU "
+        "a micro-batch costs about a training step whatever its size: the fewest, at least two, of at most "
+        "`--per_device_train_batch_size` (8)). Set `--offset_batch_size` and `--offset_micro_batch_size` to choose "
+        "others."
     ) in caplog.messages
     assert "Refreshing the BP offset on 16 examples in 2 micro-batches before step 0" in caplog.text
     assert "- offset_batch_size: 16\n" in (tmp_path / "out" / "README.md").read_text()
