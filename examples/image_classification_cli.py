@@ -4,6 +4,7 @@ defaults the script chooses where a flag was not given, and a run refused before
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import logging
@@ -129,6 +130,19 @@ def choose_defaults(given: set[str], model_args: ModelArguments, training_args: 
             f"--logging_steps not given: the training loss is logged every {LOGGING_FRACTION:.0%} of the run's steps "
             "(about 20 times). Pass --logging_steps to choose."
         )
+
+
+def describe_defaults(parser: argparse.ArgumentParser) -> None:
+    """Say in ``--help`` what :func:`choose_defaults` does for ``--learning_rate`` and ``--logging_steps``."""
+    said = {
+        "learning_rate": " The script's default for a model built from a config (no --model_name_or_path) with an "
+        "AdamW-family --optim: 1e-3 (5e-5 is a fine-tuning rate); other optimizers: a warning.",
+        "logging_steps": f" The script's default: {LOGGING_FRACTION} (every {LOGGING_FRACTION:.0%} of the run's steps, "
+        "about 20 logs a run).",
+    }
+    for action in parser._actions:
+        if action.dest in said and action.help:
+            action.help = action.help.rstrip() + said[action.dest].replace("%", "%%")
 
 
 def refuse_untrained_predictions(model_args: ModelArguments, training_args: BPModifiedTrainingArguments) -> None:

@@ -114,7 +114,12 @@ from hf_bpmod.peft_from_config import BASE_MODEL_DIR
 EXAMPLES_DIR = os.path.dirname(os.path.abspath(__file__))
 if EXAMPLES_DIR not in sys.path:
     sys.path.insert(0, EXAMPLES_DIR)
-from image_classification_cli import choose_defaults, flags_in_messages, refuse_untrained_predictions  # noqa: E402
+from image_classification_cli import (  # noqa: E402
+    choose_defaults,
+    describe_defaults,
+    flags_in_messages,
+    refuse_untrained_predictions,
+)
 from image_classification_data import load_data, write_predictions  # noqa: E402
 from image_classification_model import (  # noqa: E402
     build_model,
@@ -366,6 +371,7 @@ def main(args: list[str] | None = None) -> None:
     """Train, evaluate and predict as the command line ``args`` (default: ``sys.argv[1:]``) says."""
     args = sys.argv[1:] if args is None else list(args)
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments))
+    describe_defaults(parser)
     if len(args) == 1 and args[0].endswith(".json"):
         model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(args[0]))
     elif len(args) == 1 and args[0].endswith((".yaml", ".yml")):

@@ -344,3 +344,11 @@ def test_a_short_run_on_the_defaults_logs_about_20_times_at_the_chosen_rate(
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert [entry["step"] for entry in logged] == list(range(2, 41, 2))  # every ceil(5% of 40) steps
     assert 9e-4 <= max(entry["learning_rate"] for entry in logged) <= 1e-3  # 1e-3, decaying linearly
+
+
+def test_help_says_the_scripts_own_defaults(script, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "The script's default for a model built from a config (no --model_name_or_path) with an AdamW-family" in text
+    assert "The script's default: 0.05 (every 5% of the run's steps, about 20 logs a run)" in text
