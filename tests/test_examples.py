@@ -350,5 +350,7 @@ def test_help_says_the_scripts_own_defaults(script, capsys):
     with pytest.raises(SystemExit):
         script.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "The script's default for a model built from a config (no --model_name_or_path) with an AdamW-family" in text
+    assert (
+        "The script's default for a model built from a config (no --model_name_or_path) with an AdamW-family" in text
+    )
     assert "The script's default: 0.05 (every 5% of the run's steps, about 20 logs a run)" in text
