@@ -3,7 +3,8 @@
 
 Runs, one after the other, each in its own process (so that one's threads and memory do not touch the next):
 ``saved_activations.py`` (deterministic saved-activation bytes), ``offset_overhead.py`` (offset time per epoch through
-the Trainer), ``memory_speed.py`` (peak memory and step time against BP and gradient checkpointing),
+the Trainer), ``offset_share.py`` (the offset's share of ``make train``'s training time, with the default ``B'`` and
+``b'`` and others), ``memory_speed.py`` (peak memory and step time against BP and gradient checkpointing),
 ``vjp_floor.py`` (the passes of one block: the step-time floor of each horizon), ``apply_offset.py`` (applying
 the offset at every step, one pass against two) and ``checkpointing.py`` (what gradient checkpointing saves under
 local losses) ``nonfinite_guard.py`` (the non-finite guard's share of a step) and ``architectures.py`` (each supported
@@ -33,6 +34,7 @@ ROOT = os.path.dirname(HERE)
 BENCHMARKS = [
     ("saved_activations.py", [], ["saved_activations.md"]),
     ("offset_overhead.py", ["--abba"], ["offset_overhead_h1.md"]),
+    ("offset_share.py", [], ["offset_share.md"]),
     ("memory_speed.py", [], ["memory_speed_cpu.md"]),
     ("vjp_floor.py", [], ["vjp_floor.md"]),
     ("apply_offset.py", [], ["apply_offset.md"]),

@@ -20,12 +20,15 @@ if TYPE_CHECKING:  # the argument dataclasses live in the script, where HfArgume
 logger = logging.getLogger(__name__)
 
 
-def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> ImageData:
+def load_data(
+    data_args: DataTrainingArguments, model_args: ModelArguments, seed: int, evaluate: bool = True
+) -> ImageData:
     """Load the data with ``hf_bpmod.data.load_image_dataset`` and choose what evaluation uses; the returned
     ``splits`` hold ``train``, ``eval`` and ``test`` where the data has them.
 
     Evaluation uses the validation split; else, if ``--train_val_split`` is set, that share of train; else a labelled
-    test split; else (``--train_val_split`` unset) 15% of train. ``--do_predict`` always uses the test split.
+    test split; else (``--train_val_split`` unset) 15% of train. ``--do_predict`` always uses the test split. The
+    choice is logged only where the run ``evaluate``s.
     """
     data = load_image_dataset(
         data_args.dataset_name,
@@ -48,7 +51,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
     if "validation" in splits:
         result["eval"] = splits["validation"]
         data.split_sources["eval"] = sources["validation"]
-        if fraction:
+        if fraction and evaluate:
             logger.warning("--train_val_split is not used: the data has a validation split, which evaluation uses.")
     elif "train" in splits and (fraction or (fraction is None and not labelled_test)):
         fraction = fraction or 0.15
@@ -61,14 +64,16 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments, seed
             split = splits["train"].train_test_split(test_size=fraction, seed=seed)
         result["train"], result["eval"] = split["train"], split["test"]
         data.split_sources["eval"] = [f"held out of the training data ({fraction:.0%}, seed {seed})"]
-        logger.info(f"No validation split: {fraction:.0%} of train is held out for evaluation.")
+        if evaluate:
+            logger.info(f"No validation split: {fraction:.0%} of train is held out for evaluation.")
     elif labelled_test:
         result["eval"] = splits["test"]
         data.split_sources["eval"] = sources["test"]
-        logger.warning(
-            "No validation split: evaluation uses the test split. Pass --validation_file, or --train_val_split to "
-            "hold out part of train instead."
-        )
+        if evaluate:
+            logger.warning(
+                "No validation split: evaluation uses the test split. Pass --validation_file, or --train_val_split "
+                "to hold out part of train instead."
+            )
     if "test" in splits:
         result["test"] = splits["test"]
     data.splits = result

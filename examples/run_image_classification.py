@@ -115,6 +115,12 @@ from hf_bpmod.peft_from_config import BASE_MODEL_DIR
 EXAMPLES_DIR = os.path.dirname(os.path.abspath(__file__))
 if EXAMPLES_DIR not in sys.path:
     sys.path.insert(0, EXAMPLES_DIR)
+from image_classification_cli import (  # noqa: E402
+    choose_defaults,
+    describe_defaults,
+    flags_in_messages,
+    refuse_untrained_predictions,
+)
 from image_classification_data import load_data, write_predictions  # noqa: E402
 from image_classification_model import (  # noqa: E402
     build_model,
@@ -125,8 +131,14 @@ from image_classification_model import (  # noqa: E402
 from image_classification_peft import PEFT_METHODS, ExampleTrainer, apply_peft, peft_base_plan, reload_instructions  # noqa: E402
 
 logger = logging.getLogger(__name__)
-#: The sibling modules' loggers, set to the process's log level with the script's own.
-SIBLING_MODULES = ("image_classification_data", "image_classification_model", "image_classification_peft")
+#: The loggers of the sibling modules and of hf_bpmod, set to the process's log level with the script's own.
+SIBLING_MODULES = (
+    "image_classification_cli",
+    "image_classification_data",
+    "image_classification_model",
+    "image_classification_peft",
+    "hf_bpmod",
+)
 
 
 @dataclass
@@ -342,23 +354,25 @@ class DataTrainingArguments:
                 raise ValueError(f"--{name} must be a positive int, got {value}.")
 
 
-def _modes_given(args: list[str]) -> bool:
-    """Whether the command line (or its one JSON/YAML file) names `do_train`, `do_eval` or `do_predict`."""
-    modes = ("do_train", "do_eval", "do_predict")
+def _flags_given(args: list[str]) -> set[str]:
+    """The argument names the command line (or its one JSON/YAML file) gives: the flags the user did not give get
+    the script's defaults (``image_classification_cli.choose_defaults``)."""
     if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
-        return any(mode in read_config_file(args[0]) for mode in modes)
-    return any(arg.lstrip("-").split("=")[0] in modes for arg in args if arg.startswith("--"))
+        return set(read_config_file(args[0]))
+    return {arg.lstrip("-").split("=")[0] for arg in args if arg.startswith("--")}
 
 
 def parse_arguments(args: list[str]) -> tuple[ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments]:
     """The script's arguments from the command line ``args``, or from its one JSON or YAML file, whose values mean
     what the same text means after its flag on the command line (:mod:`hf_bpmod.config_file`)."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments))
+    describe_defaults(parser)
     if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
         return parse_config_file(parser, os.path.abspath(args[0]))
     return parser.parse_args_into_dataclasses(args=args)
 
 
+@flags_in_messages((ModelArguments, DataTrainingArguments, BPModifiedTrainingArguments))
 def main(args: list[str] | None = None) -> None:
     """Train, evaluate and predict as the command line ``args`` (default: ``sys.argv[1:]``) says."""
     args = sys.argv[1:] if args is None else list(args)
@@ -380,8 +394,11 @@ def main(args: list[str] | None = None) -> None:
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
 
-    if not _modes_given(args):  # `eval_strategy` turns `do_eval` on by itself: look at what the user wrote
+    given = _flags_given(args)
+    if not given & {"do_train", "do_eval", "do_predict"}:  # `eval_strategy` turns `do_eval` on by itself
         training_args.do_train = training_args.do_eval = True
+    refuse_untrained_predictions(model_args, training_args)
+    choose_defaults(given, model_args, training_args)
     # The transform reads the raw image/label columns, which the Trainer would otherwise drop.
     training_args.remove_unused_columns = False
     if training_args.label_names is None:
@@ -419,7 +436,7 @@ def main(args: list[str] | None = None) -> None:
 
     # Data.
     with training_args.main_process_first(desc="loading the data"):  # one process fills the datasets cache
-        data = load_data(data_args, model_args, training_args.seed)
+        data = load_data(data_args, model_args, training_args.seed, evaluate=training_args.do_eval)
     dataset, image_column, label_column = data.splits, data.image_column, data.label_column
     label_names = data.label_names
     source = ", ".join(data.sources)
@@ -504,7 +521,8 @@ def main(args: list[str] | None = None) -> None:
     per_epoch = training_args.eval_strategy == "epoch"
     if training_args.eval_block_accuracy and per_epoch and trainer.is_world_process_zero():
         plot = os.path.join(training_args.output_dir, "block_accuracy.png")
-        if plot_block_accuracy(trainer.state.log_history, plot):  # accuracy of every head, one line per epoch
+        title = training_args.run_name or training_args.output_dir
+        if plot_block_accuracy(trainer.state.log_history, plot, title=title):  # every head, one line per epoch
             logger.info(f"Accuracy per block and epoch: {plot}")
 
     if training_args.do_predict:

@@ -237,30 +237,62 @@ def block_accuracy_by_epoch(log_history: list[dict[str, Any]], prefix: str = "ev
     return by_epoch
 
 
-def plot_block_accuracy(log_history: list[dict[str, Any]], path: str, prefix: str = "eval") -> bool:
+def plot_block_accuracy(
+    log_history: list[dict[str, Any]], path: str, prefix: str = "eval", title: str | None = None
+) -> bool:
     """Plot each head's accuracy (x: block ``s``, y: accuracy, one line per epoch) from ``log_history`` into the PNG
-    file ``path``, written whole or not at all. Needs matplotlib (the ``examples`` extra); no display is used. Whether
-    there was anything to plot."""
+    file ``path``, written whole or not at all, under ``title`` (e.g. the run's name). Needs matplotlib (the
+    ``examples`` extra); no display is used. Whether there was anything to plot."""
     by_epoch = block_accuracy_by_epoch(log_history, prefix)
     if not by_epoch:
         return False
-    with require_extra("hf_bpmod.block_metrics.plot_block_accuracy"):
-        from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 4))
-    axes = figure.subplots()
-    for epoch, accuracies in sorted(by_epoch.items()):
-        blocks = sorted(accuracies)
-        axes.plot(blocks, [accuracies[s] for s in blocks], marker="o", label=f"epoch {epoch:g}")
-    axes.set_xlabel("block s (the model cut after block s)")
-    axes.set_ylabel(f"{prefix} accuracy")
-    ticks = sorted({s for accuracies in by_epoch.values() for s in accuracies})
-    axes.set_xticks(ticks, [str(s) for s in ticks[:-1]] + [f"{ticks[-1]}\n(model)"])  # the last head is the model's
-    axes.set_ylim(0, 1)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
+    figure = block_accuracy_figure(by_epoch, prefix, title)
     image = io.BytesIO()
     figure.savefig(image, format="png")
     write_atomically(path, image.getvalue())
     return True
+
+
+#: Up to this many epochs each line is named in a legend; beyond, a colour bar gives the epoch.
+LEGEND_EPOCHS = 8
+
+
+def block_accuracy_figure(by_epoch: dict[float, dict[int, float]], prefix: str = "eval", title: str | None = None):
+    """The matplotlib ``Figure`` of :func:`plot_block_accuracy`: the epochs' lines in a sequential colour map (early
+    light, late dark), named outside the axes (a legend up to :data:`LEGEND_EPOCHS` epochs, a colour bar beyond),
+    accuracies from 0 to above 1 so that a line at 1.0 shows whole."""
+    with require_extra("hf_bpmod.block_metrics.plot_block_accuracy"):
+        from matplotlib import colormaps
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+        from matplotlib.figure import Figure
+
+    epochs = sorted(by_epoch)
+    colours = colormaps["viridis_r"]
+    norm = Normalize(epochs[0], epochs[-1] if len(epochs) > 1 else epochs[0] + 1)
+    figure = Figure(figsize=(7.5, 4.2))
+    axes = figure.subplots()
+    for epoch in epochs:
+        accuracies = by_epoch[epoch]
+        blocks = sorted(accuracies)
+        axes.plot(
+            blocks, [accuracies[s] for s in blocks], marker="o", color=colours(0.1 + 0.9 * norm(epoch)),
+            label=f"epoch {epoch:g}",
+        )  # fmt: skip
+    axes.set_xlabel("block s (the model cut after block s)")
+    axes.set_ylabel(f"{prefix} accuracy")
+    ticks = sorted({s for accuracies in by_epoch.values() for s in accuracies})
+    axes.set_xticks(ticks, [str(s) for s in ticks[:-1]] + [f"{ticks[-1]}\n(model)"])  # the last head is the model's
+    axes.set_ylim(0, 1.05)
+    axes.grid(alpha=0.3)
+    axes.set_title(f"Accuracy of each head by epoch{f': {title}' if title else ''}", fontsize="medium")
+    if len(epochs) <= LEGEND_EPOCHS:
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        scale = ScalarMappable(norm=Normalize(0.1, 1.0), cmap=colours)
+        bar = figure.colorbar(scale, ax=axes, pad=0.02)
+        positions = [epochs[0], epochs[len(epochs) // 2], epochs[-1]]
+        bar.set_ticks([0.1 + 0.9 * norm(e) for e in positions], labels=[f"{e:g}" for e in positions])
+        bar.set_label("epoch")
+    figure.tight_layout()
+    return figure

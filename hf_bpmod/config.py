@@ -125,10 +125,32 @@ def _block_granularity(name: str, value: Any, args: BPModifiedTrainingArguments)
     return value
 
 
-def _offset_micro_batch_size(name: str, value: Any, args: BPModifiedTrainingArguments) -> int:
-    """``b'``, which must split ``offset_batch_size`` (checked before it) into at least two micro-batches."""
-    micro = parse_int(name, value, 1, MAX_COUNT, "b' is the micro-batch size of the offset pass, e.g. 8")
+def _offset_batch_size(name: str, value: Any, args: BPModifiedTrainingArguments) -> int | None:
+    """``B'``; unset (``None``): chosen from the data when the trainer meets the training set
+    (:func:`hf_bpmod.offset_controller.default_sample_size`)."""
+    if value is None:
+        return None
+    return parse_int(
+        name,
+        value,
+        2,
+        MAX_COUNT,
+        "B' is the number of examples per offset refresh, e.g. 320, or leave it unset to have it chosen from the data",
+    )
+
+
+def _offset_micro_batch_size(name: str, value: Any, args: BPModifiedTrainingArguments) -> int | None:
+    """``b'``, which must split ``offset_batch_size`` (checked before it), when given, into at least two
+    micro-batches; unset (``None``): the paper's 8 where ``offset_batch_size`` is given, else chosen with it."""
     size = args.offset_batch_size
+    if value is None and size is None:
+        return None
+    given = value is not None
+    micro = (
+        parse_int(name, value, 1, MAX_COUNT, "b' is the micro-batch size of the offset pass, e.g. 8") if given else 8
+    )
+    if size is None:  # B' chosen from the data in whole micro-batches, at least two
+        return micro
     if size % micro:
         raise ValueError(
             f"`offset_micro_batch_size` ({micro}) must divide `offset_batch_size` ({size}); e.g. use "
@@ -139,7 +161,7 @@ def _offset_micro_batch_size(name: str, value: Any, args: BPModifiedTrainingArgu
             f"`offset_batch_size` ({size}) must hold at least two micro-batches of `offset_micro_batch_size` "
             f"({micro}) to estimate the gradient variance; e.g. use {divisor_hint(size, micro)}."
         )
-    return micro
+    return micro if given else None
 
 
 def _offset_period(name: str, value: Any, args: BPModifiedTrainingArguments) -> str | int | float:
@@ -213,7 +235,7 @@ ARGUMENT_CHECKS: dict[str, Check] = {
     "max_nonfinite_steps": _count(0, "the non-finite steps allowed in a row, e.g. 10"),
     "rebuild_bpmod_state": _boolean(),
     "eval_block_accuracy": _boolean(),
-    "offset_batch_size": _count(2, "B' is the number of examples per offset refresh, e.g. 320"),
+    "offset_batch_size": _offset_batch_size,
     "offset_micro_batch_size": _offset_micro_batch_size,
     "offset_period": _offset_period,
     "offset_scaling": _offset_scaling,
@@ -251,10 +273,16 @@ class BPModifiedTrainingArguments(TrainingArguments):
             convolutional nets and Swin, off for the other transformer encoders (ViT, DeiT, BEiT, DINOv2), where the
             offset did not improve accuracy in the package's measurements; on for an adapter registered by a user (the paper's method). The trainer logs the choice and records it in
             checkpoints and the model card.
-        offset_batch_size (`int`, *optional*, defaults to `320`):
-            ``B'``: training examples drawn for each offset refresh.
-        offset_micro_batch_size (`int`, *optional*, defaults to `8`):
+        offset_batch_size (`int`, *optional*):
+            ``B'``: training examples drawn for each offset refresh. Unset: chosen from the data when the trainer
+            meets the training set, as the paper advises, about 1% of the examples of a refresh period (``K`` steps
+            x the effective batch ``B``), in whole micro-batches of `offset_micro_batch_size` (8 where it is
+            unset): at least two, at most the training set and at most the paper's 320. The value chosen is logged.
+        offset_micro_batch_size (`int`, *optional*):
             ``b'``: the offset pass runs ``B'/b'`` micro-batches of this size; its memory depends on ``b'`` only.
+            Unset: the paper's 8 where `offset_batch_size` is given; where both are unset, chosen with ``B'``: 8 on
+            an accelerator (memory), and on the CPU, where a micro-batch costs about a training step whatever its
+            size, the fewest micro-batches (at least two) of at most `per_device_train_batch_size` examples.
         offset_period (`str`, *optional*, defaults to `"epoch"`):
             ``K``: how often the offset is refreshed: `"200"` or `"200steps"` (optimizer steps), `"epoch"`,
             `"1epoch"`, `"0.25epoch"` (fractions of an epoch, rounded to at least one step).
@@ -325,9 +353,21 @@ class BPModifiedTrainingArguments(TrainingArguments):
             "made by measurement (on for ResNets, off for ViTs).",
         },
     )
-    offset_batch_size: int = field(default=320, metadata={"help": "B': examples drawn per offset refresh."})
-    offset_micro_batch_size: int = field(
-        default=8, metadata={"help": "b': micro-batch size of the offset pass (must divide offset_batch_size)."}
+    offset_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "B': examples drawn per offset refresh. Default: chosen from the data, about 1%% of the examples "
+            "of a refresh period (K steps x batch), in whole micro-batches: at least 2, at most 320 and the training "
+            "set (logged)."
+        },
+    )
+    offset_micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "b': micro-batch size of the offset pass (must divide offset_batch_size). Default: 8 where "
+            "offset_batch_size is given; where both are unset, chosen with it: 8 on an accelerator, on the CPU the "
+            "fewest micro-batches (at least 2) of at most the training batch (logged)."
+        },
     )
     offset_period: str = field(
         default="epoch",
@@ -428,12 +468,14 @@ class BPModifiedTrainingArguments(TrainingArguments):
                 sync_activation_checkpointing_kwargs(self)
 
     def offset_settings(self) -> OffsetSettings:
-        """The offset's settings for the offset pass (validated in ``__post_init__``)."""
+        """The offset's settings for the offset pass (validated in ``__post_init__``); ``sample_size`` is ``None``
+        where ``offset_batch_size`` is left to be chosen from the data."""
         return OffsetSettings(
             horizon=self.local_horizon,
             batch_size=self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size,
             sample_size=self.offset_batch_size,
-            micro_batch_size=self.offset_micro_batch_size,
+            micro_batch_size=self.offset_micro_batch_size or (None if self.offset_batch_size is None else 8),
+            device_batch_size=self.per_device_train_batch_size,
             period=self._parsed_offset_period(),
             scaling=self.offset_scaling,
             fixed_a=self.offset_fixed_a,

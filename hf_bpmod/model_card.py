@@ -23,8 +23,16 @@ _PEFT_NAMES = {"LORA": "LoRA", "LOKR": "LoKr", "LOHA": "LoHa", "ADALORA": "AdaLo
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
-def method_description(args: Any, num_blocks: int, uses_offset: bool) -> dict[str, Any]:
-    """The method and its settings, as recorded in the model card."""
+def method_description(
+    args: Any,
+    num_blocks: int,
+    uses_offset: bool,
+    offset_batch_size: int | None = None,
+    offset_micro_batch_size: int | None = None,
+) -> dict[str, Any]:
+    """The method and its settings, as recorded in the model card; ``offset_batch_size`` and
+    ``offset_micro_batch_size``: the ``B'`` and ``b'`` used, where they were chosen from the data (default: the
+    arguments')."""
     info: dict[str, Any] = {
         "method": "BP-modified local loss" if uses_offset else "local loss",
         "local_horizon": args.local_horizon,
@@ -33,9 +41,10 @@ def method_description(args: Any, num_blocks: int, uses_offset: bool) -> dict[st
         "bp_modified": uses_offset,
     }
     if uses_offset:
+        unset = "chosen from the training data"
         info.update(
-            offset_batch_size=args.offset_batch_size,
-            offset_micro_batch_size=args.offset_micro_batch_size,
+            offset_batch_size=offset_batch_size or args.offset_batch_size or unset,
+            offset_micro_batch_size=offset_micro_batch_size or args.offset_micro_batch_size or unset,
             offset_period=args.offset_period,
             offset_scaling=args.offset_scaling,
             offset_max_ratio=args.offset_max_ratio,

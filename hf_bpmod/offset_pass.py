@@ -29,14 +29,17 @@ class OffsetSettings:
     """The offset's settings (Algorithm 1), built and validated once by ``BPModifiedTrainingArguments``.
 
     ``horizon`` is ``h`` (eq. 4), ``batch_size`` the training batch ``B`` and ``sample_size`` / ``micro_batch_size``
-    the offset pass's ``B'`` / ``b'``; ``period`` is ``K`` as ``(value, "step" | "epoch")``. The rest choose ``a``
-    and ``lambda`` (:func:`~hf_bpmod.offset.block_offset`).
+    the offset pass's ``B'`` / ``b'`` (``None``: chosen from the data by the
+    :class:`~hf_bpmod.offset_controller.OffsetController`), ``device_batch_size`` the training batch of one process;
+    ``period`` is ``K`` as ``(value, "step" | "epoch")``. The rest choose ``a`` and ``lambda``
+    (:func:`~hf_bpmod.offset.block_offset`).
     """
 
     horizon: int = 1
     batch_size: int = 64
-    sample_size: int = 320
-    micro_batch_size: int = 8
+    sample_size: int | None = 320
+    micro_batch_size: int | None = 8
+    device_batch_size: int = 64
     period: tuple[float, str] = (1.0, "epoch")
     scaling: str = "aligned"
     fixed_a: float = 1.0

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from . import block_metrics, compat, distributed, head_clipping, losses, precision, run_lock, setup_checks
+from . import block_metrics, compat, console, distributed, head_clipping, losses, precision, run_lock, setup_checks
 from ._files import refuse_symlink
 from ._unwrap import unwrap_model
 from .adapters import get_adapter
@@ -86,6 +86,7 @@ class BPModifiedTrainer(Trainer):
                 stacklevel=2,
             )
         super().__init__(model=model, args=args, **kwargs)
+        console.shorten_console(self.callback_handler.callbacks)  # per-block details: logged, not printed
         self.forward_takes_labels = losses.forward_takes_labels(self.model)
         if args.label_names is None and not self.forward_takes_labels:
             self.label_names = ["labels"]  # keep the column that the trainer's own loss reads
@@ -122,9 +123,10 @@ class BPModifiedTrainer(Trainer):
             forward_context=self._forward_context,
             log_path=os.path.join(args.output_dir, args.offset_log_file) if args.should_save else None,
             log_folder=args.output_dir,
+            announce=args.should_log,
         )
         if self.uses_offset and self.train_dataset is not None:
-            self.offset.check_dataset(self.train_dataset)
+            self._check_offset_dataset(self.train_dataset)
         self.guard = NonFiniteGuard(
             self.block_chain, [base, self.aux_heads], args.max_nonfinite_steps, reduce_sum=reduce_sum
         )
@@ -264,7 +266,7 @@ class BPModifiedTrainer(Trainer):
         """The training set as the offset pass reads it: the training collator and column filtering, the loss of
         training (as a micro-batch mean), and the optimizer steps of an epoch."""
         dataset = self.train_dataset
-        self.offset.check_dataset(dataset)  # it may have been replaced since __init__
+        self._check_offset_dataset(dataset)  # it may have been replaced since __init__
         collator = self.data_collator
         datasets = sys.modules.get("datasets")  # a `datasets.Dataset` can only come from an imported `datasets`
         if datasets is not None and isinstance(dataset, datasets.Dataset):
@@ -279,11 +281,15 @@ class BPModifiedTrainer(Trainer):
         return OffsetData(size=len(dataset), fetch=fetch, steps_per_epoch=self._steps_per_epoch(len(dataset)))
 
     def _steps_per_epoch(self, n: int) -> int:
-        """Optimizer steps of an epoch over ``n`` training examples."""
+        """The optimizer steps of an epoch over ``n`` training examples."""
         args = self.args
         per_step = args.per_device_train_batch_size * args.world_size
         batches = n // per_step if args.dataloader_drop_last else -(-n // per_step)
         return max(1, -(-batches // args.gradient_accumulation_steps))
+
+    def _check_offset_dataset(self, dataset: Any) -> None:
+        """The offset's checks of the training set; ``B'`` chosen from it where ``offset_batch_size`` is unset."""
+        self.offset.check_dataset(dataset, self._steps_per_epoch(len(dataset)) if hasattr(dataset, "__len__") else 1)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
@@ -322,7 +328,7 @@ class BPModifiedTrainer(Trainer):
             f"{'off' if saved else 'on'}. Pass `bp_modified` to choose."
         )
         if saved and self.train_dataset is not None:
-            self.offset.check_dataset(self.train_dataset)
+            self._check_offset_dataset(self.train_dataset)
         self.bp_modified = saved
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -382,7 +388,14 @@ class BPModifiedTrainer(Trainer):
         data_description = kwargs.pop("data_description", None)  # markdown for the card's data section
         super().create_model_card(*args, tags=tags, **kwargs)
         if self.is_world_process_zero():
-            description = method_description(self.args, self.block_chain.num_blocks, self.uses_offset)
+            settings = self.offset.settings
+            description = method_description(
+                self.args,
+                self.block_chain.num_blocks,
+                self.uses_offset,
+                settings.sample_size,
+                settings.micro_batch_size,
+            )
             add_method_section(os.path.join(self.args.output_dir, "README.md"), description)
             trained = training_description(self.model, self.aux_heads)
             complete_card(os.path.join(self.args.output_dir, "README.md"), trained, tags, data_description)

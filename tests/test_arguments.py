@@ -530,8 +530,8 @@ _NEAR = {
     "local_horizon": st.sampled_from([1, 2, 3, 4, 10**6, MAX_COUNT, MAX_COUNT + 1, "2"]),
     "block_granularity": st.sampled_from(["layer", "layer+stem", "stage", "Layer", "stage "]),
     "bp_modified": st.sampled_from([True, False, None, "true", "False", "0", 1, 0]),
-    "offset_batch_size": st.sampled_from([2, 8, 16, 24, 32, "16", 33, 10**9]),
-    "offset_micro_batch_size": st.sampled_from([1, 2, 4, 8, 16, "4", 3, 10**9]),
+    "offset_batch_size": st.sampled_from([None, 2, 8, 16, 24, 32, "16", 33, 10**9]),
+    "offset_micro_batch_size": st.sampled_from([None, 1, 2, 4, 8, 16, "4", 3, 10**9]),
     "offset_period": st.sampled_from(["1", "3steps", "epoch", "0.5epoch", 2, 2.0, 2.5, "0", str(MAX_COUNT)]),
     "offset_scaling": st.sampled_from(["aligned", "optimal", "bias_only", "fixed", "Fixed"]),
     "offset_fixed_a": st.one_of(st.floats(-1e6, 1e6), st.sampled_from([0, 1, "0.5", -2])),
@@ -547,7 +547,8 @@ _NEAR = {
 }
 # What each field holds once accepted, whatever it was given as (a YAML "false" must not stay a truthy string).
 _TYPES = {
-    **dict.fromkeys(["local_horizon", "offset_batch_size", "offset_micro_batch_size", "max_nonfinite_steps"], int),
+    **dict.fromkeys(["local_horizon", "max_nonfinite_steps"], int),
+    **dict.fromkeys(["offset_batch_size", "offset_micro_batch_size"], (int, type(None))),  # None: from the data
     **dict.fromkeys(["offset_fixed_a", "offset_fixed_lambda", "offset_max_ratio"], float),
     **dict.fromkeys(
         ["offset_bias_correction", "offset_reliability", "rebuild_bpmod_state", "eval_block_accuracy"], bool

@@ -299,9 +299,65 @@ def test_the_plot_has_one_line_per_epoch_from_the_log_history(tmp_path):
     assert plot_block_accuracy(history, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
-        assert image.size == (600, 400)
+        assert image.size == (750, 420)
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
         assert colours is not None and len(colours) > 10  # lines and text, not a blank canvas
     assert not plot_block_accuracy(history[:1], str(tmp_path / "none.png"))
     assert not (tmp_path / "none.png").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["block_accuracy.png"]  # no temporary file left behind
+
+
+def _drawn(figure):
+    """The renderer of ``figure`` drawn on an Agg canvas, where its parts have their final places."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_the_plot_stays_readable_past_10_epochs(tmp_path):
+    """15 epochs: 15 distinct colours in a sequential map, the epochs named outside the axes (a colour bar), a line
+    at 1.0 drawn whole inside the axes, and a title naming the run. The colours used to repeat after 10 epochs, the
+    legend covered the lines, a line at 1.0 was cut by the top of the axes, and there was no title."""
+    from matplotlib import colormaps
+
+    from hf_bpmod.block_metrics import block_accuracy_figure
+
+    by_epoch = {float(e): {s: min(1.0, 0.3 + 0.05 * e + 0.01 * s) for s in (1, 2, 3)} for e in range(1, 16)}
+    by_epoch[15.0] = {1: 1.0, 2: 1.0, 3: 1.0}
+    figure = block_accuracy_figure(by_epoch, title="runs/shapes")
+    axes = figure.axes[0]
+    colours = [line.get_color() for line in axes.get_lines()]
+    assert len(colours) == 15 and len({tuple(c) for c in colours}) == 15
+    assert colours == [colormaps["viridis_r"](0.1 + 0.9 * (e - 1) / 14) for e in range(1, 16)]
+    assert axes.get_ylim()[1] > 1.0 + 0.02  # room above 1.0 for the markers
+    assert axes.get_title() == "Accuracy of each head by epoch: runs/shapes"
+    assert axes.get_legend() is None and len(figure.axes) == 2  # the colour bar names the epochs
+    renderer = _drawn(figure)
+    bar = figure.axes[1].get_window_extent(renderer)
+    assert bar.x0 >= axes.get_window_extent(renderer).x1  # outside the lines' axes
+    assert [t.get_text() for t in figure.axes[1].get_yticklabels()] == ["1", "8", "15"]
+
+    history = [{**{f"eval_block_{s}_accuracy": a for s, a in acc.items()}, "epoch": e} for e, acc in by_epoch.items()]
+    path = tmp_path / "block_accuracy.png"
+    assert plot_block_accuracy(history, str(path), title="runs/shapes")
+    with Image.open(path) as image:
+        pixels = image.convert("RGB")
+        counts = dict((colour, n) for n, colour in pixels.getcolors(maxcolors=1 << 20))
+    for colour in colours:  # every epoch's line is drawn in its own colour
+        rgb = tuple(round(255 * c) for c in colour[:3])
+        near = sum(n for c, n in counts.items() if max(abs(a - b) for a, b in zip(c, rgb)) <= 2)
+        assert near >= 20, (rgb, near)
+
+
+def test_a_few_epochs_are_named_in_a_legend_outside_the_axes():
+    from hf_bpmod.block_metrics import block_accuracy_figure
+
+    figure = block_accuracy_figure({1.0: {1: 0.5, 2: 1.0}, 2.0: {1: 0.6, 2: 1.0}})
+    axes = figure.axes[0]
+    legend = axes.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["epoch 1", "epoch 2"]
+    renderer = _drawn(figure)
+    assert legend.get_window_extent(renderer).x0 >= axes.get_window_extent(renderer).x1
+    assert axes.get_title() == "Accuracy of each head by epoch"

@@ -270,7 +270,11 @@ def test_data_arguments_take_one_source(script):
 @pytest.mark.parametrize(
     ("splits", "flags", "message"),
     [
-        (("train",), ["--do_predict"], r"--do_predict needs a test split, and .*saved has none; pass --test_file"),
+        (
+            ("train",),
+            ["--do_train", "--do_predict"],  # predicting alone with a model built from a config is refused earlier
+            r"--do_predict needs a test split, and .*saved has none; pass --test_file",
+        ),
         (
             ("train",),
             ["--do_eval", "--train_val_split", "0"],

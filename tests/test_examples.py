@@ -206,7 +206,7 @@ def test_every_heads_accuracy_per_epoch_is_reported_and_plotted(script, tmp_path
     plot = out / "block_accuracy.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(plot) as image:
-        assert image.size == (600, 400) and len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 10
+        assert image.size == (750, 420) and len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 10
 
 
 @pytest.mark.slow
@@ -294,4 +294,150 @@ def test_a_config_file_means_what_the_same_flags_mean_on_the_command_line(script
         assert isinstance(from_the_file, str) and f"`{field}` ({text!r})" in from_the_file, from_the_file
     else:
         assert from_the_file == on_the_command_line
-    assert script._modes_given([str(path)]) is (field == "do_train")
+    assert bool(script._flags_given([str(path)]) & {"do_train", "do_eval", "do_predict"}) is (field == "do_train")
+
+
+def test_a_resnet_on_66_images_trains_with_the_default_offset_and_its_messages_name_the_flags(
+    script, tmp_path, capsys, caplog, logging_restored
+):
+    """A ResNet gets the offset by default; on a set under 320 images its B' is chosen from the data and logged,
+    and a B' the training set cannot hold is refused naming the command-line flags, not Python arguments."""
+    train = make_shape_folder(tmp_path / "train", per_class=22)
+    val = make_shape_folder(tmp_path / "val", per_class=2, seed=1)
+    argv = [
+        *script_args(tmp_path / "out"), "--model_type", "resnet", "--train_dir", str(train),
+        "--validation_dir", str(val), "--num_train_epochs", "1",
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        check_outputs(run(script, argv, capsys), tmp_path / "out", n_eval=6, n_train=66)
+    records = [json.loads(line) for line in (tmp_path / "out" / "bpmod_offsets.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["offset_batch_size"]) for r in records] == [(0, 16)]  # 2 micro-batches of 8
+    assert (
+        "`--offset_batch_size` unset: the BP offset draws 16 examples per refresh, at least two micro-batches of 8, "
+        "more than 1% of the 72 examples of a refresh period (K steps x batch B); in 2 micro-batches of 8 (on the CPU "
+        "a micro-batch costs about a training step whatever its size: the fewest, at least two, of at most "
+        "`--per_device_train_batch_size` (8)). Set `--offset_batch_size` and `--offset_micro_batch_size` to choose "
+        "others."
+    ) in caplog.messages
+    assert "Refreshing the BP offset on 16 examples in 2 micro-batches before step 0" in caplog.text
+    assert "- offset_batch_size: 16\n" in (tmp_path / "out" / "README.md").read_text()
+
+    argv[1] = str(tmp_path / "out2")
+    with pytest.raises(ValueError) as error:
+        script.main([*argv, "--offset_batch_size", "320"])
+    assert str(error.value) == (
+        "`--offset_batch_size` (320) is larger than the training set (66 examples); lower it (e.g. "
+        "`--offset_batch_size 16`, the value chosen from the data when it is left unset) or set `--bp_modified false`."
+    )
+    assert not (tmp_path / "out2" / "bpmod_offsets.jsonl").exists()
+
+
+def test_predicting_with_a_model_built_from_a_config_needs_training_first(script, tmp_path, logging_restored):
+    """``--do_predict`` alone on a model built from a config used to predict with random weights, silently; it is
+    refused before the data loads, naming what to do."""
+    images = make_shape_folder(tmp_path / "images", per_class=4)
+    for model in (TINY_VIT, ["--model_type", "resnet"], []):
+        argv = [*script_args(tmp_path / "out"), *model, "--test_file", str(images), "--do_predict"]
+        with pytest.raises(ValueError) as error:
+            script.main(argv)
+        assert str(error.value) == (
+            "--do_predict without --do_train would predict with the random weights of a model built from a config "
+            f"(--model_type {model[1] if model else 'vit'}). Add --do_train to train it first, or pass "
+            "--model_name_or_path with the --output_dir of a trained run to predict with its weights."
+        )
+        assert not (tmp_path / "out").exists()
+
+
+def test_predicting_with_a_saved_run_writes_predictions_without_a_word_on_evaluation(
+    script, tmp_path, capsys, caplog, logging_restored
+):
+    """``--model_name_or_path <a trained run> --do_predict`` predicts with its weights; it used to warn that there was
+    no validation split, for an evaluation it does not run."""
+    train = make_shape_folder(tmp_path / "train", per_class=6)
+    test = make_shape_folder(tmp_path / "test", per_class=3, seed=1)
+    trained = tmp_path / "trained"
+    run(
+        script, [*script_args(trained), *TINY_VIT, "--train_dir", str(train), "--do_train", "--max_steps", "2"], capsys
+    )
+    argv = [*script_args(tmp_path / "out"), "--model_name_or_path", str(trained), "--test_file", str(test)]
+    with caplog.at_level(logging.INFO):
+        run(script, [*argv, "--do_predict"], capsys)
+    assert not [message for message in caplog.messages if "validation split" in message]
+    rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "index,prediction,label" and len(rows) == 1 + 9
+    assert json.loads((tmp_path / "out" / "predict_results.json").read_text())["predict_samples"] == 9
+
+
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """``argv`` without the given flags and their values."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+@pytest.mark.parametrize(
+    "flags, learning_rate, logging_steps",
+    [
+        ([], 1e-3, 0.05),  # the default ViT built from a config, AdamW
+        (["--model_type", "resnet"], 1e-3, 0.05),
+        (["--model_type", "resnet", "--optim", "sgd"], 5e-5, 0.05),  # no rate measured for SGD: a warning
+        (["--learning_rate", "5e-5", "--logging_steps", "7"], 5e-5, 7),  # given: kept
+        (["--learning_rate=2e-3"], 2e-3, 0.05),
+        (["--model_name_or_path", "google/vit-base-patch16-224-in21k"], 5e-5, 0.05),  # pretrained: fine-tuning
+        (["--do_eval"], 5e-5, 0.05),  # nothing trained
+    ],
+)
+def test_the_scripts_own_defaults_for_the_flags_not_given(
+    script, tmp_path, caplog, flags, learning_rate, logging_steps
+):
+    """``TrainingArguments``' learning rate 5e-5 left a ViT built from a config at chance, and its
+    ``logging_steps=500`` logged nothing in a 90-step run: where the user does not give them, the script uses a
+    rate that trains (AdamW) or warns, and logs every 5% of the run; flags given on the command line or in a config
+    file are kept."""
+    argv = ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", *flags]
+    parser = HfArgumentParser((script.ModelArguments, script.DataTrainingArguments, BPModifiedTrainingArguments))
+    model_args, _, training_args = parser.parse_args_into_dataclasses(args=argv)
+    training_args.do_train = not script._flags_given(argv) & {"do_train", "do_eval", "do_predict"}  # as main()
+    with caplog.at_level(logging.INFO, logger="image_classification_cli"):
+        script.choose_defaults(script._flags_given(argv), model_args, training_args)
+    assert (training_args.learning_rate, training_args.logging_steps) == (learning_rate, logging_steps)
+    chosen = "--learning_rate not given: 0.001, the script's default for a model built from a config"
+    assert (chosen in caplog.text) == (learning_rate == 1e-3 and "--learning_rate" not in " ".join(flags))
+    assert ("may stay near chance at it with --optim sgd" in caplog.text) == ("sgd" in flags)
+
+    config = tmp_path / "args.yaml"  # a config file gives its keys as a command line gives its flags
+    config.write_text(f"output_dir: {tmp_path}\nreport_to: none\nuse_cpu: true\nlogging_steps: 3\n")
+    model_args, _, training_args = parser.parse_yaml_file(str(config))
+    training_args.do_train = True
+    script.choose_defaults(script._flags_given([str(config)]), model_args, training_args)
+    assert (training_args.learning_rate, training_args.logging_steps) == (1e-3, 3)
+
+
+def test_a_short_run_on_the_defaults_logs_about_20_times_at_the_chosen_rate(
+    script, tmp_path, capsys, logging_restored
+):
+    images = make_shape_folder(tmp_path / "images", per_class=10)
+    argv = _without(script_args(tmp_path / "out"), "--learning_rate", "--logging_steps")
+    argv += [*TINY_VIT, "--dataset_name", str(images), "--num_train_epochs", "10", "--bp_modified", "false"]
+    run(script, argv, capsys)
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 40  # 25 training images in batches of 8, 10 epochs
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in logged] == list(range(2, 41, 2))  # every ceil(5% of 40) steps
+    assert 9e-4 <= max(entry["learning_rate"] for entry in logged) <= 1e-3  # 1e-3, decaying linearly
+
+
+def test_help_says_the_scripts_own_defaults(script, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "The script's default for a model built from a config (no --model_name_or_path) with an AdamW-family" in text
+    )
+    assert "The script's default: 0.05 (every 5% of the run's steps, about 20 logs a run)" in text

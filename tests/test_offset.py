@@ -3,11 +3,13 @@ application of eq. 5 (exactly once per optimizer step, BP gradient of the B' bat
 
 import dataclasses
 import json
+import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import max_param_diff
 from transformers import TrainerCallback
 
 from hf_bpmod import BPModifiedTrainer, BPModifiedTrainingArguments, OffsetStatistics, ScalingProblem, block_offset
@@ -589,3 +591,119 @@ def test_a_block_whose_local_gradient_is_the_true_one_up_to_rounding_is_exact():
 
     assert moments(1.0 + 1e-15).is_exact()
     assert not moments(1.0 + 1e-4).is_exact()
+
+
+# ---------------------------------------------------------------------------------------------- B' from the data
+@pytest.mark.parametrize(
+    "period_examples, dataset_size, micro, expected",
+    [
+        (64, 64, 8, 16),  # 1% of a period is under one micro-batch: two micro-batches
+        (8000, 8000, 8, 80),  # make train's epoch: 1%
+        (8000, 8000, 7, 77),  # in whole micro-batches
+        (32000, 50000, 8, 320),  # the paper's 320 from K B = 32,000 on
+        (50000, 50000, 8, 320),  # and no more
+        (8000, 20, 8, 16),  # at most the training set, in whole micro-batches
+        (100000, 100, 8, 96),
+        (8000, 8000, 200, 400),  # two micro-batches even where that is more than 320
+    ],
+)
+def test_the_default_offset_batch_is_one_percent_of_a_period_in_whole_micro_batches(
+    period_examples, dataset_size, micro, expected
+):
+    from hf_bpmod.offset_controller import default_sample_size
+
+    assert default_sample_size(period_examples, dataset_size, micro) == expected
+
+
+@pytest.mark.parametrize(
+    "sample_size, device_batch, on_cpu, expected",
+    [
+        (80, 64, True, 40),  # make train on the CPU: two micro-batches
+        (80, 64, False, 8),  # on an accelerator the paper's 8: the pass's memory
+        (320, 64, True, 64),  # at most a training batch
+        (320, 16, True, 16),
+        (16, 8, True, 8),
+        (14, 64, True, 7),
+        (12, 64, False, 6),  # a divisor of B' at most 8
+    ],
+)
+def test_the_default_micro_batch_divides_b_prime_in_the_fewest_parts_the_device_allows(
+    sample_size, device_batch, on_cpu, expected
+):
+    from hf_bpmod.offset_controller import default_micro_batch_size
+
+    assert default_micro_batch_size(sample_size, device_batch, on_cpu) == expected
+
+
+class _Sized(torch.utils.data.Dataset):
+    """``n`` examples that repeat 64 synthetic images: only the size matters to the choice of B'."""
+
+    def __init__(self, n):
+        self.n, self.data = n, SyntheticImages(64)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.data[i % 64]
+
+
+def test_a_resnet_on_64_images_trains_with_the_offset_and_a_b_prime_chosen_from_the_data(tmp_path, caplog):
+    """``offset_batch_size`` unset: B' follows the data (1% of K B, at least two micro-batches), is logged with the
+    reason, and the first refresh says it holds step 0 back. It used to be 320, refused for any set under 320."""
+    from hf_bpmod.testing import tiny_resnet
+
+    model = tiny_resnet(depths=(2, 2))
+    args = BPModifiedTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+        per_device_train_batch_size=16, num_train_epochs=2, seed=0, logging_steps=1, learning_rate=1e-3,
+    )  # fmt: skip
+    assert args.offset_batch_size is None and args.offset_settings().sample_size is None
+    with caplog.at_level(logging.INFO, logger="hf_bpmod"):
+        trainer = BPModifiedTrainer(model=model, args=args, train_dataset=SyntheticImages(64))
+        assert trainer.uses_offset and trainer.offset.settings.sample_size == 16
+        trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "bpmod_offsets.jsonl")]
+    assert [(r["step"], r["offset_batch_size"]) for r in records] == [(0, 16), (4, 16)]  # K = 4 steps of 16
+    assert max_param_diff(model, tiny_resnet(depths=(2, 2))) > 1e-3
+    chosen = [r.getMessage() for r in caplog.records if "`offset_batch_size` unset" in r.getMessage()]
+    assert chosen == [
+        "`offset_batch_size` unset: the BP offset draws 16 examples per refresh, at least two micro-batches of 8, "
+        "more than 1% of the 64 examples of a refresh period (K steps x batch B); in 2 micro-batches of 8 (on the "
+        "CPU a micro-batch costs about a training step whatever its size: the fewest, at least two, of at most "
+        "`per_device_train_batch_size` (16)). Set `offset_batch_size` and `offset_micro_batch_size` to choose others."
+    ]  # once, although every refresh checks the training set
+    assert "Refreshing the BP offset on 16 examples in 2 micro-batches before step 0" in caplog.text
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "- offset_batch_size: 16\n- offset_micro_batch_size: 8\n" in card  # the B' and b' used
+
+
+def test_the_papers_320_comes_back_from_32000_examples_a_period_and_an_explicit_b_prime_is_kept(tmp_path):
+    from hf_bpmod.testing import tiny_resnet
+
+    def chosen(n, **kw):
+        args = BPModifiedTrainingArguments(
+            output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=64, **kw
+        )
+        settings = BPModifiedTrainer(model=tiny_resnet(), args=args, train_dataset=_Sized(n)).offset.settings
+        return settings.sample_size, settings.micro_batch_size
+
+    assert chosen(32000) == (320, 64)  # K = 500 steps of 64; on the CPU in micro-batches of a training batch
+    assert chosen(50000) == (320, 64)
+    assert chosen(16000) == (160, 40)
+    assert chosen(32000, offset_period="100") == (64, 32)  # K B = 6,400
+    assert chosen(32000, gradient_accumulation_steps=2, offset_period="250") == (320, 64)  # B = 128
+    assert chosen(32000, offset_micro_batch_size=6) == (318, 6)  # 53 micro-batches of 6
+    assert chosen(100, offset_batch_size=48) == (48, 8)  # given: kept, with the paper's b'
+    assert chosen(100, offset_batch_size=48, offset_micro_batch_size=24) == (48, 24)
+    assert chosen(12) == (12, 6)  # two micro-batches of 6, the paper's 8 being too many
+    with pytest.raises(ValueError, match=r"`offset_batch_size` \(320\) is larger than the training set \(100 "
+                       r"examples\); lower it \(e\.g\. `offset_batch_size=16`, the value chosen from the data"):  # fmt: skip
+        chosen(100, offset_batch_size=320)
+    with pytest.raises(ValueError, match=r"The training set \(12 examples\) cannot hold the two micro-batches of "
+                       r"`offset_micro_batch_size` \(8\) .*e\.g\. `offset_micro_batch_size=6`\) or set `bp_modified=False`"):  # fmt: skip
+        chosen(12, offset_micro_batch_size=8)
+    with pytest.raises(ValueError, match=r"The training set \(1 examples\) cannot hold the two micro-batches of "
+                       r"`offset_micro_batch_size` \(1\) .*; set `bp_modified=False`"):  # fmt: skip
+        chosen(1)

@@ -20,7 +20,7 @@ from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-# Enough training images for the offset's default sample (offset_batch_size=320) of a ResNet, which gets the offset.
+# 320 training images: five steps of 64 an epoch (a ResNet gets the offset, its B' chosen from them).
 N_TRAIN, N_TEST, SIDE = 320, 40, 32
 
 

@@ -173,7 +173,7 @@ def test_recipe_builds_its_trainer(script, recipe, tmp_path):
         assert modules and all(m.r["default"] == PEFT_RANK for m in modules)
         alphas = [(m.lora_alpha if model_args.peft == "lora" else m.alpha)["default"] for m in modules]
         assert alphas == [PEFT_ALPHA] * len(modules)
-    n_train = max(args.offset_batch_size, 3 * BATCH_SIZE)
+    n_train = max(args.offset_batch_size or 0, 3 * BATCH_SIZE)  # unset (no offset): chosen from the data
     trainer = BPModifiedTrainer(
         model=model,
         args=args,

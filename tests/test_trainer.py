@@ -750,9 +750,14 @@ def test_trainer_level_errors(tmp_path):
     with pytest.raises(TypeError, match="must be a BPModifiedTrainingArguments"):
         BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path, TrainingArguments))
     with pytest.raises(ValueError, match=r"`offset_batch_size` \(320\) is larger than the training set \(64"):
-        BPModifiedTrainer(model=tiny_vit(), args=_args(tmp_path, bp_modified=True), train_dataset=SyntheticImages(64))
-    with pytest.raises(ValueError, match=r"`offset_batch_size` \(320\) is larger than the training set \(64"):
-        BPModifiedTrainer(model=tiny_resnet(), args=_args(tmp_path), train_dataset=SyntheticImages(64))  # by default
+        BPModifiedTrainer(
+            model=tiny_vit(),
+            args=_args(tmp_path, bp_modified=True, offset_batch_size=320),
+            train_dataset=SyntheticImages(64),
+        )
+    # by default B' follows the data: a ResNet (offset on) on 64 images is built
+    trainer = BPModifiedTrainer(model=tiny_resnet(), args=_args(tmp_path), train_dataset=SyntheticImages(64))
+    assert trainer.uses_offset and trainer.offset.settings.sample_size == 16
 
 
 def test_a_streamed_training_set_is_rejected_for_the_offset_only(tmp_path):
@@ -917,3 +922,36 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path, factory):
         for k in state
         if k.startswith(("vit.layers", "vit.encoder", "resnet.encoder"))
     )
+
+
+@pytest.mark.parametrize("disable_tqdm", [True, False])
+def test_the_console_line_leaves_the_per_block_details_to_the_logs(tmp_path, capsys, disable_tqdm):
+    """A refresh adds eight keys per block to its log (``offset/block_<t>/...``), next to every head's loss: the
+    printed line used to carry them all (about 2,400 characters on an 8-block ResNet). It leaves them out; the log
+    history and every other callback (a recording one, standing in for TensorBoard) still get them."""
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    recorder = Recorder()
+    args = _args(tmp_path, max_steps=3, offset_batch_size=16, offset_period="2", disable_tqdm=disable_tqdm)
+    trainer = BPModifiedTrainer(
+        model=tiny_resnet(depths=(2, 2, 2, 2)), args=args, train_dataset=SyntheticImages(64), callbacks=[recorder]
+    )
+    trainer.train()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "'loss'" in line]
+    assert len(lines) == 3
+    assert "'offset/seconds'" in lines[0] and "'grad_norm'" in lines[0]
+    assert all("offset/block_" not in line and "block_1_loss" not in line for line in lines)
+    assert max(len(line) for line in lines) < 160
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for logged in (history, [entry for entry in recorder.logs if "loss" in entry]):
+        assert [sorted(k for k in entry if k.startswith("offset/block_")) == [] for entry in logged] == [
+            False, True, False,
+        ]  # refreshes at steps 0 and 2  # fmt: skip
+        assert len([k for k in logged[0] if k.startswith("offset/block_")]) == 8 * 8
+        assert all(f"block_{s}_loss" in entry for entry in logged for s in range(1, 9))
