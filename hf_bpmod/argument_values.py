@@ -1,6 +1,7 @@
 """How ``BPModifiedTrainingArguments`` reads a boolean or a number given as a Python value or as a string (from the
 command line, a YAML or a JSON file), and the errors it raises: each names the argument, shows the value and says
-what works."""
+what works; and the two arguments read from text of their own: ``offset_period`` and the hint for
+``offset_micro_batch_size``."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import argparse
 import math
 import numbers
 import operator
+import re
 from typing import Any
 
 MAX_COUNT = 2**31 - 1  # the largest count (steps, examples, blocks) an argument may hold
 _TRUE = ("yes", "y", "true", "t", "on", "1")  # transformers' ``strtobool`` spellings
 _FALSE = ("no", "n", "false", "f", "off", "0")
+_PERIOD = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>epochs?|steps?)?\s*$")
 
 
 def shown(value: Any) -> str:
@@ -105,3 +108,46 @@ def parse_float(name: str, value: Any, *, condition: str, hint: str) -> float:
     if number is None or math.isnan(number):
         raise ValueError(f"`{name}` ({shown(value)}) must be {condition}; {hint}.")
     return number
+
+
+def parse_offset_period(period: str | float | int) -> tuple[float, str]:
+    """Parse ``offset_period``: ``"epoch"``/``"1epoch"``/``"0.25epoch"`` (epochs) or ``"200"``/``"200steps"`` (steps).
+
+    Returns ``(value, unit)`` with unit ``"epoch"`` or ``"step"``; raises ``ValueError`` with the accepted syntax.
+    """
+    text = str(period).strip().lower()
+    if text in ("epoch", "epochs"):
+        return 1.0, "epoch"
+    match = _PERIOD.match(text)
+    if match is None:
+        raise ValueError(
+            f"`offset_period` ({shown(period)}) is not understood: use a number of optimizer steps (`'200'` or "
+            "`'200steps'`) or of epochs (`'epoch'`, `'1epoch'`, `'0.25epoch'`)."
+        )
+    value = float(match["value"])
+    unit = "epoch" if (match["unit"] or "step").startswith("epoch") else "step"
+    if value <= 0:
+        raise ValueError(f"`offset_period` ({shown(period)}) must be positive, e.g. `'200'` or `'epoch'`.")
+    if not value <= MAX_COUNT:  # also rejects a number of digits that float() turns into inf
+        raise ValueError(
+            f"`offset_period` ({shown(period)}) must be at most {MAX_COUNT} {unit}s, e.g. `'200'` or `'epoch'`; "
+            "`bp_modified=False` trains without the offset."
+        )
+    if unit == "step" and value != int(value):
+        raise ValueError(
+            f"`offset_period` ({shown(period)}) counts optimizer steps and must be a whole number, e.g. "
+            f"`'{max(1, round(value))}'`."
+        )
+    return value, unit
+
+
+def divisor_hint(size: int, micro: int) -> str:
+    """A value of ``offset_micro_batch_size`` that passes the checks: the divisor of ``offset_batch_size`` (``size``)
+    nearest the one given (``micro``) that leaves at least two micro-batches."""
+    divisors = set()
+    for d in range(1, math.isqrt(size) + 1):
+        if size % d == 0:
+            divisors.update((d, size // d))
+    usable = [d for d in sorted(divisors) if size // d >= 2]  # never empty: size >= 2, so 1 is usable
+    near = min(usable, key=lambda d: abs(d - micro))
+    return f"`offset_micro_batch_size={near}`"

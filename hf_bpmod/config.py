@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -12,7 +11,16 @@ from typing import Any, get_args
 from transformers import TrainingArguments
 
 from .adapters.base import BlockGranularity
-from .argument_values import MAX_COUNT, BooleanFlag, parse_bool, parse_float, parse_int, shown
+from .argument_values import (
+    MAX_COUNT,
+    BooleanFlag,
+    divisor_hint,
+    parse_bool,
+    parse_float,
+    parse_int,
+    parse_offset_period,
+    shown,
+)
 from .compat import non_reentrant_checkpointing, sync_activation_checkpointing_kwargs
 from .offset_pass import OffsetSettings
 from .run_files import length_problem, run_file_owner
@@ -22,38 +30,6 @@ SCALING_MODES = ("aligned", "optimal", "bias_only", "fixed")
 #: The largest ``|offset_fixed_a|``: it multiplies the gradients, which must stay finite in float32.
 MAX_FIXED_A = 1e6
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what ``torch.manual_seed`` accepts
-_PERIOD = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>epochs?|steps?)?\s*$")
-
-
-def parse_offset_period(period: str | float | int) -> tuple[float, str]:
-    """Parse ``offset_period``: ``"epoch"``/``"1epoch"``/``"0.25epoch"`` (epochs) or ``"200"``/``"200steps"`` (steps).
-
-    Returns ``(value, unit)`` with unit ``"epoch"`` or ``"step"``; raises ``ValueError`` with the accepted syntax.
-    """
-    text = str(period).strip().lower()
-    if text in ("epoch", "epochs"):
-        return 1.0, "epoch"
-    match = _PERIOD.match(text)
-    if match is None:
-        raise ValueError(
-            f"`offset_period` ({shown(period)}) is not understood: use a number of optimizer steps (`'200'` or "
-            "`'200steps'`) or of epochs (`'epoch'`, `'1epoch'`, `'0.25epoch'`)."
-        )
-    value = float(match["value"])
-    unit = "epoch" if (match["unit"] or "step").startswith("epoch") else "step"
-    if value <= 0:
-        raise ValueError(f"`offset_period` ({shown(period)}) must be positive, e.g. `'200'` or `'epoch'`.")
-    if not value <= MAX_COUNT:  # also rejects a number of digits that float() turns into inf
-        raise ValueError(
-            f"`offset_period` ({shown(period)}) must be at most {MAX_COUNT} {unit}s, e.g. `'200'` or `'epoch'`; "
-            "`bp_modified=False` trains without the offset."
-        )
-    if unit == "step" and value != int(value):
-        raise ValueError(
-            f"`offset_period` ({shown(period)}) counts optimizer steps and must be a whole number, e.g. "
-            f"`'{max(1, round(value))}'`."
-        )
-    return value, unit
 
 
 def check_log_file(value: Any, output_dir: str | None) -> str:
@@ -85,18 +61,6 @@ def check_log_file(value: Any, output_dir: str | None) -> str:
     if too_long is not None:
         raise ValueError(f"`offset_log_file` ({shown(value)}) {too_long}; {hint}.")
     return normal
-
-
-def divisor_hint(size: int, micro: int) -> str:
-    """A value of ``offset_micro_batch_size`` that passes the checks: the divisor of ``offset_batch_size`` (``size``)
-    nearest the one given (``micro``) that leaves at least two micro-batches."""
-    divisors = set()
-    for d in range(1, math.isqrt(size) + 1):
-        if size % d == 0:
-            divisors.update((d, size // d))
-    usable = [d for d in sorted(divisors) if size // d >= 2]  # never empty: size >= 2, so 1 is usable
-    near = min(usable, key=lambda d: abs(d - micro))
-    return f"`offset_micro_batch_size={near}`"
 
 
 # ---------------------------------------------------------------------------------------- one check per argument
